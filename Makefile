@@ -1,0 +1,36 @@
+# Two commands: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.lock | cut -c1-12)
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: run test lint lock docker-setup bench clean
+
+$(STAMP): requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: $(STAMP)
+	exec $(BIN)/python -m controlplane.run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Re-pin after editing requirements.txt.
+lock:
+	rm -rf /tmp/controlplane-lock && $(PYTHON) -m venv /tmp/controlplane-lock
+	/tmp/controlplane-lock/bin/pip install --quiet -r requirements.txt
+	/tmp/controlplane-lock/bin/pip freeze --exclude-editable > requirements.lock
+
+docker-setup:
+	bash .ci/docker-setup.sh
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from audit.services import audit_record
+from controlplane.lib.errors import ApplicationError, NotFound
+
+from .models import ApiToken
+from .scopes import ALL_SCOPES
+
+TOKEN_PREFIX = "mlcp_"
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: ApiToken
+    plaintext: str  # shown once, never stored
+
+
+@transaction.atomic
+def api_token_create(
+    *,
+    user: AbstractBaseUser,
+    name: str,
+    scopes: list[str] | None = None,
+    expires_in_days: int | None = None,
+    actor: AbstractBaseUser | None = None,
+) -> IssuedToken:
+    scopes = sorted(set(scopes if scopes is not None else ALL_SCOPES))
+    unknown = [s for s in scopes if s not in ALL_SCOPES]
+    if unknown:
+        raise ApplicationError(
+            f"unknown scope(s): {', '.join(unknown)}; valid scopes: {', '.join(ALL_SCOPES)}",
+            code="invalid_scope",
+        )
+    if not scopes:
+        raise ApplicationError("a token needs at least one scope", code="invalid_scope")
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ApplicationError("token name must be 1 to 100 characters", code="invalid_name")
+    if expires_in_days is not None and not (1 <= expires_in_days <= 3650):
+        raise ApplicationError("expires_in_days must be between 1 and 3650", code="invalid_expiry")
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    plaintext = f"{TOKEN_PREFIX}{key_id}_{secret}"
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        key_id=key_id,
+        key_hash=_digest(plaintext),
+        scopes=scopes,
+        expires_at=timezone.now() + timedelta(days=expires_in_days) if expires_in_days else None,
+    )
+    audit_record(
+        actor=actor or user,
+        action="token.create",
+        object_type="api_token",
+        object_id=token.pk,
+        object_repr=str(token),
+        after={"user": user.get_username(), "name": name, "scopes": scopes,
+               "expires_at": token.expires_at.isoformat() if token.expires_at else None},
+    )
+    return IssuedToken(token=token, plaintext=plaintext)
+
+
+@transaction.atomic
+def api_token_revoke(*, token_id: int, actor: AbstractBaseUser) -> ApiToken:
+    token = ApiToken.objects.select_for_update().filter(pk=token_id).first()
+    if token is None or (token.user_id != actor.pk and not actor.is_superuser):
+        raise NotFound("token not found")
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+        audit_record(
+            actor=actor,
+            action="token.revoke",
+            object_type="api_token",
+            object_id=token.pk,
+            object_repr=str(token),
+            before={"revoked": False},
+            after={"revoked": True},
+        )
+    return token
+
+
+def api_token_authenticate(plaintext: str) -> ApiToken | None:
+    """The active token for ``plaintext``, or None. Compares digests in constant time."""
+    if not plaintext.startswith(TOKEN_PREFIX):
+        return None
+    key_id, _, secret = plaintext[len(TOKEN_PREFIX):].partition("_")
+    if not key_id or not secret or len(key_id) > 16:
+        return None
+    token = ApiToken.objects.select_related("user").filter(key_id=key_id).first()
+    if token is None:
+        hmac.compare_digest(_digest(plaintext), _digest("x"))  # same work either way
+        return None
+    if not hmac.compare_digest(token.key_hash, _digest(plaintext)):
+        return None
+    if not token.is_active or not token.user.is_active:
+        return None
+    now = timezone.now()
+    # Avoid a write per request: last-used is precise to a minute.
+    if token.last_used_at is None or now - token.last_used_at > timedelta(seconds=60):
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return token

@@ -1,0 +1,93 @@
+"""API token pages: list your tokens, create one (shown once), revoke one."""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods
+
+from controlplane.lib.errors import ApplicationError
+
+from .models import ApiToken
+from .scopes import ALL_SCOPES, READ
+from .services import api_token_create, api_token_revoke
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="What uses it, e.g. “ci-pipeline”.")
+    scopes = forms.MultipleChoiceField(
+        choices=[(scope, f"{scope} — {label}") for scope, label in ALL_SCOPES.items()],
+        widget=forms.CheckboxSelectMultiple,
+    )
+    expires_in_days = forms.IntegerField(
+        label="Expires in (days)",
+        min_value=1,
+        max_value=3650,
+        required=False,
+        help_text="Leave empty for a token that never expires.",
+    )
+
+
+def _own_tokens(user) -> list[ApiToken]:
+    return list(ApiToken.objects.filter(user=user).order_by("-created_at", "-id"))
+
+
+@never_cache  # the response to a create carries the token text: keep it out of caches
+@login_required
+@require_http_methods(["GET", "POST"])
+def token_list(request: HttpRequest) -> HttpResponse:
+    issued = None
+    status = 200
+    if request.method == "POST":
+        form = TokenForm(request.POST)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                issued = api_token_create(
+                    user=request.user,
+                    name=data["name"],
+                    scopes=data["scopes"],
+                    expires_in_days=data["expires_in_days"],
+                    actor=request.user,
+                )
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                form = TokenForm(initial=_initial())
+        if form.errors:
+            status = 400
+    else:
+        form = TokenForm(initial=_initial())
+    return render(
+        request,
+        "accounts/tokens.html",
+        {"form": form, "issued": issued, "tokens": _own_tokens(request.user)},
+        status=status,
+    )
+
+
+def _initial() -> dict:
+    return {"scopes": [READ], "expires_in_days": settings.CONTROLPLANE_TOKEN_DEFAULT_DAYS}
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    """GET: the confirmation page. POST: revoke."""
+    token = ApiToken.objects.filter(pk=token_id, user=request.user).first()
+    if token is None:
+        raise Http404("token not found")
+    if request.method == "POST":
+        try:
+            api_token_revoke(token_id=token.pk, actor=request.user)
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"Token {token.display_prefix}… ({token.name}) revoked.")
+        return redirect("accounts:tokens")
+    return render(request, "accounts/token_revoke.html", {"token": token})

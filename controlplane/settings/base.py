@@ -1,0 +1,263 @@
+"""All settings. Production differs from the embedded defaults only through
+environment variables (see the README's configuration table)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from controlplane.lib.env import (
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_int,
+    env_list,
+    env_str,
+)
+
+# MLflow must never phone home, in any process that imports it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+DATA_DIR = Path(env_str("CONTROLPLANE_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+
+
+def _secret_key() -> str:
+    key = env_str("SECRET_KEY")
+    if key:
+        if len(key) < 32:
+            raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
+        return key
+    # Embedded default: a random key kept in the data directory, created once.
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_celery_beat",
+    "controlplane",
+    "accounts",
+    "audit",
+    "registry",
+    "deployments",
+    "monitoring",
+]
+
+MIDDLEWARE = [
+    "controlplane.lib.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "controlplane.urls"
+WSGI_APPLICATION = "controlplane.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": database_from_url(
+        env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'controlplane.sqlite3'}")
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "registry:model-list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "controlplane" / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# --- security defaults -------------------------------------------------------
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+# Behind TLS (production) these must be on; the embedded default serves plain
+# HTTP on loopback, where secure cookies would make login impossible.
+_TLS = env_bool("CONTROLPLANE_TLS", False)
+SESSION_COOKIE_SECURE = _TLS
+CSRF_COOKIE_SECURE = _TLS
+SECURE_SSL_REDIRECT = env_bool("CONTROLPLANE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("CONTROLPLANE_HSTS_SECONDS", 31536000 if _TLS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _TLS
+SECURE_HSTS_PRELOAD = False
+if env_bool("CONTROLPLANE_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- uploads -------------------------------------------------------------------
+CONTROLPLANE_UPLOAD_MAX_BYTES = env_int("CONTROLPLANE_UPLOAD_MAX_BYTES", 512 * 1024 * 1024, minimum=1)
+CONTROLPLANE_UPLOAD_MAX_ENTRIES = env_int("CONTROLPLANE_UPLOAD_MAX_ENTRIES", 10_000, minimum=1)
+CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES = env_int(
+    "CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES", 2 * 1024 * 1024 * 1024, minimum=1
+)
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FILE_UPLOAD_TEMP_DIR = None
+
+# --- MLflow ----------------------------------------------------------------------
+MLFLOW_DIR = DATA_DIR / "mlflow"
+# Unset: the local store under the data directory (make run starts an MLflow
+# server on it and points everything at that server).
+MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}")
+MLFLOW_ARTIFACT_ROOT = env_str("CONTROLPLANE_MLFLOW_ARTIFACT_ROOT", str(MLFLOW_DIR / "artifacts"))
+CONTROLPLANE_MODEL_CACHE_DIR = DATA_DIR / "models"
+
+# --- REST API ----------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.permissions.HasScope"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # JSON only; the upload endpoint adds multipart for itself.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "controlplane.lib.pagination.Pagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "controlplane.lib.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Control plane API",
+    "DESCRIPTION": "Model registry, deployments and monitoring. Authenticate with `Authorization: Bearer <token>`.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    # Swagger UI assets come from the installed sidecar package: no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    },
+    "SECURITY": [{"bearerAuth": []}],
+}
+
+# --- Celery ------------------------------------------------------------------------
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = DATA_DIR / "broker"
+    for _sub in ("queue", "processed", "control"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
+        "store_processed": False,
+    }
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = env_str("CONTROLPLANE_TASK_QUEUE", "controlplane")
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+# Periodic work, declared in one place (editable afterwards in the admin).
+CELERY_BEAT_SCHEDULE = {
+    "deployments-reconcile": {
+        "task": "deployments.tasks.reconcile_all",
+        "schedule": float(env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)),
+        "options": {"expires": 15},  # a stale pass is worthless: the next one is coming
+    },
+    "registry-sync-aliases": {
+        "task": "registry.tasks.registry_sync",
+        "schedule": float(env_int("CONTROLPLANE_REGISTRY_SYNC_INTERVAL", 60, minimum=5)),
+    },
+}
+
+# --- logging -----------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_id": {"()": "controlplane.lib.middleware.RequestIdLogFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]}
+    },
+    "root": {"handlers": ["console"], "level": env_choice(
+        "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "mlflow": {"level": "WARNING"},
+        "alembic": {"level": "WARNING"},
+    },
+}
+
+# --- product settings -------------------------------------------------------------
+CONTROLPLANE_DEFAULT_RUNTIME = env_choice("CONTROLPLANE_DEFAULT_RUNTIME", "local", ("local", "docker"))
+CONTROLPLANE_ADMIN_PASSWORD = env_str("CONTROLPLANE_ADMIN_PASSWORD")
+CONTROLPLANE_TOKEN_DEFAULT_DAYS = env_int("CONTROLPLANE_TOKEN_DEFAULT_DAYS", 90, minimum=1)
+CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")
+CONTROLPLANE_DOCKER_BASE_IMAGE = env_str("CONTROLPLANE_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm")
+CONTROLPLANE_DOCKER_NETWORK = env_choice("CONTROLPLANE_DOCKER_NETWORK", "host", ("host", "bridge"))
+CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
+CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)
+CONTROLPLANE_PROGRESS_DEADLINE = env_int("CONTROLPLANE_PROGRESS_DEADLINE", 120, minimum=5)

@@ -1,0 +1,29 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from controlplane import views
+from deployments.urls import api_urlpatterns as deployments_api
+from registry.urls import api_urlpatterns as registry_api
+
+api_v1 = [
+    *registry_api,
+    *deployments_api,
+]
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/v1/", include((api_v1, "api"), namespace="api")),
+    path("tokens/", include("accounts.urls")),
+    path("audit/", include("audit.urls")),
+    path("", include("registry.urls")),
+]
+
+handler404 = "controlplane.lib.errors.handler404"
+handler500 = "controlplane.lib.errors.handler500"

@@ -1,0 +1,238 @@
+"""REST API v1 for deployments. Thin: validate, call one service or selector, serialize."""
+
+from __future__ import annotations
+
+import time
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.scopes import DEPLOY
+from controlplane.lib.apis import paginate, validated
+from controlplane.lib.errors import ApplicationError
+
+from . import selectors, services
+from .models import Deployment, DeploymentEvent, Instance, Revision
+
+WAIT_DONE = {Deployment.Status.READY, Deployment.Status.FAILED, Deployment.Status.STOPPED}
+
+
+class InstanceOutput(serializers.ModelSerializer):
+    revision = serializers.IntegerField(source="revision.number")
+    address = serializers.CharField()
+
+    class Meta:
+        model = Instance
+        fields = ["revision", "ordinal", "runtime", "runtime_id", "address", "state", "restarts", "last_error",
+                  "started_at", "last_probe_at"]
+
+
+class DeploymentOutput(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    version = serializers.SerializerMethodField()
+    alias = serializers.CharField(source="target_alias")
+    revision = serializers.SerializerMethodField()
+    serving_revision = serializers.SerializerMethodField()
+    model_version = serializers.SerializerMethodField()
+    endpoint = serializers.CharField()
+    resources = serializers.SerializerMethodField()
+    instances = InstanceOutput(many=True)
+
+    class Meta:
+        model = Deployment
+        fields = ["name", "model", "version", "alias", "runtime", "replicas", "resources", "env", "status",
+                  "phase", "status_message", "revision", "serving_revision", "model_version", "endpoint",
+                  "instances", "created_at", "updated_at"]
+
+    def get_version(self, obj) -> str | None:
+        return str(obj.target_version) if obj.target_version else None
+
+    def get_revision(self, obj) -> int | None:
+        return obj.desired_revision.number if obj.desired_revision else None
+
+    def get_serving_revision(self, obj) -> int | None:
+        return obj.serving_revision.number if obj.serving_revision else None
+
+    def get_model_version(self, obj) -> str | None:
+        rev = obj.serving_revision or obj.desired_revision
+        return str(rev.model_version.version) if rev else None
+
+    def get_resources(self, obj) -> dict:
+        return {"cpu": obj.cpu, "memory_mb": obj.memory_mb}
+
+
+class RevisionOutput(serializers.ModelSerializer):
+    model_version = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="created_by.username", default=None)
+
+    class Meta:
+        model = Revision
+        fields = ["number", "model_version", "spec", "model_sha256", "reason", "state", "failure",
+                  "rollout_started_at", "live_at", "created_by", "created_at"]
+
+    def get_model_version(self, obj) -> str:
+        return str(obj.model_version.version)
+
+
+class EventOutput(serializers.ModelSerializer):
+    revision = serializers.IntegerField(source="revision.number", default=None)
+
+    class Meta:
+        model = DeploymentEvent
+        fields = ["kind", "message", "revision", "created_at"]
+
+
+class ResourcesInput(serializers.Serializer):
+    cpu = serializers.FloatField(required=False, allow_null=True)
+    memory_mb = serializers.IntegerField(required=False, allow_null=True)
+
+
+def _wait_timeout(request) -> float | None:
+    """Parse ``?wait=ready&timeout=S`` before anything changes (bad input changes nothing)."""
+    wait = request.query_params.get("wait")
+    if not wait:
+        return None
+    if wait != "ready":
+        raise ApplicationError("wait only supports 'ready'", code="invalid_wait")
+    try:
+        timeout = float(request.query_params.get("timeout", "60"))
+    except ValueError:
+        raise ApplicationError("timeout must be a number of seconds", code="invalid_timeout") from None
+    if not 0 < timeout <= 600:
+        raise ApplicationError("timeout must be between 0 and 600 seconds", code="invalid_timeout")
+    return timeout
+
+
+def _wait(name: str, timeout: float | None) -> Deployment:
+    """Block until the deployment settles (ready on its desired revision, failed or stopped)."""
+    deployment = selectors.deployment_get(name=name)
+    if timeout is None:
+        return deployment
+    deadline = time.monotonic() + timeout
+    while deployment.status not in WAIT_DONE and time.monotonic() < deadline:
+        time.sleep(0.2)
+        deployment = selectors.deployment_get(name=name)
+    return deployment
+
+
+WAIT_PARAMS = [
+    OpenApiParameter("wait", str, description="'ready': answer once the deployment is ready, failed or stopped"),
+    OpenApiParameter("timeout", float, description="seconds to wait at most (default 60, max 600)"),
+]
+
+
+class DeploymentListApi(APIView):
+    write_scope = DEPLOY
+
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=63)
+        model = serializers.CharField(max_length=256)
+        version = serializers.CharField(required=False, max_length=20)
+        alias = serializers.CharField(required=False, max_length=255)
+        runtime = serializers.CharField(required=False, max_length=16)
+        replicas = serializers.IntegerField(required=False, default=1)
+        resources = ResourcesInput(required=False)
+        env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+
+    @extend_schema(responses=DeploymentOutput(many=True))
+    def get(self, request):
+        return paginate(request, self, selectors.deployment_list(), DeploymentOutput)
+
+    @extend_schema(request=InputSerializer, responses={201: DeploymentOutput, 202: DeploymentOutput},
+                   parameters=WAIT_PARAMS)
+    def post(self, request):
+        data = validated(self.InputSerializer, request.data)
+        timeout = _wait_timeout(request)
+        d = services.deployment_create(
+            name=data["name"], model_name=data["model"], version=data.get("version"), alias=data.get("alias"),
+            runtime=data.get("runtime"), replicas=data["replicas"], resources=data.get("resources"),
+            env=data.get("env"), actor=request.user,
+        )
+        d = _wait(d.name, timeout)
+        code = status.HTTP_201_CREATED if d.status == Deployment.Status.READY else status.HTTP_202_ACCEPTED
+        return Response(DeploymentOutput(d).data, status=code)
+
+
+class DeploymentDetailApi(APIView):
+    write_scope = DEPLOY
+
+    class InputSerializer(serializers.Serializer):
+        version = serializers.CharField(required=False, max_length=20)
+        alias = serializers.CharField(required=False, max_length=255)
+        replicas = serializers.IntegerField(required=False)
+        resources = ResourcesInput(required=False)
+        env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+        stopped = serializers.BooleanField(required=False)
+
+    @extend_schema(responses=DeploymentOutput)
+    def get(self, request, name):
+        return Response(DeploymentOutput(selectors.deployment_get(name=name)).data)
+
+    @extend_schema(request=InputSerializer, responses={200: DeploymentOutput, 202: DeploymentOutput},
+                   parameters=WAIT_PARAMS)
+    def patch(self, request, name):
+        d = selectors.deployment_get(name=name)
+        data = validated(self.InputSerializer, request.data)
+        timeout = _wait_timeout(request)
+        stopped = data.pop("stopped", None)
+        if stopped is True:
+            services.deployment_stop(deployment=d, actor=request.user)
+        elif stopped is False:
+            services.deployment_start(deployment=d, actor=request.user)
+        if data:
+            services.deployment_update(deployment=d, actor=request.user, **data)
+        d = _wait(name, timeout)
+        return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED
+                        if d.status not in WAIT_DONE else status.HTTP_200_OK)
+
+    @extend_schema(responses={202: None})
+    def delete(self, request, name):
+        services.deployment_delete(deployment=selectors.deployment_get(name=name), actor=request.user)
+        return Response(status=status.HTTP_202_ACCEPTED)
+
+
+class RevisionListApi(APIView):
+    @extend_schema(responses=RevisionOutput(many=True))
+    def get(self, request, name):
+        d = selectors.deployment_get(name=name)
+        return paginate(request, self, selectors.revision_list(deployment=d), RevisionOutput)
+
+
+class EventListApi(APIView):
+    @extend_schema(responses=EventOutput(many=True))
+    def get(self, request, name):
+        d = selectors.deployment_get(name=name)
+        return Response(EventOutput(selectors.event_list(deployment=d), many=True).data)
+
+
+class RollbackApi(APIView):
+    write_scope = DEPLOY
+
+    class InputSerializer(serializers.Serializer):
+        revision = serializers.IntegerField(required=False, min_value=1)
+        reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+    @extend_schema(request=InputSerializer, responses={202: DeploymentOutput}, parameters=WAIT_PARAMS)
+    def post(self, request, name):
+        d = selectors.deployment_get(name=name)
+        data = validated(self.InputSerializer, request.data or {})
+        timeout = _wait_timeout(request)
+        services.deployment_rollback(deployment=d, revision=data.get("revision"), actor=request.user,
+                                     reason=data["reason"])
+        d = _wait(name, timeout)
+        return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
+
+
+class LogsApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("tail", int)], responses=dict)
+    def get(self, request, name):
+        d = selectors.deployment_get(name=name)
+        try:
+            tail = int(request.query_params.get("tail", "100"))
+        except ValueError:
+            raise ApplicationError("tail must be an integer", code="invalid_tail") from None
+        if not 1 <= tail <= 5000:
+            raise ApplicationError("tail must be between 1 and 5000", code="invalid_tail")
+        return Response({"instances": selectors.deployment_logs(deployment=d, tail=tail)})

@@ -1,0 +1,157 @@
+"""Deployments: desired state lives here; the reconciler makes it so.
+
+A ``Deployment`` names what should serve (a fixed version or an alias to
+follow) and where (runtime, replicas, resources). Each change makes an
+immutable, numbered ``Revision``; ``desired_revision`` is the one that should
+serve, ``serving_revision`` the one the stable endpoint routes to now.
+``Instance`` rows record what runs (process ids or container ids), so a
+restarted control plane adopts instead of duplicating.
+"""
+
+from django.conf import settings
+from django.db import models
+
+
+class Deployment(models.Model):
+    """A stable endpoint serving one registered model through a runtime."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DEPLOYING = "deploying", "Deploying"
+        READY = "ready", "Ready"
+        DEGRADED = "degraded", "Degraded"
+        FAILED = "failed", "Failed"
+        STOPPED = "stopped", "Stopped"
+
+    name = models.SlugField(max_length=63, unique=True)
+    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.PROTECT, related_name="deployments")
+    target_version = models.PositiveIntegerField(null=True, blank=True, help_text="a fixed version, or empty")
+    target_alias = models.CharField(max_length=255, blank=True, help_text="an alias to follow, or empty")
+    followed_version = models.PositiveIntegerField(
+        null=True, blank=True, help_text="the alias's version last rolled out (so a rollback sticks)"
+    )
+    runtime = models.CharField(max_length=16)
+    replicas = models.PositiveSmallIntegerField(default=1)
+    cpu = models.FloatField(null=True, blank=True, help_text="CPU limit in cores")
+    memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    env = models.JSONField(default=dict, blank=True)
+    port = models.PositiveIntegerField(unique=True, help_text="the stable endpoint's port on 127.0.0.1")
+    router_pid = models.CharField(max_length=64, blank=True, help_text="runtime id of the router process")
+    desired_revision = models.ForeignKey(
+        "Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    serving_revision = models.ForeignKey(
+        "Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status_message = models.TextField(blank=True)
+    phase = models.CharField(max_length=64, blank=True, help_text="rollout progress shown in the UI")
+    stopped = models.BooleanField(default=False, help_text="desired: nothing runs")
+    deleted = models.BooleanField(default=False, help_text="desired: stop everything, then remove")
+    progress_deadline_s = models.PositiveIntegerField(default=120)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=64, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Revision(models.Model):
+    """An immutable snapshot of a deployment's desired spec, with the resolved
+    model version and the sha256 of its files."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ROLLING_OUT = "rolling_out", "Rolling out"
+        LIVE = "live", "Live"
+        SUPERSEDED = "superseded", "Superseded"
+        FAILED = "failed", "Failed"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    model_version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="+")
+    spec = models.JSONField(help_text="runtime, replicas, resources, env at the time of the revision")
+    model_sha256 = models.CharField(max_length=64, blank=True)
+    model_dir = models.CharField(max_length=1024, blank=True)
+    reason = models.CharField(max_length=500)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    failure = models.TextField(blank=True)
+    rollout_started_at = models.DateTimeField(null=True, blank=True)
+    live_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["deployment", "-number"]
+        constraints = [models.UniqueConstraint(fields=["deployment", "number"], name="unique_revision_number")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} r{self.number}"
+
+
+class Instance(models.Model):
+    """One model-server process or container, as last observed."""
+
+    class State(models.TextChoices):
+        STARTING = "starting", "Starting"
+        READY = "ready", "Ready"
+        UNHEALTHY = "unhealthy", "Unhealthy"
+        CRASHED = "crashed", "Crashed"
+        STOPPING = "stopping", "Stopping"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="instances")
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="instances")
+    ordinal = models.PositiveSmallIntegerField()
+    runtime = models.CharField(max_length=16)
+    runtime_id = models.CharField(max_length=128)
+    port = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.STARTING)
+    healthy_streak = models.PositiveSmallIntegerField(default=0)
+    restarts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    last_probe_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["deployment", "revision", "ordinal"]
+        constraints = [
+            models.UniqueConstraint(fields=["revision", "ordinal"], name="unique_instance_ordinal"),
+            models.UniqueConstraint(fields=["port"], name="unique_instance_port"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} r{self.revision.number}#{self.ordinal}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class DeploymentEvent(models.Model):
+    """The timeline of a deployment: revisions, rollout steps, crashes, rollbacks."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="events")
+    revision = models.ForeignKey(Revision, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    kind = models.CharField(max_length=32, db_index=True)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name}: {self.kind}"

@@ -1,0 +1,354 @@
+"""The reconciler: level-triggered convergence of what runs on what is desired.
+
+Every pass compares a deployment's desired revision with what its runtime
+reports and takes the next steps: start missing instances, restart crashed
+ones, probe readiness, switch the stable endpoint once the new revision is
+ready several times in a row, then drain and stop the old one. It trusts
+neither events nor memory: everything it needs is re-read each pass. A lease
+(compare-and-swap on the deployment row) keeps two workers off the same
+deployment; runtime ids recorded before a start make a crash at any point
+recoverable (the next pass adopts or sweeps).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from audit.services import audit_record
+
+from . import router
+from .model_files import ensure_model_files
+from .models import Deployment, Instance, Revision
+from .runtimes import InstanceSpec, RuntimeError_, get_runtime
+from .services import allocate_port, deployment_follow_alias, deployment_rollback, event_record
+
+logger = logging.getLogger(__name__)
+
+READY_STREAK = 3  # consecutive successful probes before traffic moves
+CRASH_LIMIT = 3  # restarts of a rolling-out revision before it is declared failed
+PROBE_TIMEOUT = 1.0
+DRAIN_TIMEOUT = 30.0
+
+
+def _acquire(deployment_id: int, owner: str, seconds: float) -> bool:
+    now = timezone.now()
+    return bool(
+        Deployment.objects.filter(pk=deployment_id)
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
+        .update(lease_until=now + timedelta(seconds=seconds), lease_owner=owner)
+    )
+
+
+def _release(deployment_id: int, owner: str) -> None:
+    Deployment.objects.filter(pk=deployment_id, lease_owner=owner).update(lease_until=None, lease_owner="")
+
+
+def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool:
+    """Converge one deployment for up to ``budget`` seconds. True if converged."""
+    owner = uuid.uuid4().hex
+    if not _acquire(deployment_id, owner, budget + 60):
+        return False  # another worker is on it
+    try:
+        deadline = time.monotonic() + budget
+        while True:
+            done = _pass(deployment_id)
+            if done or time.monotonic() > deadline:
+                return done
+            _acquire(deployment_id, owner, budget + 60)
+            time.sleep(0.1)
+    finally:
+        _release(deployment_id, owner)
+
+
+def _set(d: Deployment, **fields) -> None:
+    changed = {k: v for k, v in fields.items() if getattr(d, k) != v}
+    if changed:
+        Deployment.objects.filter(pk=d.pk).update(**changed)
+        for key, value in changed.items():
+            setattr(d, key, value)
+
+
+def _stop_instance(inst: Instance, *, timeout: float = DRAIN_TIMEOUT) -> None:
+    if inst.runtime_id:
+        try:
+            get_runtime(inst.runtime).stop(inst.runtime_id, timeout=timeout)
+        except RuntimeError_ as exc:
+            logger.warning("stopping %s failed: %s", inst, exc)
+            return
+    inst.delete()
+
+
+def _pass(deployment_id: int) -> bool:
+    d = Deployment.objects.select_related("model").filter(pk=deployment_id).first()
+    if d is None:
+        return True
+    if d.deleted or d.stopped:
+        return _shut_down(d)
+    d = deployment_follow_alias(deployment_id=d.pk) or d
+    desired = Revision.objects.select_related("model_version__model").get(pk=d.desired_revision_id)
+    serving = Revision.objects.filter(pk=d.serving_revision_id).first()
+
+    _ensure_router(d, serving)
+    if desired.state == Revision.State.FAILED:
+        _set(d, status=Deployment.Status.FAILED if serving is None else Deployment.Status.DEGRADED,
+             phase="", status_message=desired.failure)
+        return True
+    if not desired.model_dir:
+        _set(d, phase="fetching model files")
+        try:
+            model_dir, sha = ensure_model_files(desired.model_version.model.name, desired.model_version.version)
+        except Exception as exc:  # MLflow down or files gone: retried next pass
+            logger.warning("model files for %s: %s", desired, exc)
+            _set(d, status_message=f"cannot fetch model files: {exc}")
+            return False
+        Revision.objects.filter(pk=desired.pk).update(model_dir=str(model_dir), model_sha256=sha)
+        desired.model_dir, desired.model_sha256 = str(model_dir), sha
+    if desired.state == Revision.State.PENDING:
+        Revision.objects.filter(pk=desired.pk).update(state=Revision.State.ROLLING_OUT, rollout_started_at=timezone.now())
+        desired.state, desired.rollout_started_at = Revision.State.ROLLING_OUT, timezone.now()
+        event_record(d, "rollout", f"rolling out r{desired.number}", desired)
+
+    instances = list(Instance.objects.filter(deployment=d).select_related("revision"))
+    for inst in instances:
+        _observe(d, inst, live=inst.revision_id == d.serving_revision_id)
+    wanted = [i for i in instances if i.revision_id == desired.pk and i.pk]
+    replicas = desired.spec.get("replicas", 1)
+    for inst in [i for i in wanted if i.ordinal >= replicas]:
+        if desired.pk == d.serving_revision_id:
+            _stop_instance(inst, timeout=5)
+    wanted = [i for i in wanted if i.ordinal < replicas and i.pk]
+    have = {i.ordinal for i in wanted}
+    for ordinal in range(replicas):
+        if ordinal not in have:
+            _set(d, phase="starting instances")
+            inst = _start_instance(d, desired, ordinal)
+            if inst is not None:
+                wanted.append(inst)
+
+    if desired.state == Revision.State.ROLLING_OUT:
+        crashes = sum(i.restarts for i in wanted)
+        started = desired.rollout_started_at or timezone.now()
+        overdue = timezone.now() - started > timedelta(seconds=d.progress_deadline_s)
+        if crashes >= CRASH_LIMIT or overdue:
+            why = (f"r{desired.number} crash-looped ({crashes} restarts)" if crashes >= CRASH_LIMIT
+                   else f"r{desired.number} not ready within its progress deadline ({d.progress_deadline_s}s)")
+            _fail_revision(d, desired, serving, why)
+            return False
+
+    ready = [i for i in wanted if i.state == Instance.State.READY]
+    if serving is not None and serving.pk == desired.pk:
+        # Steady state: route to the ready instances (all, if none is ready).
+        live = ready or wanted
+        if router.write_backends(d.name, [i.address for i in live]):
+            router.routes_to(d.port, [i.address for i in live])
+        _drain_others(d, desired)
+        healthy = len(ready) == replicas
+        _set(d, status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED, phase="",
+             status_message="" if healthy else f"{len(ready)}/{replicas} instances ready")
+        return healthy
+
+    if len(ready) < replicas:
+        _set(d, status=Deployment.Status.DEPLOYING, phase="waiting for readiness",
+             status_message=f"{len(ready)}/{replicas} instances ready")
+        return False
+
+    # All new instances ready several times in a row: move traffic, then drain.
+    _set(d, phase="switching traffic")
+    router.write_backends(d.name, [i.address for i in ready])
+    if not router.routes_to(d.port, [i.address for i in ready]):
+        _set(d, status_message="router has not picked up the new backends yet")
+        return False
+    with transaction.atomic():
+        if serving is not None:
+            Revision.objects.filter(pk=serving.pk, state=Revision.State.LIVE).update(state=Revision.State.SUPERSEDED)
+        Revision.objects.filter(pk=desired.pk).update(state=Revision.State.LIVE, live_at=timezone.now(), failure="")
+        Deployment.objects.filter(pk=d.pk).update(serving_revision=desired)
+        d.serving_revision_id = desired.pk
+        event_record(d, "traffic", f"traffic moved to r{desired.number}"
+                     + (f" from r{serving.number}" if serving else ""), desired)
+    _set(d, phase="draining")
+    _drain_others(d, desired)
+    _set(d, status=Deployment.Status.READY, phase="", status_message="")
+    return True
+
+
+def _drain_others(d: Deployment, keep: Revision) -> None:
+    old = list(Instance.objects.filter(deployment=d).exclude(revision=keep).select_related("revision"))
+    for inst in old:
+        _stop_instance(inst)
+    if old:
+        event_record(d, "drained", f"stopped {len(old)} instance(s) of earlier revisions")
+
+
+def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
+    """Refresh one instance: crashed → restart; running → probe."""
+    if not inst.runtime_id:
+        # Recorded, but the start never completed (a crash in between): start it now.
+        _launch(d, inst)
+        return
+    runtime = get_runtime(inst.runtime)
+    try:
+        status = runtime.inspect(inst.runtime_id)
+    except RuntimeError_ as exc:
+        logger.warning("inspect %s: %s", inst, exc)
+        return
+    if status is None or not status.running:
+        inst.restarts += 1
+        inst.state = Instance.State.CRASHED
+        inst.healthy_streak = 0
+        inst.last_error = "exited" if status is None else f"exited with {status.exit_code}"
+        inst.save(update_fields=["restarts", "state", "healthy_streak", "last_error"])
+        event_record(d, "crash", f"instance {inst} {inst.last_error}; restarting", inst.revision)
+        try:
+            runtime.stop(inst.runtime_id, timeout=1)
+        except RuntimeError_:
+            pass
+        _launch(d, inst)
+        return
+    ok = router.ping(inst.address, timeout=PROBE_TIMEOUT)
+    if ok:
+        inst.healthy_streak = min(inst.healthy_streak + 1, 100)
+        if inst.healthy_streak >= READY_STREAK:
+            inst.state = Instance.State.READY
+    else:
+        inst.healthy_streak = 0
+        if inst.state == Instance.State.READY:
+            inst.state = Instance.State.UNHEALTHY
+    inst.last_probe_at = timezone.now()
+    inst.save(update_fields=["healthy_streak", "state", "last_probe_at"])
+
+
+def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> InstanceSpec:
+    spec = revision.spec
+    return InstanceSpec(
+        deployment=d.name, revision=revision.number, ordinal=ordinal,
+        model_name=revision.model_version.model.name, model_version=str(revision.model_version.version),
+        model_dir=revision.model_dir, model_sha256=revision.model_sha256, port=port,
+        cpu=spec.get("cpu"), memory_mb=spec.get("memory_mb"), env=spec.get("env") or {},
+    )
+
+
+def _start_instance(d: Deployment, revision: Revision, ordinal: int) -> Instance | None:
+    # The row (with its port) is written before the process starts, so a
+    # crash in between leaves a record the next pass completes, never a stray.
+    for _ in range(5):
+        try:
+            inst = Instance.objects.create(
+                deployment=d, revision=revision, ordinal=ordinal, runtime=revision.spec.get("runtime", d.runtime),
+                runtime_id="", port=allocate_port(),
+            )
+            break
+        except Exception as exc:  # port or ordinal taken concurrently
+            logger.info("instance row for %s#%s: %s", revision, ordinal, exc)
+            if Instance.objects.filter(revision=revision, ordinal=ordinal).exists():
+                return None
+    else:
+        return None
+    _launch(d, inst)
+    return inst
+
+
+def _launch(d: Deployment, inst: Instance) -> None:
+    revision = Revision.objects.select_related("model_version__model").get(pk=inst.revision_id)
+    if not revision.model_dir:
+        return
+    try:
+        status = get_runtime(inst.runtime).start(_spec(d, revision, inst.ordinal, inst.port))
+    except RuntimeError_ as exc:
+        inst.state = Instance.State.CRASHED
+        inst.restarts += 1
+        inst.last_error = str(exc)[:2000]
+        inst.save(update_fields=["state", "restarts", "last_error"])
+        event_record(d, "error", f"cannot start {inst}: {exc}", revision)
+        return
+    inst.runtime_id = status.runtime_id
+    inst.state = Instance.State.STARTING
+    inst.healthy_streak = 0
+    inst.save(update_fields=["runtime_id", "state", "healthy_streak"])
+
+
+def _fail_revision(d: Deployment, revision: Revision, serving: Revision | None, why: str) -> None:
+    Revision.objects.filter(pk=revision.pk).update(state=Revision.State.FAILED, failure=why)
+    event_record(d, "failed", why, revision)
+    for inst in Instance.objects.filter(deployment=d, revision=revision):
+        _stop_instance(inst, timeout=2)
+    target = serving if serving is not None and serving.pk != revision.pk else None
+    if target is None:
+        with transaction.atomic():
+            _set(d, status=Deployment.Status.FAILED, phase="", status_message=why)
+            audit_record(actor=None, action="deployment.failed", object_type="deployment", object_id=d.name,
+                         object_repr=d.name, after={"revision": revision.number, "reason": why}, system="reconciler")
+        return
+    deployment_rollback(deployment=d, revision=target.number, actor=None, reason=why, automatic=True)
+
+
+def _ensure_router(d: Deployment, serving: Revision | None) -> None:
+    if router.is_running(d.router_pid):
+        return
+    if serving is not None:
+        ready = Instance.objects.filter(deployment=d, revision=serving)
+        router.write_backends(d.name, [i.address for i in ready])
+    runtime_id = router.start(d.name, d.port)
+    _set(d, router_pid=runtime_id)
+    event_record(d, "router", f"endpoint {d.endpoint} started")
+
+
+def _shut_down(d: Deployment) -> bool:
+    _set(d, phase="stopping")
+    for inst in Instance.objects.filter(deployment=d):
+        _stop_instance(inst, timeout=10)
+    if d.router_pid:
+        router.stop(d.router_pid)
+    if d.deleted:
+        with transaction.atomic():
+            Deployment.objects.filter(pk=d.pk).update(desired_revision=None, serving_revision=None)
+            d.delete()
+        return True
+    Revision.objects.filter(pk=d.serving_revision_id, state=Revision.State.LIVE).update(state=Revision.State.SUPERSEDED)
+    _set(d, status=Deployment.Status.STOPPED, phase="", router_pid="", serving_revision=None, status_message="")
+    return True
+
+
+def sweep_strays() -> int:
+    """Stop processes/containers we own that no deployment records (left by a
+    crash, or by a deployment deleted while the worker was down).
+
+    What runs is listed *before* the records are read: an instance's row is
+    written before it starts, so anything listed has its row by then.
+    """
+    from .runtimes import RUNTIMES
+
+    stopped = 0
+    owned = []
+    for name in RUNTIMES:
+        try:
+            runtime = get_runtime(name)
+            owned.append((runtime, runtime.list_owned()))
+        except Exception as exc:  # docker engine absent: nothing of ours runs there
+            logger.debug("runtime %s unavailable for the sweep: %s", name, exc)
+    routers = router.owned_routers()
+    known = {(i.deployment.name, i.revision.number, i.ordinal)
+             for i in Instance.objects.select_related("deployment", "revision")}
+    for runtime, statuses in owned:
+        for status in statuses:
+            if (status.deployment, status.revision, status.ordinal) not in known:
+                logger.info("stopping stray %s on %s", status.runtime_id, runtime.name)
+                runtime.stop(status.runtime_id, timeout=10)
+                stopped += 1
+    recorded = dict(Deployment.objects.filter(deleted=False, stopped=False).values_list("name", "router_pid"))
+    for proc in routers:
+        name = proc.labels.get("CONTROLPLANE_ROUTER")
+        current = recorded.get(name)
+        this = f"{proc.pid}:{proc.starttime}"
+        duplicate = current and current != this and router.is_running(current)
+        if name not in recorded or duplicate:
+            router.stop(this)
+            stopped += 1
+    return stopped

@@ -1,0 +1,90 @@
+"""The stable endpoint of each deployment: a `python -m serving.router`
+process on 127.0.0.1:<deployment port>, whatever the runtime. The control
+plane tells it where to send traffic by rewriting a small JSON file
+atomically; the router picks changes up within ~50 ms."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+
+from controlplane.lib import http
+from deployments.runtimes import install_id, process
+
+
+def _dir(name: str) -> Path:
+    return Path(settings.DATA_DIR) / "routers" / name
+
+
+def backends_file(name: str) -> Path:
+    return _dir(name) / "backends.json"
+
+
+def write_backends(name: str, addresses: list[str]) -> bool:
+    """Atomically replace the backend set; True if it changed."""
+    path = backends_file(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"backends": sorted(addresses)})
+    if path.exists() and path.read_text() == body:
+        return False
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)
+    return True
+
+
+def is_running(runtime_id: str) -> bool:
+    info = process.inspect(runtime_id) if runtime_id else None
+    return bool(info and info.alive)
+
+
+def start(name: str, port: int) -> str:
+    if not backends_file(name).exists():
+        write_backends(name, [])
+    env = {k: os.environ[k] for k in ("PATH", "LANG", "HOME") if k in os.environ}
+    env.update(
+        PYTHONPATH=str(settings.BASE_DIR),
+        PYTHONUNBUFFERED="1",
+        CONTROLPLANE_OWNER=install_id(),
+        CONTROLPLANE_ROUTER=name,
+    )
+    argv = [sys.executable, "-m", "serving.router", "--host", "127.0.0.1", "--port", str(port),
+            "--backends-file", str(backends_file(name))]
+    return process.spawn(argv, env=env, log_path=_dir(name) / "router.log", cwd=Path(settings.BASE_DIR))
+
+
+def stop(runtime_id: str) -> None:
+    if runtime_id:
+        process.terminate(runtime_id, timeout=10)
+
+
+def routes_to(port: int, addresses: list[str], *, timeout: float = 3.0) -> bool:
+    """Wait until the router on ``port`` reports exactly ``addresses``."""
+    deadline = time.monotonic() + timeout
+    wanted = sorted(addresses)
+    while time.monotonic() < deadline:
+        try:
+            resp = http.request("GET", f"http://127.0.0.1:{port}/__router/health", timeout=1.0)
+            if sorted(resp.json().get("backends", [])) == wanted:
+                return True
+        except (http.HttpError, ValueError):
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def owned_routers() -> list[process.ProcInfo]:
+    return [p for p in process.find_labelled(install_id()) if "CONTROLPLANE_ROUTER" in p.labels]
+
+
+def ping(address: str, *, timeout: float = 1.0) -> bool:
+    """Is the model server at ``address`` ready?"""
+    try:
+        return http.request("GET", f"http://{address}/ping", timeout=timeout, raise_for_status=False).status == 200
+    except http.HttpError:
+        return False

@@ -1,0 +1,53 @@
+"""Runtimes by name. A new runtime is one module with the shape of local.py."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from pathlib import Path
+
+from django.conf import settings
+
+from .base import InstanceSpec, InstanceStatus, Runtime, RuntimeError_
+
+__all__ = ["InstanceSpec", "InstanceStatus", "Runtime", "RuntimeError_", "get_runtime", "install_id", "RUNTIMES"]
+
+RUNTIMES = ("local", "docker")
+
+
+def install_id() -> str:
+    """Names what this control plane owns (process labels, container labels)."""
+    if settings.CONTROLPLANE_INSTALL_ID:
+        return settings.CONTROLPLANE_INSTALL_ID
+    path = Path(settings.DATA_DIR) / "install_id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x") as fh:
+                fh.write(f"cp-{secrets.token_hex(6)}")
+        except FileExistsError:
+            pass
+    return path.read_text().strip()
+
+
+@functools.cache
+def _build(name: str, owner: str, data_dir: str) -> Runtime:
+    if name == "local":
+        from .local import LocalRuntime
+
+        return LocalRuntime(state_dir=Path(data_dir) / "instances", owner=owner, code_root=settings.BASE_DIR)
+    if name == "docker":
+        from .docker import DockerRuntime
+
+        return DockerRuntime(
+            base_image=settings.CONTROLPLANE_DOCKER_BASE_IMAGE,
+            image_prefix="controlplane-serving",
+            network_mode=settings.CONTROLPLANE_DOCKER_NETWORK,
+            cache_dir=Path(data_dir) / "docker",
+            owner=owner,
+        )
+    raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def get_runtime(name: str) -> Runtime:
+    return _build(name, install_id(), str(settings.DATA_DIR))

@@ -1,0 +1,75 @@
+"""The one interface every runtime implements.
+
+A runtime knows how to start, stop and look at model-server instances on some
+substrate (processes on this host, Docker containers). It knows nothing about
+deployments, revisions or the database: the reconciler decides *what* should
+run and asks a runtime to make it so. Vendor types (docker SDK objects,
+``subprocess.Popen``) never leave a runtime module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class RuntimeError_(Exception):
+    """A runtime could not do what it was asked (engine down, image build failed...)."""
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything a runtime needs to start one model-server instance."""
+
+    deployment: str  # deployment name (owner label)
+    revision: int  # revision number (owner label)
+    ordinal: int  # replica index within the revision, 0-based
+    model_name: str
+    model_version: str
+    model_dir: str  # absolute host path of the MLflow model directory (read-only)
+    model_sha256: str  # digest of the model files, used in image/instance keys
+    port: int  # the port the server must listen on, on 127.0.0.1
+    host: str = "127.0.0.1"
+    cpu: float | None = None  # CPU limit in cores
+    memory_mb: int | None = None  # memory limit
+    env: dict[str, str] = field(default_factory=dict)
+    prediction_log_dir: str | None = None  # host dir where the server writes its prediction log
+    max_batch_size: int = 64
+    max_batch_delay_ms: float = 2.0
+
+    @property
+    def instance_name(self) -> str:
+        return f"{self.deployment}-r{self.revision}-{self.ordinal}"
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """What a runtime observes about one instance it owns."""
+
+    runtime_id: str  # pid for local, container id for docker
+    deployment: str
+    revision: int
+    ordinal: int
+    address: str  # "127.0.0.1:PORT"
+    running: bool
+    exit_code: int | None = None
+    restarts: int = 0
+
+
+class Runtime(Protocol):
+    name: str
+
+    def start(self, spec: InstanceSpec) -> InstanceStatus:
+        """Start one instance and return at once (readiness is probed by the caller)."""
+
+    def stop(self, runtime_id: str, *, timeout: float = 10.0) -> None:
+        """Gracefully stop (SIGTERM, then kill after timeout). Idempotent: unknown ids are ignored."""
+
+    def inspect(self, runtime_id: str) -> InstanceStatus | None:
+        """Current state of one instance, or None if it no longer exists."""
+
+    def list_owned(self) -> list[InstanceStatus]:
+        """Every instance this control plane owns on this runtime (found by labels / records)."""
+
+    def logs(self, runtime_id: str, *, tail: int = 100) -> str:
+        """The last ``tail`` lines of the instance's output."""

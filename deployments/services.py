@@ -1,0 +1,346 @@
+"""Deployment writes: what users ask for (create, update, rollback, stop,
+delete). Each records a revision and/or event and an audit row in one
+transaction, and kicks the reconciler after commit; the reconciler
+(reconciler.py) does the runtime work."""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+
+from audit.services import audit_record
+from controlplane.lib.errors import ApplicationError, Conflict, NotFound
+from controlplane.lib.tasks import enqueue_on_commit
+from registry.models import Alias, ModelVersion, RegisteredModel
+
+from .models import Deployment, DeploymentEvent, Instance, Revision
+from .runtimes import RUNTIMES
+
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_REPLICAS = 16
+
+
+def _kick(deployment: Deployment) -> None:
+    from .tasks import reconcile
+
+    enqueue_on_commit(reconcile, deployment.pk)
+
+
+def event_record(deployment: Deployment, kind: str, message: str, revision: Revision | None = None) -> DeploymentEvent:
+    return DeploymentEvent.objects.create(deployment=deployment, revision=revision, kind=kind, message=message)
+
+
+def _spec_snapshot(d: Deployment) -> dict:
+    return {"runtime": d.runtime, "replicas": d.replicas, "cpu": d.cpu, "memory_mb": d.memory_mb, "env": d.env}
+
+
+def _deployment_snapshot(d: Deployment) -> dict:
+    return {
+        "model": d.model.name,
+        "version": str(d.target_version) if d.target_version else None,
+        "alias": d.target_alias or None,
+        **_spec_snapshot(d),
+        "revision": d.desired_revision.number if d.desired_revision_id else None,
+        "stopped": d.stopped,
+    }
+
+
+def _port_range() -> range:
+    low, _, high = settings.CONTROLPLANE_PORT_RANGE.partition("-")
+    return range(int(low), int(high) + 1)
+
+
+def allocate_port() -> int:
+    """A port in the configured range that no deployment or instance uses and nothing listens on."""
+    used = set(Deployment.objects.values_list("port", flat=True)) | set(Instance.objects.values_list("port", flat=True))
+    for port in _port_range():
+        if port in used:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise ApplicationError("no free port left in CONTROLPLANE_PORT_RANGE", code="no_port", status_code=503)
+
+
+def _resolve_target(model: RegisteredModel, version: Any, alias: str | None) -> tuple[ModelVersion, int | None, str]:
+    if (version in (None, "")) == (not alias):
+        raise ApplicationError("give exactly one of 'version' or 'alias'", code="invalid_target")
+    if alias:
+        pointer = Alias.objects.select_related("version").filter(model=model, name=alias).first()
+        if pointer is None:
+            raise NotFound(f"{model.name!r} has no alias {alias!r}", code="alias_not_found")
+        return pointer.version, None, alias
+    try:
+        number = int(str(version))
+    except ValueError:
+        raise ApplicationError(f"version {version!r} is not a version number", code="invalid_version") from None
+    mv = ModelVersion.objects.filter(model=model, version=number).first()
+    if mv is None:
+        raise NotFound(f"version {number} of {model.name!r} not found", code="version_not_found")
+    if mv.status == ModelVersion.Status.ARCHIVED:
+        raise Conflict(f"{mv} is archived", code="version_archived")
+    return mv, number, ""
+
+
+def _validate_spec(runtime: str, replicas: Any, resources: Any, env: Any) -> tuple[str, int, float | None, int | None, dict]:
+    if runtime not in RUNTIMES:
+        raise ApplicationError(f"runtime must be one of {', '.join(RUNTIMES)}", code="invalid_runtime")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
+        raise ApplicationError(f"replicas must be an integer from 1 to {MAX_REPLICAS}", code="invalid_replicas")
+    resources = resources or {}
+    if not isinstance(resources, dict) or set(resources) - {"cpu", "memory_mb"}:
+        raise ApplicationError("resources takes only 'cpu' (cores) and 'memory_mb'", code="invalid_resources")
+    cpu, memory = resources.get("cpu"), resources.get("memory_mb")
+    if cpu is not None and (not isinstance(cpu, int | float) or isinstance(cpu, bool) or not 0.05 <= cpu <= 64):
+        raise ApplicationError("resources.cpu must be a number of cores from 0.05 to 64", code="invalid_resources")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or not 64 <= memory <= 262144):
+        raise ApplicationError("resources.memory_mb must be an integer from 64 to 262144", code="invalid_resources")
+    env = env or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and re.match(r"^[A-Z_][A-Z0-9_]{0,127}$", k) and isinstance(v, str) and len(v) < 4096
+        for k, v in env.items()
+    ):
+        raise ApplicationError("env must map UPPER_CASE names to strings", code="invalid_env")
+    if any(k.startswith(("CONTROLPLANE_", "SERVING_")) for k in env):
+        raise ApplicationError("env may not set CONTROLPLANE_* or SERVING_* variables", code="invalid_env")
+    return runtime, replicas, float(cpu) if cpu is not None else None, memory, env
+
+
+def _new_revision(d: Deployment, mv: ModelVersion, *, reason: str, actor: AbstractBaseUser | None) -> Revision:
+    number = (d.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
+    revision = Revision.objects.create(
+        deployment=d, number=number, model_version=mv, spec=_spec_snapshot(d), reason=reason[:500],
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    d.desired_revision = revision
+    # Not ready again until the reconciler has this revision serving.
+    d.status = Deployment.Status.DEPLOYING if d.serving_revision_id else Deployment.Status.PENDING
+    if d.target_alias:
+        d.followed_version = mv.version
+    event_record(d, "revision", f"revision {number}: {mv.model.name} v{mv.version} ({reason})", revision)
+    return revision
+
+
+@transaction.atomic
+def deployment_create(
+    *,
+    name: str,
+    model_name: str,
+    version: Any = None,
+    alias: str | None = None,
+    runtime: str | None = None,
+    replicas: int = 1,
+    resources: dict | None = None,
+    env: dict | None = None,
+    actor: AbstractBaseUser,
+) -> Deployment:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ApplicationError(
+            "name must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
+            code="invalid_name",
+        )
+    if Deployment.objects.filter(name=name).exists():
+        raise Conflict(f"deployment {name!r} already exists", code="deployment_exists")
+    model = RegisteredModel.objects.filter(name=model_name).first()
+    if model is None:
+        raise NotFound(f"model {model_name!r} not found", code="model_not_found")
+    mv, number, alias = _resolve_target(model, version, alias)
+    runtime, replicas, cpu, memory, env = _validate_spec(
+        runtime or settings.CONTROLPLANE_DEFAULT_RUNTIME, replicas, resources, env
+    )
+    try:
+        with transaction.atomic():
+            d = Deployment.objects.create(
+                name=name, model=model, target_version=number, target_alias=alias, runtime=runtime,
+                replicas=replicas, cpu=cpu, memory_mb=memory, env=env, port=allocate_port(),
+                progress_deadline_s=settings.CONTROLPLANE_PROGRESS_DEADLINE,
+                created_by=actor if getattr(actor, "is_authenticated", False) else None,
+            )
+    except IntegrityError:
+        raise Conflict(f"deployment {name!r} already exists (or its port was taken); try again",
+                       code="deployment_exists") from None
+    event_record(d, "created", f"created by {actor.get_username()}")
+    _new_revision(d, mv, reason="created", actor=actor)
+    d.save()
+    audit_record(actor=actor, action="deployment.create", object_type="deployment", object_id=name,
+                 object_repr=name, after=_deployment_snapshot(d))
+    _kick(d)
+    return d
+
+
+def _locked(d: Deployment) -> Deployment:
+    locked = Deployment.objects.select_for_update(of=("self",)).select_related("model", "desired_revision").get(pk=d.pk)
+    if locked.deleted:
+        raise NotFound(f"deployment {d.name!r} not found")
+    return locked
+
+
+@transaction.atomic
+def deployment_update(
+    *,
+    deployment: Deployment,
+    version: Any = None,
+    alias: str | None = None,
+    replicas: int | None = None,
+    resources: dict | None = None,
+    env: dict | None = None,
+    actor: AbstractBaseUser,
+) -> Deployment:
+    d = _locked(deployment)
+    before = _deployment_snapshot(d)
+    changes = []
+    mv = d.desired_revision.model_version if d.desired_revision_id else None
+    if version not in (None, "") or alias:
+        mv, number, new_alias = _resolve_target(d.model, version, alias)
+        d.target_version, d.target_alias = number, new_alias
+        changes.append(f"alias {new_alias}" if new_alias else f"version {number}")
+    new_resources = {"cpu": d.cpu, "memory_mb": d.memory_mb}
+    if resources is not None:
+        if not isinstance(resources, dict):
+            raise ApplicationError("resources must be an object", code="invalid_resources")
+        new_resources.update(resources)
+    _, new_replicas, cpu, memory, new_env = _validate_spec(
+        d.runtime, d.replicas if replicas is None else replicas, new_resources, d.env if env is None else env
+    )
+    if new_replicas != d.replicas:
+        changes.append(f"replicas {d.replicas}→{new_replicas}")
+    if (cpu, memory) != (d.cpu, d.memory_mb):
+        changes.append("resources")
+    if new_env != d.env:
+        changes.append("env")
+    d.replicas, d.cpu, d.memory_mb, d.env = new_replicas, cpu, memory, new_env
+    current = d.desired_revision
+    if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
+        d.save()
+        return d  # nothing changed: no new revision
+    d.stopped = False
+    _new_revision(d, mv, reason="update: " + (", ".join(changes) or "redeploy"), actor=actor)
+    d.save()
+    audit_record(actor=actor, action="deployment.update", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before=before, after=_deployment_snapshot(d))
+    _kick(d)
+    return d
+
+
+def _previous_good(d: Deployment, exclude: Revision | None) -> Revision | None:
+    qs = d.revisions.filter(live_at__isnull=False).exclude(state=Revision.State.FAILED)
+    if exclude is not None:
+        qs = qs.exclude(pk=exclude.pk).filter(number__lt=exclude.number)
+    return qs.order_by("-number").first()
+
+
+@transaction.atomic
+def deployment_rollback(
+    *, deployment: Deployment, revision: int | None = None, actor: AbstractBaseUser | None,
+    reason: str = "", automatic: bool = False,
+) -> Deployment:
+    """Serve an earlier revision again. Its files (and image) are kept, so nothing is rebuilt."""
+    d = _locked(deployment)
+    current = d.desired_revision
+    if revision is None:
+        target = _previous_good(d, current)
+        if target is None:
+            raise Conflict("there is no earlier revision that served successfully", code="no_previous_revision")
+    else:
+        if isinstance(revision, bool) or not isinstance(revision, int):
+            raise ApplicationError("revision must be a revision number", code="invalid_revision")
+        target = d.revisions.filter(number=revision).first()
+        if target is None:
+            raise NotFound(f"revision {revision} of {d.name!r} not found", code="revision_not_found")
+        if target.pk == (current.pk if current else None):
+            raise Conflict(f"revision {revision} is already the desired revision", code="already_current")
+    if target.model_version.status == ModelVersion.Status.ARCHIVED and not automatic:
+        raise Conflict(f"{target.model_version} is archived", code="version_archived")
+    before = _deployment_snapshot(d)
+    d.desired_revision = target
+    d.stopped = False
+    d.status = Deployment.Status.DEPLOYING if d.serving_revision_id else Deployment.Status.PENDING
+    if target.state == Revision.State.FAILED:
+        Revision.objects.filter(pk=target.pk).update(state=Revision.State.PENDING, failure="")
+    kind = "auto_rollback" if automatic else "rollback"
+    why = reason or ("automatic" if automatic else f"by {actor.get_username()}")
+    event_record(d, kind, f"rollback from r{current.number if current else '-'} to r{target.number}: {why}", target)
+    d.save()
+    audit_record(actor=actor, action=f"deployment.{kind}", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before=before, after={**_deployment_snapshot(d), "reason": why},
+                 system="reconciler" if automatic else None)
+    _kick(d)
+    return d
+
+
+@transaction.atomic
+def deployment_stop(*, deployment: Deployment, actor: AbstractBaseUser) -> Deployment:
+    d = _locked(deployment)
+    if d.stopped:
+        return d
+    d.stopped = True
+    d.save()
+    event_record(d, "stop", f"stop requested by {actor.get_username()}")
+    audit_record(actor=actor, action="deployment.stop", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before={"stopped": False}, after={"stopped": True})
+    _kick(d)
+    return d
+
+
+@transaction.atomic
+def deployment_start(*, deployment: Deployment, actor: AbstractBaseUser) -> Deployment:
+    d = _locked(deployment)
+    if not d.stopped:
+        return d
+    d.stopped = False
+    d.save()
+    event_record(d, "start", f"start requested by {actor.get_username()}")
+    audit_record(actor=actor, action="deployment.start", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before={"stopped": True}, after={"stopped": False})
+    _kick(d)
+    return d
+
+
+@transaction.atomic
+def deployment_delete(*, deployment: Deployment, actor: AbstractBaseUser) -> None:
+    d = _locked(deployment)
+    before = _deployment_snapshot(d)
+    d.deleted = True
+    d.stopped = True
+    d.save()
+    event_record(d, "delete", f"delete requested by {actor.get_username()}")
+    audit_record(actor=actor, action="deployment.delete", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before=before)
+    _kick(d)
+
+
+def deployments_following(*, model_name: str, alias: str) -> list[int]:
+    return list(
+        Deployment.objects.filter(model__name=model_name, target_alias=alias, deleted=False).values_list("pk", flat=True)
+    )
+
+
+@transaction.atomic
+def deployment_follow_alias(*, deployment_id: int) -> Deployment | None:
+    """If the followed alias moved since the last rollout, make a revision for
+    its new version (called by the reconciler every pass: level-triggered)."""
+    d = Deployment.objects.select_for_update(of=("self",)).select_related("model", "desired_revision").filter(
+        pk=deployment_id, deleted=False).first()
+    if d is None or not d.target_alias:
+        return d
+    pointer = Alias.objects.select_related("version").filter(model=d.model, name=d.target_alias).first()
+    if pointer is None or pointer.version.version == d.followed_version:
+        return d
+    mv = pointer.version
+    before = _deployment_snapshot(d)
+    _new_revision(d, mv, reason=f"alias {d.target_alias} moved to v{mv.version}", actor=None)
+    d.stopped = False
+    d.save()
+    audit_record(actor=None, action="deployment.follow_alias", object_type="deployment", object_id=d.name,
+                 object_repr=d.name, before=before, after=_deployment_snapshot(d), system="reconciler")
+    return d

@@ -1,0 +1,24 @@
+from celery import shared_task
+
+from .models import Deployment
+from .reconciler import reconcile as reconcile_deployment
+from .reconciler import sweep_strays
+
+
+@shared_task(name="deployments.tasks.reconcile", ignore_result=True, acks_late=True)
+def reconcile(deployment_id: int) -> bool:
+    """Converge one deployment; idempotent, safe to deliver twice."""
+    done = reconcile_deployment(deployment_id)
+    if not done and Deployment.objects.filter(pk=deployment_id).exists():
+        reconcile.apply_async(args=[deployment_id], countdown=0.5, expires=30)
+    return done
+
+
+@shared_task(name="deployments.tasks.reconcile_all", ignore_result=True)
+def reconcile_all() -> int:
+    """Periodic: every deployment gets a pass; strays are swept."""
+    ids = list(Deployment.objects.values_list("pk", flat=True))
+    for pk in ids:
+        reconcile.apply_async(args=[pk], expires=30)
+    sweep_strays()
+    return len(ids)

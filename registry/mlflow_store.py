@@ -1,0 +1,360 @@
+"""The MLflow adapter: the only module that talks to MLflow.
+
+Returns plain dataclasses; MLflow types and exceptions do not leave it.
+Nothing here loads (unpickles) a model: it reads MLmodel (YAML), JSON
+examples and requirements text, and moves files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from django.conf import settings
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_EXPERIMENT = "controlplane-uploads"
+_EXAMPLE_MAX_BYTES = 256 * 1024
+_RUN_ID = r"[0-9a-fA-F]{1,64}"
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+_RUNS_URI = re.compile(rf"^runs:/{_RUN_ID}(/{_SEGMENT})+$")
+_MODELS_URI = re.compile(rf"^models:/(?:{_SEGMENT}/(?:\d+|latest)|{_SEGMENT}@{_SEGMENT}|m-[0-9a-f]{{1,64}})$")
+ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
+
+
+class MlflowStoreError(Exception):
+    """MLflow refused or failed. ``kind``: not_found, invalid, conflict, unavailable."""
+
+    def __init__(self, message: str, *, kind: str = "unavailable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    version: int
+    source: str
+    run_id: str
+    description: str
+    tags: dict
+    metrics: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    flavors: list = field(default_factory=list)
+    signature: dict | None = None
+    input_example: object = None
+    requirements: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    name: str
+    description: str
+    tags: dict
+    versions: dict[int, str]  # version -> source
+    aliases: dict[str, int]
+
+
+def is_valid_source(uri: str) -> bool:
+    return bool(_RUNS_URI.match(uri) or _MODELS_URI.match(uri))
+
+
+def _translate(exc: Exception) -> MlflowStoreError:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowStoreError):
+        return exc
+    if isinstance(exc, MlflowException):
+        code = getattr(exc, "error_code", "")
+        message = getattr(exc, "message", str(exc))
+        if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in message.lower():
+            return MlflowStoreError(message, kind="not_found")
+        if code in ("RESOURCE_ALREADY_EXISTS",):
+            return MlflowStoreError(message, kind="conflict")
+        if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+            return MlflowStoreError(message, kind="invalid")
+        return MlflowStoreError(message, kind="unavailable")
+    return MlflowStoreError(f"MLflow is unavailable: {exc}", kind="unavailable")
+
+
+class MlflowStore:
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # --- registered models -------------------------------------------------------
+    def create_model(self, name: str, *, description: str = "", tags: dict | None = None) -> None:
+        try:
+            self.client.create_registered_model(name, tags=tags or None, description=description or None)
+        except Exception as exc:
+            err = _translate(exc)
+            if err.kind != "conflict":
+                raise err from exc
+            # Already in MLflow (created with MLflow's own client): adopt it.
+
+    def update_model(self, name: str, *, description: str | None, tags: dict | None) -> None:
+        try:
+            if description is not None:
+                self.client.update_registered_model(name, description=description)
+            if tags is not None:
+                current = self.client.get_registered_model(name).tags or {}
+                for key in set(current) - set(tags):
+                    self.client.delete_registered_model_tag(name, key)
+                for key, value in tags.items():
+                    self.client.set_registered_model_tag(name, key, str(value))
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+    def delete_model(self, name: str) -> None:
+        try:
+            self.client.delete_registered_model(name)
+        except Exception as exc:
+            err = _translate(exc)
+            if err.kind != "not_found":
+                raise err from exc
+
+    # --- versions --------------------------------------------------------------------
+    def register_version(
+        self, name: str, source: str, *, description: str = "", tags: dict | None = None
+    ) -> VersionMeta:
+        if not is_valid_source(source):
+            raise MlflowStoreError(
+                f"source {source!r} is not a runs:/<run_id>/<path> or models:/<name>/<version> URI",
+                kind="invalid",
+            )
+        try:
+            mv = self._mlflow.register_model(source, name, tags=tags or None, await_registration_for=60)
+            if description:
+                self.client.update_model_version(name, mv.version, description=description)
+        except Exception as exc:
+            raise _translate(exc) from exc
+        try:
+            return self.version_meta(name, int(mv.version))
+        except MlflowStoreError:
+            # Registered, but it is not an MLflow model: undo and refuse.
+            self.delete_version(name, int(mv.version))
+            raise
+
+    def upload_version(
+        self, name: str, model_dir: Path, *, description: str = "", tags: dict | None = None
+    ) -> VersionMeta:
+        try:
+            experiment = self.client.get_experiment_by_name(UPLOAD_EXPERIMENT)
+            if experiment is None:
+                location = None
+                if self.artifact_root and not self.tracking_uri.startswith(("http://", "https://")):
+                    Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
+                    location = Path(self.artifact_root).resolve().as_uri()
+                try:
+                    experiment_id = self.client.create_experiment(UPLOAD_EXPERIMENT, artifact_location=location)
+                except Exception:
+                    experiment_id = self.client.get_experiment_by_name(UPLOAD_EXPERIMENT).experiment_id
+            else:
+                experiment_id = experiment.experiment_id
+            run = self.client.create_run(experiment_id, run_name=f"upload-{name}")
+            self.client.log_artifacts(run.info.run_id, str(model_dir), "model")
+            self.client.set_terminated(run.info.run_id)
+        except Exception as exc:
+            raise _translate(exc) from exc
+        return self.register_version(
+            name, f"runs:/{run.info.run_id}/model", description=description, tags=tags
+        )
+
+    def version_meta(self, name: str, version: int) -> VersionMeta:
+        try:
+            mv = self.client.get_model_version(name, str(version))
+        except Exception as exc:
+            raise _translate(exc) from exc
+        with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
+            try:
+                path = self._mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}/{version}/MLmodel", dst_path=tmp
+                )
+                mlmodel = yaml.safe_load(Path(path).read_text())
+            except Exception as exc:
+                raise MlflowStoreError(
+                    f"no MLmodel file at {mv.source}: not an MLflow model", kind="invalid"
+                ) from exc
+            if not isinstance(mlmodel, dict) or not isinstance(mlmodel.get("flavors"), dict):
+                raise MlflowStoreError(f"MLmodel at {mv.source} has no flavors", kind="invalid")
+            example = self._small_json(name, version, mlmodel, tmp)
+            requirements = self._requirements(name, version, tmp)
+        metrics: dict = {}
+        params: dict = {}
+        if mv.run_id:
+            try:
+                run = self.client.get_run(mv.run_id)
+                metrics, params = dict(run.data.metrics), dict(run.data.params)
+            except Exception:
+                logger.info("run %s of %s v%s is gone; no metrics", mv.run_id, name, version)
+        return VersionMeta(
+            version=int(mv.version),
+            source=mv.source,
+            run_id=mv.run_id or "",
+            description=mv.description or "",
+            tags=dict(mv.tags or {}),
+            metrics=metrics,
+            params=params,
+            flavors=sorted(mlmodel["flavors"]),
+            signature=_parse_signature(mlmodel.get("signature")),
+            input_example=example,
+            requirements=requirements,
+        )
+
+    def _small_json(self, name: str, version: int, mlmodel: dict, tmp: str):
+        info = mlmodel.get("saved_input_example_info") or {}
+        artifact = info.get("artifact_path") if isinstance(info, dict) else None
+        if not artifact or not re.match(r"^[A-Za-z0-9._-]+$", str(artifact)):
+            return None
+        try:
+            path = self._mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}/{artifact}", dst_path=tmp
+            )
+            if os.path.getsize(path) > _EXAMPLE_MAX_BYTES:
+                return None
+            return json.loads(Path(path).read_text())
+        except Exception:
+            return None
+
+    def _requirements(self, name: str, version: int, tmp: str) -> list[str]:
+        try:
+            path = self._mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}/requirements.txt", dst_path=tmp
+            )
+            lines = Path(path).read_text().splitlines()
+        except Exception:
+            return []
+        return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")][:200]
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        try:
+            self.client.set_model_version_tag(name, str(version), key, value)
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+    def update_version(self, name: str, version: int, *, description: str) -> None:
+        try:
+            self.client.update_model_version(name, str(version), description=description)
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+    def delete_version(self, name: str, version: int) -> None:
+        try:
+            self.client.delete_model_version(name, str(version))
+        except Exception as exc:
+            err = _translate(exc)
+            if err.kind != "not_found":
+                raise err from exc
+
+    def download_version(self, name: str, version: int, dest: Path) -> Path:
+        """Copy the version's files to ``dest`` (a new directory). Files only: no loading."""
+        try:
+            path = self._mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)
+            )
+        except Exception as exc:
+            raise _translate(exc) from exc
+        return Path(path)
+
+    # --- aliases -----------------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except Exception as exc:
+            err = _translate(exc)
+            if err.kind != "not_found":
+                raise err from exc
+
+    # --- sync ----------------------------------------------------------------------------
+    def snapshot(self) -> list[ModelSnapshot]:
+        """Every registered model with its versions and aliases, as MLflow has them now."""
+        try:
+            models = []
+            token = None
+            while True:
+                page = self.client.search_registered_models(max_results=200, page_token=token)
+                models.extend(page)
+                token = page.token
+                if not token:
+                    break
+            snapshots = []
+            for rm in models:
+                versions: dict[int, str] = {}
+                vtoken = None
+                while True:
+                    vpage = self.client.search_model_versions(
+                        f"name='{_quote(rm.name)}'", max_results=1000, page_token=vtoken
+                    )
+                    versions.update({int(v.version): v.source for v in vpage})
+                    vtoken = vpage.token
+                    if not vtoken:
+                        break
+                snapshots.append(
+                    ModelSnapshot(
+                        name=rm.name,
+                        description=rm.description or "",
+                        tags=dict(rm.tags or {}),
+                        versions=versions,
+                        aliases={k: int(v) for k, v in (rm.aliases or {}).items()},
+                    )
+                )
+            return snapshots
+        except Exception as exc:
+            raise _translate(exc) from exc
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _parse_signature(raw) -> dict | None:
+    if not isinstance(raw, dict):
+        return None
+    parsed = {}
+    for key in ("inputs", "outputs", "params"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        parsed[key] = value
+    return parsed
+
+
+_store: MlflowStore | None = None
+_lock = threading.Lock()
+
+
+def get_store() -> MlflowStore:
+    """The process-wide adapter for the configured MLflow."""
+    global _store
+    with _lock:
+        if _store is None or _store.tracking_uri != settings.MLFLOW_TRACKING_URI:
+            _store = MlflowStore(settings.MLFLOW_TRACKING_URI, settings.MLFLOW_ARTIFACT_ROOT)
+        return _store

@@ -1,0 +1,465 @@
+"""The traffic router: one stable address per deployment in front of its current servers.
+
+    python -m serving.router --host 127.0.0.1 --port P --backends-file F
+
+F is `{"backends": ["127.0.0.1:40001", ...]}`, rewritten atomically (temp file + rename) by the
+control plane. The router re-reads it when its mtime/inode changes (polled every 50 ms) or on
+SIGHUP; new requests then go only to the new set (round-robin), while requests already sent
+to a removed backend complete. Idle pooled connections to removed backends are closed.
+
+A request is retried on another backend (or a fresh connection) when connecting fails or the
+upstream connection closes before any byte of the response: the backend did not process it
+(our servers only close idle connections). So swapping the set from old servers to new ones
+and then SIGTERMing the old ones loses no request.
+
+GET /__router/health answers 200 with the current backends; with no backends every proxied
+request gets 503. SIGTERM: stop accepting, finish in-flight requests, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import httptools
+
+logger = logging.getLogger("serving.router")
+
+REASONS = {
+    200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large", 502: b"Bad Gateway",
+    503: b"Service Unavailable",
+}  # fmt: skip
+# Hop-by-hop headers are not forwarded (RFC 9110 7.6.1); lengths are recomputed.
+_HOP = {
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"content-length", b"expect",
+}  # fmt: skip
+MAX_BODY = 64 * 1024 * 1024
+MAX_IDLE_PER_BACKEND = 256
+POLL_INTERVAL_S = 0.05
+
+
+class UpstreamClosedEarly(Exception):
+    """The upstream connection ended before any byte of the response: safe to retry."""
+
+
+class UpstreamFailed(Exception):
+    """The upstream connection broke mid-response: not retried."""
+
+
+def _json_response(status: int, payload: dict) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    return status, [(b"content-type", b"application/json")], json.dumps(payload).encode()
+
+
+def _error(status: int, code: str, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    return _json_response(status, {"error": {"code": code, "message": message}})
+
+
+class Upstream(asyncio.Protocol):
+    """A keep-alive connection to one backend; one request at a time."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.waiter: asyncio.Future | None = None
+        self.got_bytes = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.keep_alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if self.got_bytes:
+                waiter.set_exception(UpstreamFailed(f"{self.backend} closed mid-response"))
+            else:
+                waiter.set_exception(UpstreamClosedEarly(f"{self.backend} closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            # Bytes while idle are a protocol error: drop the connection.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.waiter.done():
+                self.waiter.set_exception(
+                    UpstreamFailed(f"bad response from {self.backend}: {exc}")
+                )
+            self.close()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self.parser.get_status_code(), self.headers, b"".join(self.body)))
+
+    def send(self, data: bytes) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        self.got_bytes = False
+        self.headers = []
+        self.body = []
+        self.transport.write(data)
+        return self.waiter
+
+    def reset(self) -> None:
+        self.waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Router:
+    """Backend set, round-robin choice and the upstream connection pool."""
+
+    def __init__(self, backends_file: Path) -> None:
+        self.backends_file = backends_file
+        self.backends: list[str] = []
+        self.pool: dict[str, list[Upstream]] = {}
+        self._rr = 0
+        self._stamp: tuple[int, int, int] | None = None
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        self.in_flight = 0
+
+    # --- backends file -------------------------------------------------------------------
+
+    def reload(self, force: bool = False) -> None:
+        try:
+            st = os.stat(self.backends_file)
+        except FileNotFoundError:
+            if self.backends:
+                logger.warning("%s disappeared; keeping the current backends", self.backends_file)
+            return
+        stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+        if stamp == self._stamp and not force:
+            return
+        try:
+            data = json.loads(self.backends_file.read_text())
+            backends = data["backends"]
+            if not isinstance(backends, list):
+                raise ValueError("'backends' must be a list")
+            parsed = [self._check(b) for b in backends]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("ignoring %s: %s", self.backends_file, exc)
+            self._stamp = stamp
+            return
+        self._stamp = stamp
+        if parsed != self.backends:
+            logger.info("backends: %s -> %s", self.backends, parsed)
+            removed = set(self.backends) - set(parsed)
+            self.backends = parsed
+            for backend in removed:
+                for conn in self.pool.pop(backend, []):
+                    conn.close()
+
+    @staticmethod
+    def _check(backend: object) -> str:
+        if not isinstance(backend, str):
+            raise ValueError(f"backend {backend!r} is not a string")
+        host, sep, port = backend.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"backend {backend!r} is not host:port")
+        return backend
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.reload()
+        loop.call_later(POLL_INTERVAL_S, self.watch, loop)
+
+    # --- choosing and connecting -----------------------------------------------------------
+
+    def pick(self) -> str | None:
+        backends = self.backends
+        if not backends:
+            return None
+        self._rr = (self._rr + 1) % len(backends)
+        return backends[self._rr]
+
+    async def connection(self, backend: str) -> tuple[Upstream, bool]:
+        """A connection to backend: (pooled idle one or a new one, whether it was pooled)."""
+        idle = self.pool.get(backend)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn, True
+        host, _, port = backend.rpartition(":")
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(
+            lambda: Upstream(backend), host.strip("[]"), int(port)
+        )
+        return conn, False
+
+    def release(self, conn: Upstream) -> None:
+        conn.reset()
+        if conn.closed or not conn.keep_alive or conn.backend not in self.backends:
+            conn.close()
+            return
+        idle = self.pool.setdefault(conn.backend, [])
+        if len(idle) >= MAX_IDLE_PER_BACKEND:
+            conn.close()
+        else:
+            idle.append(conn)
+
+    async def forward(self, raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send one request upstream, retrying where the backend cannot have processed it."""
+        attempts = max(3, 2 * len(self.backends) + 1)
+        last_error = "no backends"
+        for attempt in range(attempts):
+            backend = self.pick()
+            if backend is None:
+                return _error(503, "no_backends", "this deployment has no running backends")
+            try:
+                conn, _pooled = await self.connection(backend)
+            except OSError as exc:
+                last_error = f"cannot connect to {backend}: {exc}"
+                if attempt >= len(self.backends):
+                    await asyncio.sleep(0.01)  # every backend refused: give a swap a moment
+                continue
+            try:
+                status, headers, body = await conn.send(raw)
+            except UpstreamClosedEarly as exc:
+                last_error = str(exc)
+                conn.close()
+                continue
+            except UpstreamFailed as exc:
+                conn.close()
+                return _error(502, "bad_gateway", str(exc))
+            self.release(conn)
+            return status, headers, body
+        return _error(502, "bad_gateway", last_error)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One downstream client connection; its requests are forwarded in order."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = deque()
+        self.task: asyncio.Task | None = None
+        self.receiving = False
+        self.closed = False
+        self.http10 = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.router.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.router.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._write(*_error(400, "bad_http", "malformed HTTP request"), keep_alive=False)
+
+    def on_message_begin(self) -> None:
+        self.receiving = True
+        self._url = b""
+        self._headers = []
+        self._body = []
+        self._size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        for name, value in self._headers:
+            if name.lower() == b"expect" and value.lower() == b"100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size <= MAX_BODY:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.receiving = False
+        method = self.parser.get_method()
+        keep_alive = self.parser.should_keep_alive()
+        self.http10 = self.parser.get_http_version() == "1.0"
+        body = b"".join(self._body) if self._size <= MAX_BODY else None
+        self.queue.append((method, self._url, self._headers, body, keep_alive))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        router = self.router
+        try:
+            while self.queue and not self.closed:
+                method, url, headers, body, keep_alive = self.queue.popleft()
+                router.in_flight += 1
+                try:
+                    if body is None:
+                        response = _error(413, "payload_too_large", "the body is too large")
+                        keep_alive = False
+                    elif url == b"/__router/health":
+                        response = _json_response(
+                            200, {"status": "ok", "backends": router.backends}
+                        )
+                    else:
+                        response = await router.forward(_request_bytes(method, url, headers, body))
+                except Exception:
+                    logger.exception("proxying %s %s failed", method, url)
+                    response = _error(502, "bad_gateway", "the router failed on this request")
+                finally:
+                    router.in_flight -= 1
+                if router.closing and not self.queue:
+                    keep_alive = False
+                self._write(*response, keep_alive=keep_alive)
+        finally:
+            self.task = None
+
+    def _write(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, keep_alive: bool
+    ) -> None:
+        if self.closed:
+            return
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Status"))]
+        for name, value in headers:
+            if name.lower() not in _HOP:
+                parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"content-length: %d\r\n" % len(body))
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self.transport.write(b"".join(parts))
+        if not keep_alive:
+            self.closed = True
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None and not self.receiving and not self.queue
+
+    def close_if_idle(self) -> None:
+        if self.idle and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+def _request_bytes(
+    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> bytes:
+    parts = [b"%s %s HTTP/1.1\r\n" % (method, url)]
+    for name, value in headers:
+        if name.lower() not in _HOP:
+            parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(b"content-length: %d\r\n\r\n" % len(body))
+    parts.append(body)
+    return b"".join(parts)
+
+
+async def serve(host: str, port: int, backends_file: Path, shutdown_timeout_s: float) -> int:
+    loop = asyncio.get_running_loop()
+    router = Router(backends_file)
+    router.watch(loop)
+    server = await loop.create_server(
+        lambda: ClientConnection(router), host, port, reuse_address=True, backlog=2048
+    )
+    bound = server.sockets[0].getsockname()[1]
+    logger.info("router listening on http://%s:%d, backends from %s", host, bound, backends_file)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: router.reload(force=True))
+    await stop.wait()
+    logger.info("router shutting down: %d in-flight request(s)", router.in_flight)
+    server.close()
+    router.closing = True
+    deadline = time.monotonic() + shutdown_timeout_s
+    while time.monotonic() < deadline:
+        for conn in list(router.connections):
+            conn.close_if_idle()
+        if not router.connections:
+            break
+        await asyncio.sleep(0.01)
+    for conns in router.pool.values():
+        for conn in conns:
+            conn.close()
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.router", description="Reverse proxy in front of model servers."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backends-file", type=Path, required=True)
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s [router] %(message)s"
+    )
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(
+            serve(args.host, args.port, args.backends_file, args.shutdown_timeout)
+        )
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

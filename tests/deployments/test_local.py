@@ -1,0 +1,194 @@
+"""Deployments on the local runtime, end to end: real model servers, real
+router, real MLflow. The reconciler runs as the Celery task would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from audit.models import AuditEvent
+from deployments.models import Deployment, DeploymentEvent, Instance, Revision
+from deployments.reconciler import reconcile, sweep_strays
+from deployments.runtimes import get_runtime, install_id, process
+from tests.deployments.conftest import converge
+from tests.support import Load
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+ROW = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.5] * 20]}}
+
+
+def predict(endpoint: str, payload=ROW) -> tuple[dict, str]:
+    req = urllib.request.Request(f"{endpoint}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read()), resp.headers["X-Model-Version"]
+
+
+def create(api, **body):
+    resp = api.post("/api/v1/deployments", {"runtime": "local", **body})
+    assert resp.status_code in (201, 202), resp.content
+    return resp.json()
+
+
+def test_create_serves_the_model_at_a_stable_endpoint(api, registered, sklearn_model_dir):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    name = registered(1)
+    body = create(api, name="churn", model=name, version="1")
+    assert body["status"] == "pending" and body["revision"] == 1
+    d = converge("churn")
+    out, version = predict(d.endpoint)
+    expected = mlflow.pyfunc.load_model(str(sklearn_model_dir)).predict(
+        pd.DataFrame(ROW["dataframe_split"]["data"], columns=ROW["dataframe_split"]["columns"]))
+    assert out["predictions"] == [int(x) for x in expected]
+    assert version == "1"
+    got = api.get("/api/v1/deployments/churn").json()
+    assert got["status"] == "ready" and got["model_version"] == "1" and got["endpoint"] == d.endpoint
+    assert [i["state"] for i in got["instances"]] == ["ready"]
+    revision = Revision.objects.get(deployment=d, number=1)
+    assert revision.state == "live" and len(revision.model_sha256) == 64
+    assert AuditEvent.objects.filter(action="deployment.create", object_id="churn").exists()
+
+
+def test_update_and_rollback_fail_no_request_under_load(api, registered):
+    name = registered(2)
+    create(api, name="svc", model=name, version="1", replicas=2)
+    d = converge("svc")
+    port = d.port
+    body = json.dumps(ROW).encode()
+    with Load("127.0.0.1", port, "/invocations", body, clients=4) as load:
+        time.sleep(0.5)
+        resp = api.patch("/api/v1/deployments/svc", {"version": "2"})
+        assert resp.status_code == 202 and resp.json()["revision"] == 2
+        converge("svc", until=lambda x: x.serving_revision and x.serving_revision.number == 2
+                 and x.status == "ready")
+        time.sleep(0.5)
+        resp = api.post("/api/v1/deployments/svc/rollback", {})
+        assert resp.status_code == 202 and resp.json()["revision"] == 1
+        converge("svc", until=lambda x: x.serving_revision and x.serving_revision.number == 1
+                 and x.status == "ready")
+        time.sleep(0.5)
+    assert load.failures == []
+    assert load.ok > 50
+    # Each client, sending one request after another, sees v1, then v2, then v1 again:
+    # once traffic moves, it never goes back to the old revision.
+    assert list(load.sequences.values()) == [["1", "2", "1"]] * 4
+    # Only the serving revision's instances remain, and the endpoint never moved.
+    d = Deployment.objects.get(name="svc")
+    assert d.port == port
+    assert set(Instance.objects.filter(deployment=d).values_list("revision__number", flat=True)) == {1}
+    kinds = list(DeploymentEvent.objects.filter(deployment=d).values_list("kind", flat=True))
+    assert "rollback" in kinds and kinds.count("traffic") == 3
+    assert AuditEvent.objects.filter(action="deployment.rollback", object_id="svc").exists()
+
+
+def test_a_crashed_instance_is_restarted_by_the_reconciler(api, registered):
+    name = registered(1)
+    create(api, name="crashy", model=name, version="1")
+    d = converge("crashy")
+    inst = Instance.objects.get(deployment=d)
+    pid = int(inst.runtime_id.split(":")[0])
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    d = converge("crashy", until=lambda x: x.status == "ready" and Instance.objects.get(deployment=x).restarts == 1)
+    again = Instance.objects.get(deployment=d)
+    assert again.runtime_id != inst.runtime_id
+    assert predict(d.endpoint)[1] == "1"
+    assert DeploymentEvent.objects.filter(deployment=d, kind="crash").exists()
+
+
+def test_instances_are_adopted_after_a_control_plane_restart(api, registered):
+    from deployments import runtimes
+
+    name = registered(1)
+    create(api, name="adopt", model=name, version="1")
+    d = converge("adopt")
+    before = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
+    runtimes._build.cache_clear()  # a new control plane process: no memory of what it started
+    d = converge("adopt")
+    after = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
+    assert after == before
+    assert len(process.find_labelled(install_id())) == 2  # one server, one router: nothing duplicated
+
+
+def test_a_broken_revision_is_rolled_back_automatically(api, registered, tmp_path, sklearn_model_dir):
+    from tests.conftest import zip_dir
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    mlmodel = (sklearn_model_dir / "MLmodel").read_text()
+    (broken / "MLmodel").write_text(mlmodel)  # MLmodel without the model file: cannot load
+    name = registered(1)
+    registered(1, name=name, payload=zip_dir(broken))
+    create(api, name="fragile", model=name, version="1")
+    converge("fragile")
+    Deployment.objects.filter(name="fragile").update(progress_deadline_s=8)
+    api.patch("/api/v1/deployments/fragile", {"version": "2"})
+    d = converge("fragile", until=lambda x: x.desired_revision.number == 1 and x.status == "ready", timeout=90)
+    failed = Revision.objects.get(deployment=d, number=2)
+    assert failed.state == "failed" and failed.failure
+    assert predict(d.endpoint)[1] == "1"
+    assert DeploymentEvent.objects.filter(deployment=d, kind="auto_rollback").exists()
+    event = AuditEvent.objects.get(action="deployment.auto_rollback", object_id="fragile")
+    assert event.actor_label == "system:reconciler" and failed.failure in event.after["reason"]
+
+
+def test_a_deployment_follows_its_alias(api, registered):
+    name = registered(2)
+    api.post(f"/api/v1/models/{name}/aliases/production", {"version": "1", "reason": "first"})
+    create(api, name="follower", model=name, alias="production")
+    d = converge("follower")
+    assert predict(d.endpoint)[1] == "1"
+    api.post(f"/api/v1/models/{name}/aliases/production", {"version": "2", "reason": "better"})
+    d = converge("follower", until=lambda x: x.serving_revision.model_version.version == 2 and x.status == "ready")
+    assert predict(d.endpoint)[1] == "2"
+    api.post(f"/api/v1/models/{name}/aliases/production", {"version": "1", "reason": "regression"})
+    d = converge("follower", until=lambda x: x.serving_revision.model_version.version == 1 and x.status == "ready")
+    assert predict(d.endpoint)[1] == "1"
+    reasons = list(Revision.objects.filter(deployment=d).order_by("number").values_list("reason", flat=True))
+    assert reasons[1:] == ["alias production moved to v2", "alias production moved to v1"]
+
+
+def test_delete_stops_everything(api, registered):
+    name = registered(1)
+    create(api, name="gone", model=name, version="1")
+    d = converge("gone")
+    endpoint = d.endpoint
+    assert api.delete("/api/v1/deployments/gone").status_code == 202
+    reconcile(d.pk)
+    assert not Deployment.objects.filter(name="gone").exists()
+    assert process.find_labelled(install_id()) == []
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{endpoint}/ping", timeout=2)
+    assert api.get("/api/v1/deployments/gone").status_code == 404
+
+
+def test_strays_are_swept(api, registered):
+    name = registered(1)
+    create(api, name="stray", model=name, version="1")
+    d = converge("stray")
+    inst = Instance.objects.get(deployment=d)
+    Instance.objects.filter(pk=inst.pk).delete()  # the record is lost; the process is not
+    assert sweep_strays() >= 1
+    status = get_runtime("local").inspect(inst.runtime_id)
+    assert status is None or not status.running
+
+
+def test_logs_and_revisions_are_listed(api, registered):
+    name = registered(2)
+    create(api, name="logged", model=name, version="1")
+    converge("logged")
+    api.patch("/api/v1/deployments/logged", {"version": "2"})
+    converge("logged", until=lambda x: x.serving_revision.number == 2 and x.status == "ready")
+    revisions = api.get("/api/v1/deployments/logged/revisions").json()["results"]
+    assert [(r["number"], r["model_version"], r["state"]) for r in revisions] == [
+        (2, "2", "live"), (1, "1", "superseded")]
+    logs = api.get("/api/v1/deployments/logged/logs?tail=20").json()["instances"]
+    assert len(logs) == 1 and "ready" in logs[0]["logs"]
