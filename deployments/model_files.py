@@ -12,6 +12,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+# Imported at module load so Celery's prefork children inherit MLflow already
+# imported (seconds saved on the first deployment of each child).
+import mlflow  # noqa: F401,E402
 from registry.mlflow_store import get_store
 
 

@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from controlplane.lib.errors import ApplicationError, Conflict, Forbidden, NotFound
+from controlplane.lib.tasks import send_on_commit
 
 from .archives import check_archive, extract_archive
 from .mlflow_store import ALIAS_RE, MODEL_NAME_RE, MlflowStoreError, VersionMeta, get_store
@@ -432,6 +433,9 @@ def _move_alias(
                 get_store().set_alias(model.name, alias, target.version)
         except MlflowStoreError as exc:
             raise _mlflow_error(exc) from exc
+    # Promotion is deployment: deployments following this alias converge now,
+    # not at the next periodic pass.
+    send_on_commit("deployments.tasks.reconcile_all")
     return move
 
 

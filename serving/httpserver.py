@@ -22,8 +22,8 @@ import httptools
 logger = logging.getLogger("serving.http")
 
 REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
-# A body far over the limit is not read to the end: the connection is closed at once.
-_DISCARD_FACTOR = 16
+# After a 413, the rest of the body is read and dropped for at most this long.
+_DISCARD_GRACE_S = 5.0
 
 
 class Request:
@@ -68,6 +68,7 @@ class HttpConnection(asyncio.Protocol):
         self.receiving = False  # a request has started arriving and is not complete
         self.closed = False
         self._dispatching = False
+        self._discarding = False
         self._req: Request | None = None
         self._url = b""
         self._body: list[bytes] = []
@@ -132,8 +133,10 @@ class HttpConnection(asyncio.Protocol):
             except ValueError:
                 req.too_large = False
         expect = req.headers.get(b"expect", b"").lower() == b"100-continue"
-        if req.too_large and (expect or int(length) > limit * _DISCARD_FACTOR):
-            # Answer before the body comes; the client must not send it (or we stop reading).
+        if req.too_large and not self.busy and not self.queue:
+            # Answer 413 now, before the body; whatever of the body still comes is read and
+            # dropped, so the client sees the answer rather than a reset connection.
+            self._discarding = True
             self._finish_request(req)
             return
         if expect:
@@ -151,6 +154,10 @@ class HttpConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._discarding:
+            self._discarding = False
+            self.transport.close()
+            return
         req = self._req
         if req is None:
             return
@@ -230,7 +237,11 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(b"".join(parts))
         if close:
             self.closed = True
-            self.transport.close()
+            if self._discarding:
+                # closed when the rest of the body has arrived, or after a grace period
+                asyncio.get_running_loop().call_later(_DISCARD_GRACE_S, self.transport.close)
+            else:
+                self.transport.close()
 
     @property
     def idle(self) -> bool:

@@ -24,3 +24,16 @@ def enqueue_on_commit(task: Any, *args: Any, **kwargs: Any) -> None:
             logger.warning("could not enqueue %s; the periodic pass will do it", task.name, exc_info=True)
 
     transaction.on_commit(_send)
+
+
+def send_on_commit(task_name: str, *args: Any) -> None:
+    """Like enqueue_on_commit, by task name: for an app that must not import another."""
+    from controlplane.celery import app
+
+    def _send() -> None:
+        try:
+            app.send_task(task_name, args=args, retry=False, expires=60)
+        except Exception:
+            logger.warning("could not enqueue %s; the periodic pass will do it", task_name, exc_info=True)
+
+    transaction.on_commit(_send)

