@@ -43,6 +43,7 @@ def build_model_zip(workdir: Path) -> bytes:
     import numpy as np
     import pandas as pd
     import sklearn
+    import skops
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
 
@@ -53,7 +54,8 @@ def build_model_zip(workdir: Path) -> bytes:
     path = workdir / "model"
     mlflow.sklearn.save_model(model, str(path), signature=infer_signature(X, model.predict(X)),
                               input_example=X.head(2),
-                              pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}"])
+                              pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}",
+                                                f"skops=={skops.__version__}"])
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for f in sorted(path.rglob("*")):

@@ -64,10 +64,16 @@ def main() -> int:
             return
         stopping = True
         print("\nstopping...", flush=True)
-        # Each child leads its own process group, so its own children
-        # (gunicorn and Celery workers, MLflow's job runners) stop with it.
-        for proc in procs.values():
-            _signal_group(proc, signal.SIGTERM)
+        # gunicorn and Celery stop their own workers gracefully when their main process
+        # is told to (a SIGTERM straight to Celery's pool processes kills the tasks they
+        # run and stalls the main one); the MLflow CLI does not pass signals on, so its
+        # whole group is told. Each child leads its own process group: whatever is left of
+        # a group after its leader exits (or after the deadline) is killed with it.
+        for name, proc in procs.items():
+            if name == "mlflow":
+                _signal_group(proc, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
         for proc in procs.values():
             try:
@@ -109,6 +115,8 @@ def main() -> int:
                 str(BIN / "gunicorn"), "controlplane.wsgi:application",
                 "--bind", f"127.0.0.1:{port}", "--workers", env.get("WEB_CONCURRENCY", "2"),
                 "--threads", "4", "--timeout", "300", "--access-logfile", "-",
+                # per data dir: the default (~/.gunicorn) would be shared by every instance
+                "--control-socket", str(data_dir / "gunicorn.ctl"),
             ],
             env=env, cwd=ROOT, start_new_session=True,
         )

@@ -5,11 +5,14 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane import views
 from deployments.urls import api_urlpatterns as deployments_api
+from monitoring import views as monitoring_views
+from monitoring.urls import api_urlpatterns as monitoring_api
 from registry.urls import api_urlpatterns as registry_api
 
 api_v1 = [
     *registry_api,
     *deployments_api,
+    *monitoring_api,
 ]
 
 urlpatterns = [
@@ -22,6 +25,9 @@ urlpatterns = [
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("tokens/", include("accounts.urls")),
     path("audit/", include("audit.urls")),
+    path("monitoring/", include("monitoring.urls")),
+    path("metrics", monitoring_views.prometheus, name="prometheus"),
+    path("deployments/", include("deployments.urls")),
     path("", include("registry.urls")),
 ]
 

@@ -10,11 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from django.conf import settings
-
 # Imported at module load so Celery's prefork children inherit MLflow already
 # imported (seconds saved on the first deployment of each child).
 import mlflow  # noqa: F401,E402
+from django.conf import settings
+
 from registry.mlflow_store import get_store
 
 

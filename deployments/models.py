@@ -90,6 +90,9 @@ class Revision(models.Model):
     failure = models.TextField(blank=True)
     rollout_started_at = models.DateTimeField(null=True, blank=True)
     live_at = models.DateTimeField(null=True, blank=True)
+    superseded_at = models.DateTimeField(
+        null=True, blank=True, help_text="when traffic left it; its instances stay warm for the rollback window"
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -17,6 +17,7 @@ import time
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -50,11 +51,12 @@ def _release(deployment_id: int, owner: str) -> None:
     Deployment.objects.filter(pk=deployment_id, lease_owner=owner).update(lease_until=None, lease_owner="")
 
 
-def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool:
-    """Converge one deployment for up to ``budget`` seconds. True if converged."""
+def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool | None:
+    """Converge one deployment for up to ``budget`` seconds. True if converged, False if
+    not yet, None if another worker holds its lease (that worker is on it)."""
     owner = uuid.uuid4().hex
     if not _acquire(deployment_id, owner, budget + 60):
-        return False  # another worker is on it
+        return None
     try:
         deadline = time.monotonic() + budget
         while True:
@@ -111,6 +113,13 @@ def _pass(deployment_id: int) -> bool:
         Revision.objects.filter(pk=desired.pk).update(model_dir=str(model_dir), model_sha256=sha)
         desired.model_dir, desired.model_sha256 = str(model_dir), sha
     if desired.state == Revision.State.PENDING:
+        # Slow, cached preparation (an image build) happens before the clock starts.
+        _set(d, phase="building image" if desired.spec.get("runtime") == "docker" else "preparing")
+        try:
+            get_runtime(desired.spec.get("runtime", d.runtime)).prepare(_spec(d, desired, 0, 0))
+        except RuntimeError_ as exc:
+            _fail_revision(d, desired, serving, f"cannot prepare r{desired.number}: {exc}")
+            return False
         Revision.objects.filter(pk=desired.pk).update(state=Revision.State.ROLLING_OUT, rollout_started_at=timezone.now())
         desired.state, desired.rollout_started_at = Revision.State.ROLLING_OUT, timezone.now()
         event_record(d, "rollout", f"rolling out r{desired.number}", desired)
@@ -167,7 +176,8 @@ def _pass(deployment_id: int) -> bool:
         return False
     with transaction.atomic():
         if serving is not None:
-            Revision.objects.filter(pk=serving.pk, state=Revision.State.LIVE).update(state=Revision.State.SUPERSEDED)
+            Revision.objects.filter(pk=serving.pk, state=Revision.State.LIVE).update(
+                state=Revision.State.SUPERSEDED, superseded_at=timezone.now())
         Revision.objects.filter(pk=desired.pk).update(state=Revision.State.LIVE, live_at=timezone.now(), failure="")
         Deployment.objects.filter(pk=d.pk).update(serving_revision=desired)
         d.serving_revision_id = desired.pk
@@ -179,8 +189,25 @@ def _pass(deployment_id: int) -> bool:
     return True
 
 
+def _standby(d: Deployment, keep: Revision) -> Revision | None:
+    """The revision that served just before ``keep``, while inside the rollback window:
+    its instances stay running (out of the router) so a rollback is a traffic switch."""
+    window = settings.CONTROLPLANE_ROLLBACK_WINDOW
+    if window <= 0:
+        return None
+    return (
+        Revision.objects.filter(deployment=d, state=Revision.State.SUPERSEDED,
+                                superseded_at__gt=timezone.now() - timedelta(seconds=window))
+        .exclude(pk=keep.pk).order_by("-superseded_at").first()
+    )
+
+
 def _drain_others(d: Deployment, keep: Revision) -> None:
-    old = list(Instance.objects.filter(deployment=d).exclude(revision=keep).select_related("revision"))
+    """Stop the instances of every revision but ``keep`` and the warm standby.
+    They get no traffic already; SIGTERM lets in-flight requests finish."""
+    standby = _standby(d, keep)
+    old = list(Instance.objects.filter(deployment=d).exclude(revision=keep)
+               .exclude(revision=standby).select_related("revision"))
     for inst in old:
         _stop_instance(inst)
     if old:
@@ -189,11 +216,20 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
 
 def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
     """Refresh one instance: crashed → restart; running → probe."""
-    if not inst.runtime_id:
-        # Recorded, but the start never completed (a crash in between): start it now.
-        _launch(d, inst)
-        return
     runtime = get_runtime(inst.runtime)
+    if not inst.runtime_id:
+        # Recorded without an id: a worker died before the start, or between starting the
+        # process and saving its id. Adopt what runs under its labels, else start it now.
+        try:
+            found = _find_started(runtime, d, inst)
+        except RuntimeError_ as exc:
+            logger.warning("looking for %s: %s", inst, exc)
+            return
+        if found is None:
+            _launch(d, inst)
+            return
+        inst.runtime_id = found
+        inst.save(update_fields=["runtime_id"])
     try:
         status = runtime.inspect(inst.runtime_id)
     except RuntimeError_ as exc:
@@ -223,6 +259,16 @@ def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
             inst.state = Instance.State.UNHEALTHY
     inst.last_probe_at = timezone.now()
     inst.save(update_fields=["healthy_streak", "state", "last_probe_at"])
+
+
+def _find_started(runtime, d: Deployment, inst: Instance) -> str | None:
+    """The id of what runs for ``inst`` by its labels; extra copies are stopped."""
+    key = (d.name, inst.revision.number, inst.ordinal)
+    found = sorted((s for s in runtime.list_owned() if (s.deployment, s.revision, s.ordinal) == key),
+                   key=lambda s: not s.running)
+    for extra in found[1:]:
+        runtime.stop(extra.runtime_id, timeout=5)
+    return found[0].runtime_id if found else None
 
 
 def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> InstanceSpec:
@@ -259,6 +305,11 @@ def _launch(d: Deployment, inst: Instance) -> None:
     revision = Revision.objects.select_related("model_version__model").get(pk=inst.revision_id)
     if not revision.model_dir:
         return
+    if inst.runtime_id:
+        # Forget the old process first: should this worker die while starting the new one,
+        # the next pass adopts it by its labels instead of starting another.
+        inst.runtime_id = ""
+        inst.save(update_fields=["runtime_id"])
     try:
         status = get_runtime(inst.runtime).start(_spec(d, revision, inst.ordinal, inst.port))
     except RuntimeError_ as exc:
@@ -311,7 +362,8 @@ def _shut_down(d: Deployment) -> bool:
             Deployment.objects.filter(pk=d.pk).update(desired_revision=None, serving_revision=None)
             d.delete()
         return True
-    Revision.objects.filter(pk=d.serving_revision_id, state=Revision.State.LIVE).update(state=Revision.State.SUPERSEDED)
+    Revision.objects.filter(pk=d.serving_revision_id, state=Revision.State.LIVE).update(
+        state=Revision.State.SUPERSEDED, superseded_at=None)  # stopped: nothing kept warm
     _set(d, status=Deployment.Status.STOPPED, phase="", router_pid="", serving_revision=None, status_message="")
     return True
 

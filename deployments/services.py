@@ -263,9 +263,15 @@ def deployment_rollback(
         raise Conflict(f"{target.model_version} is archived", code="version_archived")
     before = _deployment_snapshot(d)
     d.desired_revision = target
+    # The deployment now wants what that revision says (a later update starts from it).
+    spec = target.spec
+    d.replicas, d.cpu, d.memory_mb, d.env = spec["replicas"], spec.get("cpu"), spec.get("memory_mb"), spec.get("env") or {}
+    if not d.target_alias:
+        d.target_version = target.model_version.version
     d.stopped = False
     d.status = Deployment.Status.DEPLOYING if d.serving_revision_id else Deployment.Status.PENDING
-    if target.state == Revision.State.FAILED:
+    if target.state != Revision.State.LIVE:
+        # Rolls out again (with its progress deadline); a warm standby is ready at once.
         Revision.objects.filter(pk=target.pk).update(state=Revision.State.PENDING, failure="")
     kind = "auto_rollback" if automatic else "rollback"
     why = reason or ("automatic" if automatic else f"by {actor.get_username()}")

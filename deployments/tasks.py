@@ -9,9 +9,12 @@ from .reconciler import sweep_strays
 def reconcile(deployment_id: int) -> bool:
     """Converge one deployment; idempotent, safe to deliver twice."""
     done = reconcile_deployment(deployment_id)
-    if not done and Deployment.objects.filter(pk=deployment_id).exists():
+    # Not converged yet: follow up. Another worker on it (None): that one follows up, and
+    # the periodic pass takes over should it die. Following up on a held lease too would
+    # start a new endless chain of messages with every periodic pass while it is held.
+    if done is False and Deployment.objects.filter(pk=deployment_id).exists():
         reconcile.apply_async(args=[deployment_id], countdown=0.5, expires=30)
-    return done
+    return bool(done)
 
 
 @shared_task(name="deployments.tasks.reconcile_all", ignore_result=True)

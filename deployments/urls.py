@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import apis
+from . import apis, views
 
 app_name = "deployments"
 
@@ -13,4 +13,15 @@ api_urlpatterns = [
     path("deployments/<str:name>/logs", apis.LogsApi.as_view(), name="api-logs"),
 ]
 
-urlpatterns: list = []
+urlpatterns = [
+    path("", views.deployment_list, name="deployment-list"),
+    path("new", views.deployment_create, name="deployment-create"),
+    path("<slug:name>/", views.deployment_detail, name="deployment-detail"),
+    path("<slug:name>/logs", views.deployment_logs, name="deployment-logs"),
+    path("<slug:name>/update", views.deployment_update, name="deployment-update"),
+    path("<slug:name>/scale", views.deployment_scale, name="deployment-scale"),
+    path("<slug:name>/rollback", views.deployment_rollback, name="deployment-rollback"),
+    path("<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"),
+    path("<slug:name>/start", views.deployment_lifecycle, {"action": "start"}, name="deployment-start"),
+    path("<slug:name>/delete", views.deployment_lifecycle, {"action": "delete"}, name="deployment-delete"),
+]

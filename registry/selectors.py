@@ -1,18 +1,31 @@
 from __future__ import annotations
 
-from django.db.models import Count, Max, Prefetch, Q, QuerySet
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 
 from controlplane.lib.errors import ApplicationError, NotFound
 
-from .models import Alias, AliasMove, ApprovalPolicy, ModelVersion, PromotionRequest, RegisteredModel
+from .models import (
+    Alias,
+    AliasMove,
+    ApprovalPolicy,
+    ModelVersion,
+    PromotionRequest,
+    RegisteredModel,
+)
 
 
 def registered_model_list(*, search: str = "", tag: str = "") -> QuerySet[RegisteredModel]:
     """Models with their aliases, version count and latest version: a constant
     number of queries whatever the number of rows."""
+    # Correlated subqueries, not JOIN + GROUP BY: they run for the page's rows
+    # only, and the paginator's COUNT(*) does not aggregate every version.
+    versions = ModelVersion.objects.filter(model=OuterRef("pk")).order_by()
     qs = RegisteredModel.objects.annotate(
-        version_count=Count("versions", distinct=True),
-        latest_version=Max("versions__version"),
+        version_count=Coalesce(
+            Subquery(versions.values("model").annotate(n=Count("pk")).values("n")[:1]), Value(0)
+        ),
+        latest_version=Subquery(versions.order_by("-version").values("version")[:1]),
     ).prefetch_related(Prefetch("aliases", queryset=Alias.objects.select_related("version")))
     if search:
         qs = qs.filter(Q(name__icontains=search) | Q(description__icontains=search))

@@ -143,7 +143,12 @@ def registered_model_delete(*, model: RegisteredModel, actor: AbstractBaseUser) 
         actor=actor, action="model.delete", object_type="registered_model", object_id=name,
         object_repr=name, before={"name": name, "versions": list(model.versions.values_list("version", flat=True))},
     )
-    model.delete()
+    try:
+        model.delete()
+    except ProtectedError:
+        raise Conflict(
+            f"model {name!r} has deployments (or their revision history); delete those first", code="model_in_use"
+        ) from None
     try:
         get_store().delete_model(name)
     except MlflowStoreError as exc:

@@ -148,8 +148,13 @@ class HttpConnection(asyncio.Protocol):
             return
         self._size += len(body)
         if self._size > self.handler.max_body_bytes:
+            # A chunked body (no Content-Length) just passed the limit: as for a declared
+            # length, answer 413 now rather than after the whole body, and drop the rest.
             req.too_large = True
             self._body = []
+            if not self.busy and not self.queue:
+                self._discarding = True
+                self._finish_request(req)
             return
         self._body.append(body)
 

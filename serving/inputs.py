@@ -27,6 +27,17 @@ NUMERIC_DTYPES: dict[str, type] = {
     "integer": np.int32,
 }
 COLUMN_DTYPES: dict[str, Any] = {**NUMERIC_DTYPES, "boolean": np.bool_, "string": object}
+# The JSON values (as decoded by `json`) each column type takes.
+_NUMBERS = frozenset((int, float))
+_STRINGS = frozenset((str,))
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "double": _NUMBERS,
+    "float": _NUMBERS,
+    "long": _NUMBERS,
+    "integer": _NUMBERS,
+    "boolean": frozenset((bool,)),
+    "string": _STRINGS,
+}
 
 _V2_KINDS = {
     "BOOL": "b",
@@ -87,6 +98,44 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+def _has_bool(values: list) -> bool:
+    """Whether a JSON boolean is among values or in its nested lists (rows, a [n, 1] column).
+
+    numpy reads [true, 1.5] as [1.0, 1.5]: a boolean in a numeric column must be found in the
+    decoded list, before it becomes an array. (This runs on every numeric request: the checks
+    are `in` over `map`, at C speed.)
+    """
+    types = set(map(type, values))
+    if bool in types:
+        return True
+    if list in types:
+        for value in values:
+            if type(value) is list and bool in map(type, value):
+                return True
+    return False
+
+
+def _first_of_wrong_type(values: list, accepted: frozenset[type]) -> tuple[int, Any]:
+    """(row, value) of the first value whose type is not accepted, looking into one level of
+    nested lists (rows, or a [n, 1] column); (-1, None) if there is none.
+
+    numpy makes ["a", 1] a string array (and [true, 1.5] a float one): a JSON value of the
+    wrong type must be found in the decoded list, before it becomes an array.
+    """
+    if set(map(type, values)) <= accepted:  # the common case, at C speed
+        return -1, None
+    for i, value in enumerate(values):
+        if type(value) is list:
+            if set(map(type, value)) - {list} <= accepted:  # deeper nesting: a shape error
+                continue
+            for item in value:
+                if type(item) is not list and type(item) not in accepted:
+                    return i, item
+        elif type(value) not in accepted:
+            return i, value
+    return -1, None
+
+
 def _first_bad(values: np.ndarray, ok: Any) -> tuple[int, Any]:
     for i, value in enumerate(values.tolist()):
         if not ok(value):
@@ -108,6 +157,10 @@ class TabularSchema:
         if all(c.type in NUMERIC_DTYPES for c in columns):
             self.matrix_dtype = np.result_type(*[NUMERIC_DTYPES[c.type] for c in columns])
         self._int_columns = [j for j, c in enumerate(columns) if c.type in ("long", "integer")]
+        # float columns in a float64 matrix: rounded to float32, as in the DataFrame MLflow builds
+        self._float32_columns = []
+        if self.matrix_dtype == np.float64:
+            self._float32_columns = [j for j, c in enumerate(columns) if c.type == "float"]
 
     # --- building blocks -------------------------------------------------------------------
 
@@ -125,6 +178,16 @@ class TabularSchema:
             raise bad_request("wrong_type", f"column {column.name!r} must hold scalar values")
         kind = arr.dtype.kind
         t = column.type
+        if isinstance(values, list) and (
+            (kind in "fiu" and t in NUMERIC_DTYPES and _has_bool(values))
+            or (kind == "U" and t == "string")
+        ):
+            i, bad = _first_of_wrong_type(values, _NUMBERS if kind in "fiu" else _STRINGS)
+            if i >= 0:
+                raise bad_request(
+                    "wrong_type",
+                    f"column {column.name!r} expects {t}, got {_describe(bad)} (row {i})",
+                )
         if t in ("double", "float"):
             if kind in "fiu":
                 return arr.astype(NUMERIC_DTYPES[t], copy=False)
@@ -147,7 +210,11 @@ class TabularSchema:
                 return arr.astype(object)
             if kind == "O":
                 return self._coerce_objects(column, arr, lambda v: isinstance(v, str))
-        i, bad = _first_bad(arr, lambda v: False) if arr.size else (0, None)
+        i, bad = -1, None
+        if isinstance(values, list):  # name the first value of a wrong JSON type
+            i, bad = _first_of_wrong_type(values, _JSON_TYPES[t])
+        if i < 0:
+            i, bad = _first_bad(arr, lambda v: False) if arr.size else (0, None)
         raise bad_request(
             "wrong_type", f"column {column.name!r} expects {t}, got {_describe(bad)} (row {i})"
         )
@@ -248,7 +315,8 @@ class TabularSchema:
             arr = np.array(rows)
         except (ValueError, TypeError):
             arr = None
-        if arr is not None and arr.ndim == 1 and self.k == 1 and arr.dtype.kind != "O":
+        scalars = arr is not None and arr.ndim == 1 and self.k == 1 and arr.dtype.kind != "O"
+        if scalars:  # one column, one value per row
             arr = arr.reshape(-1, 1)
         if arr is None or arr.ndim != 2 or arr.shape[1] != self.k:
             for i, row in enumerate(rows):
@@ -260,10 +328,14 @@ class TabularSchema:
                         f"({', '.join(self.names[:5])}{', ...' if self.k > 5 else ''}), got {got}",
                     )
             raise bad_request("wrong_type", "rows must hold scalar values")
-        if arr.dtype.kind in "fiu" and self.matrix_dtype is not None:
+        if arr.dtype.kind in "fiu" and self.matrix_dtype is not None and not _has_bool(rows):
             return self.from_matrix(arr)
         # Mixed or non-numeric values: check column by column on the original values, so the
         # error names the right column.
+        if scalars:
+            return self._from_coerced(
+                {self.names[0]: self.coerce(self.columns[0], rows)}, len(rows)
+            )
         transposed = list(zip(*rows, strict=False))
         cols = {c.name: self.coerce(c, list(transposed[j])) for j, c in enumerate(self.columns)}
         return self._from_coerced(cols, len(rows))
@@ -280,7 +352,12 @@ class TabularSchema:
             if self._int_columns and arr.dtype.kind in "iu":
                 for j in self._int_columns:
                     self._to_int(self.columns[j], arr[:, j])
-            return Rows(n, matrix=arr.astype(self.matrix_dtype, copy=False))
+            matrix = arr.astype(self.matrix_dtype, copy=False)
+            if self._float32_columns:
+                matrix = matrix.copy() if matrix is arr else matrix
+                for j in self._float32_columns:
+                    matrix[:, j] = matrix[:, j].astype(np.float32)
+            return Rows(n, matrix=matrix)
         cols = {c.name: self.coerce(c, arr[:, j]) for j, c in enumerate(self.columns)}
         return self._from_coerced(cols, n)
 
@@ -410,6 +487,10 @@ class TabularSchema:
         kind = arr.dtype.kind
         want = _V2_KINDS[datatype]
         compatible = kind == want or (want == "f" and kind in "iu") or (want == "u" and kind == "i")
+        if compatible and isinstance(data, list) and kind in "fiu":
+            compatible = not _has_bool(data)
+        elif compatible and isinstance(data, list) and kind == "U":
+            compatible = _first_of_wrong_type(data, _STRINGS)[0] < 0
         if arr.size and not compatible:
             raise bad_request(
                 "wrong_type", f"input {name!r}: data does not match datatype {datatype}"
@@ -490,35 +571,37 @@ def _from_csv_field(column: Column, raw: str, i: int) -> Any:
     return raw
 
 
-def tabular_schema(input_schema: Any) -> TabularSchema | None:
-    """The `TabularSchema` of an MLflow input Schema, or None when it is not plain tabular."""
-    if input_schema is None:
+def tabular_schema(specs: list[dict[str, Any]] | None) -> TabularSchema | None:
+    """The `TabularSchema` of a signature's inputs (MLflow's JSON form, see `serving.mlmodel`),
+    or None when they are not plain tabular."""
+    if not specs:
         return None
-    from mlflow.types import DataType
-
-    if input_schema.is_tensor_spec():
-        if len(input_schema.inputs) != 1:
+    if any(spec.get("type") == "tensor" for spec in specs):
+        if len(specs) != 1:
             return None
-        spec = input_schema.inputs[0]
-        shape = tuple(spec.shape)
-        if len(shape) != 2 or shape[0] != -1 or shape[1] < 1 or spec.type.kind not in "fiu":
+        tensor = specs[0].get("tensor-spec") or {}
+        try:
+            dtype = np.dtype(tensor.get("dtype"))
+        except TypeError:
+            return None
+        shape = tuple(tensor.get("shape") or ())
+        if len(shape) != 2 or shape[0] != -1 or not isinstance(shape[1], int) or shape[1] < 1:
             return None
         mlflow_type = {
             np.dtype(np.float64): "double",
             np.dtype(np.float32): "float",
             np.dtype(np.int64): "long",
             np.dtype(np.int32): "integer",
-        }.get(np.dtype(spec.type))
+        }.get(dtype)
         if mlflow_type is None:
             return None
         return TabularSchema(
             [Column(str(j), mlflow_type) for j in range(shape[1])], positional=True
         )
     columns = []
-    for spec in input_schema.inputs:
-        if spec.name is None or not isinstance(spec.type, DataType):
+    for spec in specs:
+        name, kind = spec.get("name"), spec.get("type")
+        if not isinstance(name, str) or not isinstance(kind, str) or kind not in COLUMN_DTYPES:
             return None
-        if spec.type.name not in COLUMN_DTYPES:
-            return None
-        columns.append(Column(spec.name, spec.type.name, bool(getattr(spec, "required", True))))
-    return TabularSchema(columns) if columns else None
+        columns.append(Column(name, kind, bool(spec.get("required", True))))
+    return TabularSchema(columns)

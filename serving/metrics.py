@@ -74,6 +74,7 @@ class Metrics:
         self.predictions = 0
         self.model_errors = 0
         self.model_load_seconds: float | None = None
+        self.loader: str | None = None
         self.ready = False
         self.log_dropped = lambda: 0
         self.log_buffered = lambda: 0
@@ -122,6 +123,13 @@ class Metrics:
             "# TYPE serving_model_ready gauge",
             f"serving_model_ready {int(self.ready)}",
         ]
+        if self.loader is not None:
+            out += [
+                "# HELP serving_model_loader_info How the model was loaded: sklearn-skops, "
+                "sklearn-pickle, sklearn-cloudpickle or onnx without MLflow, else pyfunc.",
+                "# TYPE serving_model_loader_info gauge",
+                f"serving_model_loader_info{{{_labels(loader=self.loader)}}} 1",
+            ]
         if self.model_load_seconds is not None:
             out += [
                 "# HELP serving_model_load_seconds Time to load the model and warm it up.",

@@ -1,16 +1,25 @@
-"""Loading an MLflow model and calling it: the only module that touches MLflow or the flavors.
+"""Loading an MLflow model and calling it: with `serving.flavors`, the only modules that touch
+MLflow or the flavors.
 
-Every model loads through `mlflow.pyfunc.load_model`. When the signature is tabular, input is
-built as numpy arrays by `serving.inputs`; for scikit-learn and ONNX a fast path then calls the
-estimator or the onnxruntime session directly, skipping the per-request pandas DataFrame and
-MLflow's schema enforcement (already done by `serving.inputs`). The fast path is only kept if,
-at warm-up, it returns exactly what `pyfunc.predict` returns for the input example.
+When the signature is tabular, input is built as numpy arrays by `serving.inputs`; for
+scikit-learn and ONNX a fast path then calls the estimator or the onnxruntime session directly,
+skipping the per-request pandas DataFrame and MLflow's schema enforcement (already done by
+`serving.inputs`). Such models are also loaded without MLflow when `serving.flavors` can load
+them exactly as MLflow would; every other model loads through `mlflow.pyfunc.load_model`.
+
+The fast path is only kept if, at warm-up, it returns exactly what the reference returns for
+the input example: `pyfunc.predict` on the DataFrame MLflow would build, or without MLflow the
+estimator's own predict on that DataFrame. A scikit-learn model loaded by skops with default
+trusted types holds nothing but scikit-learn, NumPy and SciPy objects, which answer the same
+for a matrix as for a DataFrame of the same values (or raise): there the check is that the
+fast path runs, which spares importing pandas.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -19,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from serving import flavors, mlmodel
 from serving.errors import ServingError, bad_request
 from serving.inputs import NUMERIC_DTYPES, Rows, TabularSchema, tabular_schema
 
@@ -58,6 +68,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def _jsonable(value: Any) -> Any:
+    """As mlflow.utils.proto_json_utils._get_jsonable_obj(value, pandas_orient="records")."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, pd.DataFrame):
+        return value.to_dict(orient="records")
+    if pd is not None and isinstance(value, pd.Series):
+        return pd.DataFrame(value).to_dict(orient="records")
+    return value
+
+
 def dumps(value: Any) -> bytes:
     return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
 
@@ -79,12 +101,13 @@ class Outputs:
 
     @classmethod
     def of(cls, raw: Any, n: int) -> Outputs:
-        import pandas as pd
-
-        if isinstance(raw, pd.DataFrame):
+        # Without pandas imported (the fast path for numeric scikit-learn models), raw cannot
+        # be a DataFrame or a Series.
+        pd = sys.modules.get("pandas")
+        if pd is not None and isinstance(raw, pd.DataFrame):
             if len(raw) == n:
                 return cls("frame", {str(c): raw[c].to_numpy() for c in raw.columns}, n)
-        elif isinstance(raw, pd.Series):
+        elif pd is not None and isinstance(raw, pd.Series):
             raw = raw.to_numpy()
         elif isinstance(raw, list) and len(raw) == n:
             return cls("array", raw, n)
@@ -116,9 +139,7 @@ class Outputs:
             return [dict(zip(names, row, strict=False)) for row in zip(*lists, strict=False)]
         if self.kind == "dict":
             return {k: v.tolist() for k, v in self.value.items()}
-        from mlflow.utils.proto_json_utils import _get_jsonable_obj
-
-        return _get_jsonable_obj(self.value, pandas_orient="records")
+        return _jsonable(self.value)
 
     def rows(self) -> list:
         """One output per input row (the prediction log's `outputs`)."""
@@ -153,52 +174,110 @@ class Outputs:
         return tensors
 
 
+# How a loaded model predicts: the fast path (or None), the reference path, and whether the
+# fast path answers as the reference does by construction (no comparison at warm-up).
+_Paths = tuple[Callable[[Rows], Any] | None, Callable[[Rows], Outputs], bool]
+
+
 class LoadedModel:
-    """An MLflow model ready to predict, with its input schema and (maybe) a fast path."""
+    """A model ready to predict, with its input schema and (maybe) a fast path.
+
+    `loader` says how it was loaded: "sklearn-skops", "sklearn-pickle", "sklearn-cloudpickle"
+    or "onnx" without MLflow (`serving.flavors`), else "pyfunc" (`mlflow.pyfunc.load_model`).
+    """
 
     def __init__(self, model_dir: Path) -> None:
-        import mlflow.pyfunc
-
         started = time.perf_counter()
         self.model_dir = model_dir
-        self.pyfunc = mlflow.pyfunc.load_model(str(model_dir))
-        self.load_seconds = time.perf_counter() - started
-        metadata = self.pyfunc.metadata
-        self.metadata = metadata
-        pyfunc_conf = metadata.flavors.get("python_function", {})
-        self.loader_module: str = pyfunc_conf.get("loader_module", "")
-        self.flavor = self.loader_module.removeprefix("mlflow.") or "python_function"
-        self.input_schema = metadata.get_input_schema()
-        self.output_schema = metadata.get_output_schema()
-        params_schema = metadata.get_params_schema()
+        self.file = mlmodel.read(model_dir)
+        self.flavor = self.file.flavor
         # Params are per request, so a model that takes them is not batched.
         self.schema: TabularSchema | None = None
-        if params_schema is None:
-            self.schema = tabular_schema(self.input_schema)
-        self.fast: Callable[[Rows], Any] | None = None
-        if self.schema is not None:
-            self.fast = self._fast_path(pyfunc_conf)
+        if not self.file.has_params:
+            self.schema = tabular_schema(self.file.inputs)
+        self.output_specs = self.file.output_specs()
         self.mode = "tabular" if self.schema is not None else "generic"
+        self.pyfunc: Any = None
+        self.input_schema: Any = None  # MLflow's Schema, for the generic path
+        self.fast: Callable[[Rows], Any] | None = None
+        # predict on the DataFrame MLflow would build: pyfunc.predict or what it calls
+        self._reference: Callable[[Rows], Outputs] = self._pyfunc_reference
+        # the fast path answers as the reference does by construction: no check at warm-up
+        self._fast_is_exact = False
+        direct = self._load_direct() if self.schema is not None else None
+        if direct is not None:
+            self.loader = direct.loader
+        else:
+            self.loader = "pyfunc"
+            self._load_pyfunc()
+        self.load_seconds = time.perf_counter() - started
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _load_direct(self) -> flavors.Direct | None:
+        """Load without MLflow if `serving.flavors` can; set the fast and reference paths."""
+        try:
+            direct, paths = None, None
+            if self.file.loader_module == "mlflow.sklearn":
+                numeric = self.schema.matrix_dtype is not None
+                direct = flavors.load_sklearn(self.file, numeric=numeric)
+                paths = self._sklearn_paths(direct) if direct is not None else None
+            elif self.file.loader_module == "mlflow.onnx":
+                direct = flavors.load_onnx(self.file)
+                paths = self._onnx_paths(direct) if direct is not None else None
+        except Exception:
+            logger.warning(
+                "cannot load the model without MLflow; using mlflow.pyfunc", exc_info=True
+            )
+            return None
+        if paths is None:
+            return None
+        self.fast, self._reference, self._fast_is_exact = paths
+        return direct
+
+    def _load_pyfunc(self) -> None:
+        import mlflow.pyfunc
+
+        self.pyfunc = mlflow.pyfunc.load_model(str(self.model_dir))
+        self.input_schema = self.pyfunc.metadata.get_input_schema()
+        if self.schema is None:
+            return
+        try:
+            if self.file.loader_module == "mlflow.sklearn":
+                pyfunc_conf = self.file.pyfunc
+                estimator = self.pyfunc.get_raw_model()
+                fn = getattr(estimator, pyfunc_conf.get("predict_fn", "predict"))
+                self.fast = self._sklearn_fast(estimator, fn)
+            elif self.file.loader_module == "mlflow.onnx":
+                self.fast = self._onnx_fast(self.pyfunc.get_raw_model())
+        except Exception:
+            logger.warning("no fast path for this model; using pyfunc", exc_info=True)
+
+    def _sklearn_paths(self, direct: flavors.Direct) -> _Paths:
+        estimator = direct.raw
+        fn = getattr(estimator, self.file.pyfunc.get("predict_fn", "predict"))
+
+        def reference(rows: Rows) -> Outputs:
+            # what mlflow.sklearn's pyfunc calls once MLflow enforced the schema (as `_frame`)
+            return Outputs.of(fn(self._frame(rows)), rows.n)
+
+        if self.schema.matrix_dtype is None:
+            return None, reference, False
+        return self._sklearn_fast(estimator, fn), reference, direct.sklearn_only
+
+    def _onnx_paths(self, direct: flavors.Direct) -> _Paths | None:
+        fast = self._onnx_fast(direct.raw)
+        if fast is None:
+            return None  # several inputs: left to MLflow's DataFrame handling
+        return fast, lambda rows: _outputs(fast(rows), rows.n), True
 
     # --- fast paths --------------------------------------------------------------------------
 
-    def _fast_path(self, pyfunc_conf: dict[str, Any]) -> Callable[[Rows], Any] | None:
-        try:
-            if self.loader_module == "mlflow.sklearn":
-                return self._sklearn_fast(pyfunc_conf.get("predict_fn", "predict"))
-            if self.loader_module == "mlflow.onnx":
-                return self._onnx_fast()
-        except Exception:
-            logger.warning("no fast path for this model; using pyfunc", exc_info=True)
-        return None
-
-    def _sklearn_fast(self, predict_fn: str) -> Callable[[Rows], Any] | None:
-        estimator = self.pyfunc.get_raw_model()
-        fn = getattr(estimator, predict_fn)
+    def _sklearn_fast(self, estimator: Any, fn: Callable) -> Callable[[Rows], Any] | None:
         schema = self.schema
-        names_in = getattr(estimator, "feature_names_in_", None)
         if schema.matrix_dtype is None:
             return lambda rows: fn(self._frame(rows))
+        names_in = getattr(estimator, "feature_names_in_", None)
         if names_in is not None and list(names_in) != schema.names:
             return None
         # Fitted on a DataFrame but fed the same columns as a matrix: the values are the same,
@@ -206,8 +285,7 @@ class LoadedModel:
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
         return lambda rows: fn(rows.matrix)
 
-    def _onnx_fast(self) -> Callable[[Rows], Any] | None:
-        session = self.pyfunc.get_raw_model()
+    def _onnx_fast(self, session: Any) -> Callable[[Rows], Any] | None:
         inputs = session.get_inputs()
         if len(inputs) != 1 or self.schema.matrix_dtype is None:
             return None
@@ -248,22 +326,18 @@ class LoadedModel:
             {name: rows.columns[name] for name in schema.names if name in rows.columns}
         )
 
-    def predict_pyfunc(self, rows: Rows) -> Outputs:
-        """Through MLflow's own `pyfunc.predict` (the reference path)."""
+    def _pyfunc_reference(self, rows: Rows) -> Outputs:
         data = rows.matrix if self.schema.positional else self._frame(rows)
         return Outputs.of(self.pyfunc.predict(data), rows.n)
 
+    def predict_reference(self, rows: Rows) -> Outputs:
+        """What MLflow's own `pyfunc.predict` answers (through it, or through what it calls)."""
+        return self._reference(rows)
+
     def predict(self, rows: Rows) -> Outputs:
         if self.fast is None:
-            return self.predict_pyfunc(rows)
-        raw = self.fast(rows)
-        if isinstance(raw, dict) and "__frame__" in raw:
-            frame = raw["__frame__"]
-            lengths = {len(v) for v in frame.values()}
-            if lengths != {rows.n}:
-                raise ValueError(f"model outputs have lengths {sorted(lengths)} for {rows.n} rows")
-            return Outputs("frame", frame, rows.n)
-        return Outputs.of(raw, rows.n)
+            return self.predict_reference(rows)
+        return _outputs(self.fast(rows), rows.n)
 
     def predict_generic(self, payload: Any, content_type: str) -> tuple[Outputs, Any]:
         """Any pyfunc model: MLflow's own parsing and predict; returns outputs and the input."""
@@ -297,17 +371,23 @@ class LoadedModel:
     def serving_example(self) -> dict[str, Any] | None:
         """The input example as a scoring request body, if the model was saved with one."""
         try:
-            text = self.metadata.get_serving_input(str(self.model_dir))
+            return self.file.serving_example()
         except Exception:
             logger.warning("cannot read the model's input example", exc_info=True)
             return None
-        return json.loads(text) if text else None
 
     def check_fast_path(self, rows: Rows) -> None:
-        """Keep the fast path only if it answers exactly like pyfunc on these rows."""
+        """Keep the fast path only if it answers exactly like the reference on these rows."""
         if self.fast is None:
             return
-        reference = self.predict_pyfunc(rows)
+        if self._fast_is_exact:
+            try:
+                self.predict(rows)
+            except Exception:
+                logger.warning("fast path failed on the input example; not using it", exc_info=True)
+                self.fast = None
+            return
+        reference = self.predict_reference(rows)
         try:
             fast = self.predict(rows)
             same = dumps(fast.predictions()) == dumps(reference.predictions())
@@ -315,8 +395,21 @@ class LoadedModel:
             logger.warning("fast path failed on the input example", exc_info=True)
             same = False
         if not same:
-            logger.warning("fast path disagrees with pyfunc on the input example; not using it")
+            logger.warning(
+                "fast path disagrees with the reference on the input example; not using it"
+            )
             self.fast = None
+
+
+def _outputs(raw: Any, n: int) -> Outputs:
+    """Outputs of a fast path: as `Outputs.of`, or the columns of an ONNX model's frame."""
+    if isinstance(raw, dict) and "__frame__" in raw:
+        frame = raw["__frame__"]
+        lengths = {len(v) for v in frame.values()}
+        if lengths != {n}:
+            raise ValueError(f"model outputs have lengths {sorted(lengths)} for {n} rows")
+        return Outputs("frame", frame, n)
+    return Outputs.of(raw, n)
 
 
 def parse_scoring_json(schema: TabularSchema, payload: Any) -> Rows:

@@ -198,11 +198,16 @@ class Router:
 
     # --- choosing and connecting -----------------------------------------------------------
 
-    def pick(self) -> str | None:
+    def pick(self, avoid: set[str] | frozenset[str] = frozenset()) -> str | None:
+        """The next backend round-robin, skipping those in ``avoid`` (the ones that refused
+        this request) unless that is all of them."""
         backends = self.backends
         if not backends:
             return None
-        self._rr = (self._rr + 1) % len(backends)
+        for _ in range(len(backends)):
+            self._rr = (self._rr + 1) % len(backends)
+            if backends[self._rr] not in avoid:
+                break
         return backends[self._rr]
 
     async def connection(self, backend: str) -> tuple[Upstream, bool]:
@@ -234,14 +239,18 @@ class Router:
         """Send one request upstream, retrying where the backend cannot have processed it."""
         attempts = max(3, 2 * len(self.backends) + 1)
         last_error = "no backends"
+        # The round-robin position is shared with concurrent requests: without this, every
+        # retry of one request could land on the same dead backend.
+        refused: set[str] = set()
         for attempt in range(attempts):
-            backend = self.pick()
+            backend = self.pick(avoid=refused)
             if backend is None:
                 return _error(503, "no_backends", "this deployment has no running backends")
             try:
                 conn, _pooled = await self.connection(backend)
             except OSError as exc:
                 last_error = f"cannot connect to {backend}: {exc}"
+                refused.add(backend)
                 if attempt >= len(self.backends):
                     await asyncio.sleep(0.01)  # every backend refused: give a swap a moment
                 continue

@@ -97,9 +97,9 @@ async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
         else:
             app.set_model(model, seconds)
             logger.info(
-                "ready: %s version %s (%s, %s path, loaded and warmed up in %.2fs)",
-                settings.name, settings.version, model.flavor,
-                "fast" if model.fast else ("pyfunc" if model.schema else "generic"), seconds,
+                "ready: %s version %s (%s, loaded by %s, %s path, loaded and warmed up in %.2fs)",
+                settings.name, settings.version, model.flavor, model.loader,
+                "fast" if model.fast else ("dataframe" if model.schema else "generic"), seconds,
             )  # fmt: skip
     await stop.wait()
 

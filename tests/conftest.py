@@ -21,6 +21,7 @@ def sklearn_model_dir(tmp_path_factory) -> Path:
     import numpy as np
     import pandas as pd
     import sklearn
+    import skops
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
 
@@ -34,7 +35,11 @@ def sklearn_model_dir(tmp_path_factory) -> Path:
         str(path),
         signature=infer_signature(X, model.predict(X)),
         input_example=X.head(3),
-        pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}"],
+        pip_requirements=[
+            f"scikit-learn=={sklearn.__version__}",
+            f"mlflow=={mlflow.__version__}",
+            f"skops=={skops.__version__}",
+        ],
     )
     return path
 
@@ -154,7 +159,9 @@ class ApiClient:
 
     def _call(self, method: str, path: str, data=None, **kwargs):
         fn = getattr(self.client, method)
-        if data is not None and "content_type" not in kwargs and method != "get":
+        if data is None:
+            return fn(path, headers=self.headers, **kwargs)
+        if "content_type" not in kwargs and method != "get":
             kwargs["content_type"] = "application/json"
         return fn(path, data=data, headers=self.headers, **kwargs)
 

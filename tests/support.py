@@ -57,7 +57,6 @@ class Load:
 
     def _run(self) -> None:
         import http.client
-
         import threading
 
         conn = None

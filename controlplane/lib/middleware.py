@@ -49,3 +49,34 @@ def client_address(request) -> str | None:
     # REMOTE_ADDR only: X-Forwarded-For is client-controlled unless a trusted
     # proxy rewrites it, and we do not assume one.
     return request.META.get("REMOTE_ADDR") or None
+
+
+class ApiContentTypeMiddleware:
+    """State-changing API calls must say they send JSON (or a multipart upload).
+
+    Browsers send ``text/plain``, form-encoded and multipart bodies cross-origin
+    without a CORS preflight; refusing anything but JSON closes that door
+    (cf. CVE-2023-43472) in addition to CSRF checks for session callers.
+    """
+
+    ALLOWED = ("application/json", "multipart/form-data")
+    UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        # Anonymous callers are left to the API's own 401/403 (it says less).
+        caller = "HTTP_AUTHORIZATION" in request.META or request.user.is_authenticated
+        if caller and request.method in self.UNSAFE and request.path.startswith("/api/"):
+            has_body = int(request.META.get("CONTENT_LENGTH") or 0) > 0 or "HTTP_TRANSFER_ENCODING" in request.META
+            ctype = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+            if (has_body or request.method != "DELETE") and ctype not in self.ALLOWED:
+                from controlplane.lib.errors import json_error
+
+                return json_error(
+                    415, "unsupported_media_type",
+                    f"Unsupported media type {ctype or '(none)'!r}: send application/json"
+                    " (multipart/form-data for uploads).",
+                )
+        return self.get_response(request)

@@ -73,6 +73,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "controlplane.lib.middleware.ApiContentTypeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -139,7 +140,8 @@ CSRF_COOKIE_SECURE = _TLS
 SECURE_SSL_REDIRECT = env_bool("CONTROLPLANE_SSL_REDIRECT", False)
 SECURE_HSTS_SECONDS = env_int("CONTROLPLANE_HSTS_SECONDS", 31536000 if _TLS else 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = _TLS
-SECURE_HSTS_PRELOAD = False
+# Preloading is a commitment an operator makes for the whole domain: opt-in.
+SECURE_HSTS_PRELOAD = env_bool("CONTROLPLANE_HSTS_PRELOAD", False)
 if env_bool("CONTROLPLANE_BEHIND_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
@@ -174,7 +176,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "controlplane.lib.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "controlplane.lib.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "controlplane.lib.schema.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -188,16 +190,72 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "APPEND_COMPONENTS": {
-        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+    "ENUM_NAME_OVERRIDES": {
+        "ModelVersionStatusEnum": "registry.models.ModelVersion.Status",
+        "PromotionRequestStatusEnum": "registry.models.PromotionRequest.Status",
+        "DeploymentStatusEnum": "deployments.models.Deployment.Status",
+        "RevisionStateEnum": "deployments.models.Revision.State",
+        "InstanceStateEnum": "deployments.models.Instance.State",
     },
-    "SECURITY": [{"bearerAuth": []}],
 }
+
+# --- monitoring ----------------------------------------------------------------------
+# Intervals are read here because the beat schedule below uses them.
+CONTROLPLANE_METRICS_INTERVAL = env_int("CONTROLPLANE_METRICS_INTERVAL", 15, minimum=1)
+CONTROLPLANE_PROBE_INTERVAL = env_int("CONTROLPLANE_PROBE_INTERVAL", 300, minimum=5)
+CONTROLPLANE_PROBE_TIMEOUT = env_int("CONTROLPLANE_PROBE_TIMEOUT", 10, minimum=1, maximum=120)
+CONTROLPLANE_ALERT_INTERVAL = env_int("CONTROLPLANE_ALERT_INTERVAL", 60, minimum=5)
+CONTROLPLANE_METRICS_RAW_RETENTION_HOURS = env_int("CONTROLPLANE_METRICS_RAW_RETENTION_HOURS", 48, minimum=1)
+CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS = env_int("CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS", 35, minimum=1)
+CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS = env_int("CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS", 400, minimum=1)
+CONTROLPLANE_PREDICTION_RETENTION_DAYS = env_int("CONTROLPLANE_PREDICTION_RETENTION_DAYS", 30, minimum=1)
+# Sent as a bearer token when pulling a model server's GET /predictions (SERVING_ADMIN_TOKEN).
+CONTROLPLANE_SERVING_ADMIN_TOKEN = env_str("CONTROLPLANE_SERVING_ADMIN_TOKEN")
+# The control plane's own GET /metrics answers a bearer token or an allow-listed address;
+# with neither configured it answers nobody.
+CONTROLPLANE_PROMETHEUS_TOKEN = env_str("CONTROLPLANE_PROMETHEUS_TOKEN")
+if CONTROLPLANE_PROMETHEUS_TOKEN is not None and len(CONTROLPLANE_PROMETHEUS_TOKEN) < 16:
+    raise ImproperlyConfigured("CONTROLPLANE_PROMETHEUS_TOKEN must be at least 16 characters long")
+
+
+def _networks(name: str) -> list[str]:
+    import ipaddress
+
+    values = env_list(name, [])
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {value!r} is not an IP address or network") from exc
+    return values
+
+
+CONTROLPLANE_PROMETHEUS_ALLOW = _networks("CONTROLPLANE_PROMETHEUS_ALLOW")
+# Alert webhooks never go to private, loopback or link-local addresses unless listed here.
+CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS = _networks("CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS")
+CONTROLPLANE_WEBHOOK_TIMEOUT = env_int("CONTROLPLANE_WEBHOOK_TIMEOUT", 5, minimum=1, maximum=60)
+CONTROLPLANE_WEBHOOK_RETRIES = env_int("CONTROLPLANE_WEBHOOK_RETRIES", 3, minimum=1, maximum=10)
+# Alert e-mail goes through Django's mail backend (SMTP).
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")
+# plotly.min.js comes from the installed plotly package (no CDN).
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    "monitoring.staticfiles.PlotlyFinder",
+]
 
 # --- Celery ------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
+    # kombu's filesystem transport, writing each message atomically (see the module).
+    CELERY_BROKER_TRANSPORT = "controlplane.lib.broker:Transport"
     _broker_dir = DATA_DIR / "broker"
     for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
@@ -207,6 +265,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        "polling_interval": 0.1,  # the embedded broker is a directory: look often, it is cheap
     }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -228,6 +287,25 @@ CELERY_BEAT_SCHEDULE = {
     "registry-sync-aliases": {
         "task": "registry.tasks.registry_sync",
         "schedule": float(env_int("CONTROLPLANE_REGISTRY_SYNC_INTERVAL", 60, minimum=5)),
+    },
+    "monitoring-collect": {
+        "task": "monitoring.tasks.collect_all",
+        "schedule": float(CONTROLPLANE_METRICS_INTERVAL),
+        "options": {"expires": CONTROLPLANE_METRICS_INTERVAL * 2},
+    },
+    "monitoring-probe": {
+        "task": "monitoring.tasks.probe_all",
+        "schedule": float(CONTROLPLANE_PROBE_INTERVAL),
+        "options": {"expires": CONTROLPLANE_PROBE_INTERVAL},
+    },
+    "monitoring-alerts": {
+        "task": "monitoring.tasks.evaluate_alerts",
+        "schedule": float(CONTROLPLANE_ALERT_INTERVAL),
+        "options": {"expires": CONTROLPLANE_ALERT_INTERVAL * 2},
+    },
+    "monitoring-retention": {
+        "task": "monitoring.tasks.apply_retention",
+        "schedule": 3600.0,
     },
 }
 
@@ -260,4 +338,7 @@ CONTROLPLANE_DOCKER_BASE_IMAGE = env_str("CONTROLPLANE_DOCKER_BASE_IMAGE", "pyth
 CONTROLPLANE_DOCKER_NETWORK = env_choice("CONTROLPLANE_DOCKER_NETWORK", "host", ("host", "bridge"))
 CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
 CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)
+# Seconds the previous revision's instances stay running (without traffic) after a
+# rollout, so a rollback is a traffic switch instead of a cold start. 0 stops them at once.
+CONTROLPLANE_ROLLBACK_WINDOW = env_int("CONTROLPLANE_ROLLBACK_WINDOW", 600, minimum=0)
 CONTROLPLANE_PROGRESS_DEADLINE = env_int("CONTROLPLANE_PROGRESS_DEADLINE", 120, minimum=5)

@@ -10,6 +10,9 @@ if "CONTROLPLANE_DATA_DIR" not in os.environ:
 # Messages from a test run never reach another run's queue on a shared broker.
 os.environ.setdefault("CONTROLPLANE_TASK_QUEUE", f"controlplane-test-{uuid.uuid4().hex[:12]}")
 
+# Images cannot be pulled here: tests use the base image .ci/docker-setup.sh builds.
+os.environ.setdefault("CONTROLPLANE_DOCKER_BASE_IMAGE", "controlplane-serving-base:bookworm")
+
 from .base import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
@@ -19,3 +22,6 @@ STORAGES = {
 }
 WHITENOISE_AUTOREFRESH = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# A file, not memory: the fault tests run the worker, beat and web app as processes on it.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}  # noqa: F405

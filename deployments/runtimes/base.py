@@ -59,6 +59,10 @@ class InstanceStatus:
 class Runtime(Protocol):
     name: str
 
+    def prepare(self, spec: InstanceSpec) -> None:
+        """Do the slow, cacheable work before a rollout's clock starts (build the image).
+        Idempotent; a no-op where there is nothing to prepare."""
+
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         """Start one instance and return at once (readiness is probed by the caller)."""
 

@@ -29,6 +29,9 @@ class LocalRuntime:
     def _log_path(self, instance_name: str) -> Path:
         return self.state_dir / "logs" / f"{instance_name}.log"
 
+    def prepare(self, spec: InstanceSpec) -> None:
+        """Nothing to build: the server runs from this checkout's code."""
+
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         if not Path(spec.model_dir, "MLmodel").exists():
             raise RuntimeError_(f"no MLflow model at {spec.model_dir}")

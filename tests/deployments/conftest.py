@@ -15,13 +15,21 @@ from deployments.runtimes import install_id, process
 
 @pytest.fixture(autouse=True)
 def _kill_owned_processes():
-    """Whatever a test started (servers, routers) is gone after it."""
+    """Whatever a test started (servers, routers, containers) is gone after it."""
     yield
     for proc in process.find_labelled(install_id()):
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    from deployments.runtimes.docker import docker_available
+
+    if docker_available()[0]:
+        from deployments.runtimes import get_runtime
+
+        runtime = get_runtime("docker")
+        for status in runtime.list_owned():
+            runtime.stop(status.runtime_id, timeout=1)
 
 
 @pytest.fixture

@@ -56,6 +56,25 @@ def save_sklearn_model(path: Path):
     return model
 
 
+def save_sklearn_model_with_code(path: Path, estimator, code_dir: Path) -> None:
+    """The same estimator with a code path: MLflow puts it on sys.path before loading, so the
+    server leaves loading this model to MLflow."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    X, _ = training_data()
+    code_dir.mkdir()
+    (code_dir / "churn_features.py").write_text("SCALE = 1.0\n")
+    mlflow.sklearn.save_model(
+        estimator,
+        str(path),
+        signature=infer_signature(X, estimator.predict(X)),
+        input_example=X.iloc[:2],
+        pip_requirements=["mlflow", "scikit-learn"],
+        code_paths=[str(code_dir / "churn_features.py")],
+    )
+
+
 def save_onnx_model(path: Path):
     """The same kind of classifier converted with skl2onnx, saved with mlflow.onnx."""
     import mlflow.onnx
@@ -209,10 +228,12 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     sklearn_dir, onnx_dir = root / "sklearn", root / "onnx"
     estimator = save_sklearn_model(sklearn_dir)
+    save_sklearn_model_with_code(root / "with-code", estimator, root / "code")
     save_onnx_model(onnx_dir)
     pipeline = save_mixed_model(root / "mixed")
     return {
         "sklearn": sklearn_dir,
+        "with_code": root / "with-code",
         "onnx": onnx_dir,
         "mixed": root / "mixed",
         "estimator": estimator,
@@ -239,6 +260,7 @@ def fleet(models, tmp_path_factory):
         ),
         "onnx": server(models["onnx"], "churn-onnx", "7", logs, "--max-batch-size", "64"),
         "mixed": server(models["mixed"], "mixed", "1", logs),
+        "with_code": server(models["with_code"], "churn-code", "1", logs),
         # two worker processes on one port; SIGTERMed by a test
         "victim": server(models["sklearn"], "victim", "1", logs, "--workers", "2"),
         "old": server(models["sklearn"], "churn", "1", logs),

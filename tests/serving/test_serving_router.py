@@ -90,3 +90,34 @@ def test_swapping_backends_under_load_then_stopping_the_old_one_fails_no_request
     versions = collections.Counter(version for _, _, version in results)
     assert versions["1"] > 5 and versions["2"] > 5, versions
     assert all(version == "2" for t, _, version in results if t > stopped)
+
+
+def test_a_refused_request_is_retried_on_another_backend_even_under_concurrency(fleet, start_router):
+    # One backend is down (a crashed server the control plane has not noticed yet): every
+    # request must still be answered by the other one. The round-robin position is shared by
+    # concurrent requests, so "the next backend" alone can be the dead one on every retry.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refuses
+        router, _ = start_router([dead, backend(fleet["sklearn"])])
+        failures: list[str] = []
+        ok = collections.Counter()
+
+        def client() -> None:
+            with requests.Session() as session:
+                for _ in range(40):
+                    response = session.post(router.url("/invocations"), json=ROW, timeout=10)
+                    if response.status_code == 200:
+                        ok[response.headers["X-Model-Version"]] += 1
+                    else:
+                        failures.append(f"{response.status_code} {response.text}")
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == []
+    assert ok == {"3": 320}

@@ -126,9 +126,13 @@ def test_a_signature_with_string_and_integer_columns(fleet, models):
         ({"city": 5}, "city"),
         ({"visits": 2.5}, "visits"),
         ({"spend": "x"}, "spend"),
+        ({"spend": True}, "spend"),
+        ({"visits": False}, "visits"),
     ):
+        # after a valid record, so that numpy would make the column's values all strings
+        # (["oslo", 5] -> ["oslo", "5"]) or numbers (True -> 1.0)
         record = {**df.iloc[0].to_dict(), **bad}
-        response = post(proc, "/invocations", {"dataframe_records": [record]})
+        response = post(proc, "/invocations", {"dataframe_records": [df.iloc[1].to_dict(), record]})
         assert response.status_code == 400, bad
         assert response.json()["error"]["code"] == "wrong_type"
         assert f"'{column}'" in response.json()["error"]["message"]
@@ -221,6 +225,15 @@ def test_prediction_responses_carry_model_and_request_id_headers(fleet):
         ),
         ({"instances": [[1.0] * 5 + ["high"] + [1.0] * 14]}, "wrong_type", "f5"),
         ({"inputs": {**{c: [1.0] for c in FEATURES}, "f3": [True]}}, "wrong_type", "f3"),
+        # numpy would read these booleans as 1.0
+        ({"instances": [[1.0] * 4 + [True] + [1.0] * 15]}, "wrong_type", "f4"),
+        ({"inputs": {**{c: [1.0, 2.0] for c in FEATURES}, "f6": [1.0, False]}}, "wrong_type", "f6"),
+        ({"dataframe_records": [{**{c: 1 for c in FEATURES}, "f8": True}]}, "wrong_type", "f8"),
+        (
+            {"inputs": {**{c: [[1.0], [2.0]] for c in FEATURES}, "f9": [[1.0], [True]]}},
+            "wrong_type",
+            "f9",
+        ),
         ({"inputs": {**{c: [1.0] for c in FEATURES}, "f7": [None]}}, "missing_value", "f7"),
         ({"instances": [[1.0] * 19]}, "bad_shape", "20 values"),
         ({"instance": [[1.0] * 20]}, "unknown_key", "instance"),
@@ -264,6 +277,12 @@ def test_malformed_json_and_bad_v2_tensors_are_400(fleet):
     }  # fmt: skip
     response = post(proc, "/v2/models/churn/infer", wrong_type)
     assert response.status_code == 400 and "f2" in response.json()["error"]["message"]
+    booleans = {
+        "inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP64", "data": [True] + [1.0] * 19}]
+    }
+    response = post(proc, "/v2/models/churn/infer", booleans)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "wrong_type"
 
 
 def test_body_over_the_limit_is_413_and_unknown_content_type_is_415(fleet):
@@ -286,6 +305,22 @@ def test_body_over_the_limit_is_413_and_unknown_content_type_is_415(fleet):
     wrong_method = requests.get(proc.url("/invocations"), timeout=5)
     assert wrong_method.status_code == 405
     assert wrong_method.headers["Allow"] == "POST"
+
+
+def test_a_chunked_body_over_the_limit_is_413_before_it_ends(fleet):
+    proc = fleet["sklearn"]  # --max-body-bytes 16000
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b" " * 6000
+        for _ in range(3):  # 18000 bytes, and the body has not ended
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = sock.recv(1000)  # times out (an error) if the server waits for the end
+    assert reply.startswith(b"HTTP/1.1 413"), reply
+    assert b"connection: close" in reply.lower()
+    assert post(proc, "/invocations", {"instances": [[0.5] * 20]}).status_code == 200
 
 
 def test_a_failure_inside_the_model_is_a_500_with_an_error_id_in_the_log(fleet):

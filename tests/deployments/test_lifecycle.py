@@ -1,5 +1,6 @@
-"""Deployments on the local runtime, end to end: real model servers, real
-router, real MLflow. The reconciler runs as the Celery task would."""
+"""Deployments end to end on both runtimes: real model servers (processes or
+Docker containers), the real router, real MLflow. The reconciler runs as the
+Celery task would. Docker cases skip without an engine (fail under REQUIRE_DOCKER=1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from django.test import override_settings
 
 from audit.models import AuditEvent
 from deployments.models import Deployment, DeploymentEvent, Instance, Revision
@@ -18,7 +20,7 @@ from deployments.runtimes import get_runtime, install_id, process
 from tests.deployments.conftest import converge
 from tests.support import Load
 
-pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROW = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.5] * 20]}}
 
@@ -30,18 +32,48 @@ def predict(endpoint: str, payload=ROW) -> tuple[dict, str]:
         return json.loads(resp.read()), resp.headers["X-Model-Version"]
 
 
-def create(api, **body):
-    resp = api.post("/api/v1/deployments", {"runtime": "local", **body})
-    assert resp.status_code in (201, 202), resp.content
-    return resp.json()
+@pytest.fixture(scope="session")
+def serving_image(sklearn_model_dir):
+    """Build (or find) the serving image for the test model once, up front, so a
+    first build (minutes on a new machine) does not eat into rollout deadlines."""
+    from deployments.runtimes import InstanceSpec
+
+    get_runtime("docker").prepare(InstanceSpec(
+        deployment="prebuild", revision=0, ordinal=0, model_name="m", model_version="1",
+        model_dir=str(sklearn_model_dir), model_sha256="", port=0))
 
 
-def test_create_serves_the_model_at_a_stable_endpoint(api, registered, sklearn_model_dir):
+@pytest.fixture(params=["local", "docker"])
+def runtime_name(request):
+    if request.param == "docker":
+        from tests.deployments.docker_support import require_base_image, require_docker
+
+        require_docker()
+        require_base_image()
+        request.getfixturevalue("serving_image")
+    return request.param
+
+
+@pytest.fixture
+def create(api, runtime_name):
+    def make(**body):
+        resp = api.post("/api/v1/deployments", {"runtime": runtime_name, **body})
+        assert resp.status_code in (201, 202), resp.content
+        return resp.json()
+
+    return make
+
+
+def owned(runtime_name: str) -> list:
+    return get_runtime(runtime_name).list_owned()
+
+
+def test_create_serves_the_model_at_a_stable_endpoint(api, create, runtime_name, registered, sklearn_model_dir):
     import mlflow.pyfunc
     import pandas as pd
 
     name = registered(1)
-    body = create(api, name="churn", model=name, version="1")
+    body = create(name="churn", model=name, version="1")
     assert body["status"] == "pending" and body["revision"] == 1
     d = converge("churn")
     out, version = predict(d.endpoint)
@@ -57,9 +89,9 @@ def test_create_serves_the_model_at_a_stable_endpoint(api, registered, sklearn_m
     assert AuditEvent.objects.filter(action="deployment.create", object_id="churn").exists()
 
 
-def test_update_and_rollback_fail_no_request_under_load(api, registered):
+def test_update_and_rollback_fail_no_request_under_load(api, create, runtime_name, registered):
     name = registered(2)
-    create(api, name="svc", model=name, version="1", replicas=2)
+    create(name="svc", model=name, version="1", replicas=2)
     d = converge("svc")
     port = d.port
     body = json.dumps(ROW).encode()
@@ -80,22 +112,31 @@ def test_update_and_rollback_fail_no_request_under_load(api, registered):
     # Each client, sending one request after another, sees v1, then v2, then v1 again:
     # once traffic moves, it never goes back to the old revision.
     assert list(load.sequences.values()) == [["1", "2", "1"]] * 4
-    # Only the serving revision's instances remain, and the endpoint never moved.
+    # The endpoint never moved; r1 serves, r2 stays warm (no traffic) for a quick rollback.
     d = Deployment.objects.get(name="svc")
     assert d.port == port
-    assert set(Instance.objects.filter(deployment=d).values_list("revision__number", flat=True)) == {1}
+    by_revision = {}
+    for inst in Instance.objects.filter(deployment=d).select_related("revision"):
+        by_revision.setdefault(inst.revision.number, []).append(inst.address)
+    assert sorted(by_revision) == [1, 2]
+    routed = json.loads(urllib.request.urlopen(f"{d.endpoint}/__router/health", timeout=5).read())["backends"]
+    assert sorted(routed) == sorted(by_revision[1])
     kinds = list(DeploymentEvent.objects.filter(deployment=d).values_list("kind", flat=True))
     assert "rollback" in kinds and kinds.count("traffic") == 3
     assert AuditEvent.objects.filter(action="deployment.rollback", object_id="svc").exists()
 
 
-def test_a_crashed_instance_is_restarted_by_the_reconciler(api, registered):
+def test_a_crashed_instance_is_restarted_by_the_reconciler(api, create, runtime_name, registered):
     name = registered(1)
-    create(api, name="crashy", model=name, version="1")
+    create(name="crashy", model=name, version="1")
     d = converge("crashy")
     inst = Instance.objects.get(deployment=d)
-    pid = int(inst.runtime_id.split(":")[0])
-    os.kill(pid, signal.SIGKILL)
+    if runtime_name == "local":
+        os.kill(int(inst.runtime_id.split(":")[0]), signal.SIGKILL)
+    else:
+        import docker
+
+        docker.from_env().containers.get(inst.runtime_id).kill()  # stays down: a manual kill
     time.sleep(0.2)
     d = converge("crashy", until=lambda x: x.status == "ready" and Instance.objects.get(deployment=x).restarts == 1)
     again = Instance.objects.get(deployment=d)
@@ -104,21 +145,22 @@ def test_a_crashed_instance_is_restarted_by_the_reconciler(api, registered):
     assert DeploymentEvent.objects.filter(deployment=d, kind="crash").exists()
 
 
-def test_instances_are_adopted_after_a_control_plane_restart(api, registered):
+def test_instances_are_adopted_after_a_control_plane_restart(api, create, runtime_name, registered):
     from deployments import runtimes
 
     name = registered(1)
-    create(api, name="adopt", model=name, version="1")
+    create(name="adopt", model=name, version="1")
     d = converge("adopt")
     before = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
     runtimes._build.cache_clear()  # a new control plane process: no memory of what it started
     d = converge("adopt")
     after = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
     assert after == before
-    assert len(process.find_labelled(install_id())) == 2  # one server, one router: nothing duplicated
+    assert len(owned(runtime_name)) == 1  # one server: nothing duplicated
+    assert len(process.find_labelled(install_id())) == (2 if runtime_name == "local" else 1)  # + one router
 
 
-def test_a_broken_revision_is_rolled_back_automatically(api, registered, tmp_path, sklearn_model_dir):
+def test_a_broken_revision_is_rolled_back_automatically(api, create, runtime_name, registered, tmp_path, sklearn_model_dir):
     from tests.conftest import zip_dir
 
     broken = tmp_path / "broken"
@@ -127,7 +169,7 @@ def test_a_broken_revision_is_rolled_back_automatically(api, registered, tmp_pat
     (broken / "MLmodel").write_text(mlmodel)  # MLmodel without the model file: cannot load
     name = registered(1)
     registered(1, name=name, payload=zip_dir(broken))
-    create(api, name="fragile", model=name, version="1")
+    create(name="fragile", model=name, version="1")
     converge("fragile")
     Deployment.objects.filter(name="fragile").update(progress_deadline_s=8)
     api.patch("/api/v1/deployments/fragile", {"version": "2"})
@@ -140,10 +182,10 @@ def test_a_broken_revision_is_rolled_back_automatically(api, registered, tmp_pat
     assert event.actor_label == "system:reconciler" and failed.failure in event.after["reason"]
 
 
-def test_a_deployment_follows_its_alias(api, registered):
+def test_a_deployment_follows_its_alias(api, create, runtime_name, registered):
     name = registered(2)
     api.post(f"/api/v1/models/{name}/aliases/production", {"version": "1", "reason": "first"})
-    create(api, name="follower", model=name, alias="production")
+    create(name="follower", model=name, alias="production")
     d = converge("follower")
     assert predict(d.endpoint)[1] == "1"
     api.post(f"/api/v1/models/{name}/aliases/production", {"version": "2", "reason": "better"})
@@ -156,34 +198,36 @@ def test_a_deployment_follows_its_alias(api, registered):
     assert reasons[1:] == ["alias production moved to v2", "alias production moved to v1"]
 
 
-def test_delete_stops_everything(api, registered):
+def test_delete_stops_everything(api, create, runtime_name, registered):
     name = registered(1)
-    create(api, name="gone", model=name, version="1")
+    create(name="gone", model=name, version="1")
     d = converge("gone")
     endpoint = d.endpoint
     assert api.delete("/api/v1/deployments/gone").status_code == 202
     reconcile(d.pk)
     assert not Deployment.objects.filter(name="gone").exists()
     assert process.find_labelled(install_id()) == []
+    assert owned(runtime_name) == []
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{endpoint}/ping", timeout=2)
     assert api.get("/api/v1/deployments/gone").status_code == 404
 
 
-def test_strays_are_swept(api, registered):
+def test_strays_are_swept(api, create, runtime_name, registered):
     name = registered(1)
-    create(api, name="stray", model=name, version="1")
+    create(name="stray", model=name, version="1")
     d = converge("stray")
     inst = Instance.objects.get(deployment=d)
     Instance.objects.filter(pk=inst.pk).delete()  # the record is lost; the process is not
     assert sweep_strays() >= 1
-    status = get_runtime("local").inspect(inst.runtime_id)
+    status = get_runtime(runtime_name).inspect(inst.runtime_id)
     assert status is None or not status.running
 
 
-def test_logs_and_revisions_are_listed(api, registered):
+@override_settings(CONTROLPLANE_ROLLBACK_WINDOW=0)
+def test_logs_and_revisions_are_listed(api, create, runtime_name, registered):
     name = registered(2)
-    create(api, name="logged", model=name, version="1")
+    create(name="logged", model=name, version="1")
     converge("logged")
     api.patch("/api/v1/deployments/logged", {"version": "2"})
     converge("logged", until=lambda x: x.serving_revision.number == 2 and x.status == "ready")
@@ -191,4 +235,4 @@ def test_logs_and_revisions_are_listed(api, registered):
     assert [(r["number"], r["model_version"], r["state"]) for r in revisions] == [
         (2, "2", "live"), (1, "1", "superseded")]
     logs = api.get("/api/v1/deployments/logged/logs?tail=20").json()["instances"]
-    assert len(logs) == 1 and "ready" in logs[0]["logs"]
+    assert len(logs) == 1 and "ready" in logs[0]["logs"]  # no rollback window: r1 was stopped

@@ -1,0 +1,624 @@
+"""Model-server instances as Docker containers, one container per instance.
+
+Images: one per (model requirements, serving code, base image), tagged with a hash of
+those, so a rollout or a rollback to a model with the same requirements builds nothing.
+The packages are downloaded on this host (where pip is configured for the network, CA
+bundle included) into a wheelhouse in the build context, and the build itself runs with
+no network. The model is never in the image; it is bind-mounted read-only at /model.
+The Dockerfile's build stage (the venv) depends on the requirements only and stays in
+the engine's build cache as an untagged image labelled ``controlplane.stage=build``, so
+a new serving code rebuilds an image in seconds instead of reinstalling its packages.
+
+Containers: hardened by default (non-root, no capabilities, no-new-privileges, read-only
+root filesystem, pids/memory/CPU limits), labelled with the owner (this control plane's
+install id) and the instance's deployment, revision, ordinal and port, so that
+``list_owned`` finds them again from the engine alone after a restart of the control plane.
+
+This module imports nothing from Django; docker SDK types never leave it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import docker
+import requests
+from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
+from docker.types import LogConfig, Mount
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from deployments.runtimes.base import InstanceSpec, InstanceStatus, RuntimeError_
+
+logger = logging.getLogger(__name__)
+
+SERVING_SOURCE = Path(__file__).resolve().parents[2] / "serving"
+MODEL_MOUNT = "/model"
+PREDICTION_LOG_MOUNT = "/predictions"
+CONTAINER_PORT = 8080  # where the server listens inside the container in bridge mode
+SERVING_UID = 10001  # the image's non-root user (serving/Dockerfile, ARG SERVING_UID)
+
+LABEL_OWNER = "controlplane.owner"
+LABEL_DEPLOYMENT = "controlplane.deployment"
+LABEL_REVISION = "controlplane.revision"
+LABEL_ORDINAL = "controlplane.ordinal"
+LABEL_HOST = "controlplane.host"
+LABEL_PORT = "controlplane.port"
+LABEL_MODEL = "controlplane.model"
+LABEL_IMAGE_KEY = "controlplane.image-key"
+
+# Bump when the build context's layout or the Dockerfile contract changes: every image
+# key changes with it.
+_RECIPE_VERSION = "1"
+# Not copied into the image, and not part of its key: a docs edit rebuilds nothing.
+_IGNORED_SOURCES = ("__pycache__", "*.pyc", ".*", "*.md")
+_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+_HEALTHCHECK_CMD = (
+    "import os, urllib.request; urllib.request.urlopen("
+    "'http://127.0.0.1:%s/ping' % os.environ.get('SERVING_PORT', '8080'), timeout=2)"
+)
+_PROBE = (
+    "import json, platform, sys; "
+    "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
+    "'impl': sys.implementation.name, 'machine': platform.machine(), "
+    "'libc': platform.libc_ver()}))"
+)
+_NS = 1_000_000_000
+
+
+def docker_available(base_url: str | None = None) -> tuple[bool, str]:
+    """Is a Docker engine reachable? ``(True, description)`` or ``(False, reason)``."""
+    try:
+        client = _make_client(base_url, timeout=5)
+        try:
+            client.ping()
+            version = client.version().get("Version", "?")
+        finally:
+            client.close()
+    except (DockerException, requests.RequestException) as exc:
+        return False, str(exc) or type(exc).__name__
+    return True, f"Docker Engine {version}"
+
+
+class DockerRuntime:
+    """The Runtime protocol (deployments/runtimes/base.py) on a Docker engine."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        cache_dir: str | os.PathLike[str],
+        base_image: str = "python:3.11-slim-bookworm",
+        image_prefix: str = "controlplane-serving",
+        network_mode: str = "host",
+        base_url: str | None = None,
+        serving_source: str | os.PathLike[str] = SERVING_SOURCE,
+        skinny_mlflow: bool = True,
+        default_cpu: float = 1.0,
+        default_memory_mb: int = 1024,
+        pids_limit: int = 256,
+        tmpfs_mb: int = 64,
+        max_restarts: int = 5,
+        pip_command: Sequence[str] = (sys.executable, "-m", "pip"),
+        build_timeout: float = 1800.0,
+    ) -> None:
+        """No I/O here: the engine is first contacted by the first call that needs it.
+
+        ``owner`` is this control plane's install id (the ``controlplane.owner`` label);
+        ``network_mode`` is "host" (the server binds spec.host:spec.port on the host's
+        network) or "bridge" (it listens on 0.0.0.0:8080 in the container, published on
+        127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
+        version where a model asks for mlflow: enough to load pyfunc models, far smaller.
+        """
+        if not owner or _NAME_UNSAFE.search(owner):
+            raise ValueError(f"owner must be a non-empty [a-zA-Z0-9_.-] string, got {owner!r}")
+        if network_mode not in ("host", "bridge"):
+            raise ValueError(f"network_mode must be 'host' or 'bridge', got {network_mode!r}")
+        self.owner = owner
+        self.cache_dir = Path(cache_dir)
+        self.base_image = base_image
+        self.image_prefix = image_prefix
+        self.network_mode = network_mode
+        self.base_url = base_url
+        self.serving_source = Path(serving_source)
+        self.skinny_mlflow = skinny_mlflow
+        self.default_cpu = default_cpu
+        self.default_memory_mb = default_memory_mb
+        self.pids_limit = pids_limit
+        self.tmpfs_mb = tmpfs_mb
+        self.max_restarts = max_restarts
+        self.pip_command = list(pip_command)
+        self.build_timeout = build_timeout
+        self.builds = 0  # images this object built (reuse leaves it unchanged)
+        self._client_obj: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+        self._build_thread_lock = threading.Lock()
+        self._platforms: dict[str, dict] = {}  # base image id -> probe result
+
+    # --- the Runtime protocol --------------------------------------------------------------
+
+    def prepare(self, spec: InstanceSpec) -> None:
+        """Build (or find) the serving image, before the rollout's progress deadline starts."""
+        _check_model_dir(spec.model_dir)
+        self.ensure_image(spec)
+
+    def start(self, spec: InstanceSpec) -> InstanceStatus:
+        _check_model_dir(spec.model_dir)
+        if self.network_mode == "bridge":
+            self._check_bridge_network()
+        image = self.ensure_image(spec)
+        name = f"{_NAME_UNSAFE.sub('-', spec.instance_name).strip('-.')}-{secrets.token_hex(3)}"
+        if self.network_mode == "host":
+            listen_host, listen_port, ports = spec.host, spec.port, None
+        else:
+            listen_host, listen_port = "0.0.0.0", CONTAINER_PORT
+            ports = {f"{CONTAINER_PORT}/tcp": ("127.0.0.1", spec.port)}
+        environment = {
+            **spec.env,
+            "SERVING_MODEL_DIR": MODEL_MOUNT,
+            "SERVING_MODEL_NAME": spec.model_name,
+            "SERVING_MODEL_VERSION": spec.model_version,
+            "SERVING_HOST": listen_host,
+            "SERVING_PORT": str(listen_port),
+            "SERVING_MAX_BATCH_SIZE": str(spec.max_batch_size),
+            "SERVING_MAX_BATCH_DELAY_MS": str(spec.max_batch_delay_ms),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        mounts = [Mount(MODEL_MOUNT, spec.model_dir, type="bind", read_only=True)]
+        if spec.prediction_log_dir:
+            _prepare_prediction_log_dir(spec.prediction_log_dir)
+            mounts.append(Mount(PREDICTION_LOG_MOUNT, spec.prediction_log_dir, type="bind"))
+            environment["SERVING_PREDICTION_LOG_DIR"] = PREDICTION_LOG_MOUNT
+        labels = {
+            LABEL_OWNER: self.owner,
+            LABEL_DEPLOYMENT: spec.deployment,
+            LABEL_REVISION: str(spec.revision),
+            LABEL_ORDINAL: str(spec.ordinal),
+            LABEL_HOST: "127.0.0.1" if self.network_mode == "bridge" else spec.host,
+            LABEL_PORT: str(spec.port),
+            LABEL_MODEL: f"{spec.model_name}/{spec.model_version}",
+        }
+        cpu = spec.cpu if spec.cpu is not None else self.default_cpu
+        memory_mb = spec.memory_mb if spec.memory_mb is not None else self.default_memory_mb
+        with self._translate(f"starting container {name}"):
+            container = self._client.containers.create(
+                image,
+                name=name,
+                labels=labels,
+                environment=environment,
+                network_mode=self.network_mode,
+                ports=ports,
+                mounts=mounts,
+                user=f"{SERVING_UID}:{SERVING_UID}",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                privileged=False,
+                read_only=True,
+                # Not noexec: some native libraries load code they write to a temp dir.
+                tmpfs={"/tmp": f"rw,nosuid,nodev,size={self.tmpfs_mb}m,mode=1777"},
+                init=True,  # tini as PID 1: signals forwarded, workers reaped
+                restart_policy={"Name": "on-failure", "MaximumRetryCount": self.max_restarts},
+                healthcheck={
+                    "test": ["CMD", "python", "-c", _HEALTHCHECK_CMD],
+                    "interval": 10 * _NS,
+                    "timeout": 3 * _NS,
+                    "retries": 3,
+                    "start_period": 300 * _NS,
+                },
+                mem_limit=f"{memory_mb}m",
+                memswap_limit=f"{memory_mb}m",  # no swap beyond the limit
+                nano_cpus=int(cpu * _NS),
+                pids_limit=self.pids_limit,
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}
+                ),
+                stop_signal="SIGTERM",
+            )
+            try:
+                container.start()
+            except BaseException:
+                with contextlib.suppress(DockerException, requests.RequestException):
+                    container.remove(force=True)
+                raise
+            container.reload()
+        logger.info("started container %s (%s) from %s", name, container.short_id, image)
+        return self._status(container)
+
+    def stop(self, runtime_id: str, *, timeout: float = 10.0) -> None:
+        with self._translate(f"stopping container {runtime_id}"):
+            container = self._owned_container(runtime_id)
+            if container is None:
+                return
+            with contextlib.suppress(NotFound):
+                # The engine sends the image's stop signal (SIGTERM), then SIGKILL.
+                container.stop(timeout=max(0, math.ceil(timeout)))
+            try:
+                container.remove(force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                if exc.status_code != 409:  # 409: a removal already in progress
+                    raise
+
+    def inspect(self, runtime_id: str) -> InstanceStatus | None:
+        with self._translate(f"inspecting container {runtime_id}"):
+            container = self._owned_container(runtime_id)
+            return None if container is None else self._status(container)
+
+    def list_owned(self) -> list[InstanceStatus]:
+        with self._translate("listing containers"):
+            containers = self._client.containers.list(
+                all=True, filters={"label": f"{LABEL_OWNER}={self.owner}"}, ignore_removed=True
+            )
+            statuses = [self._status(c) for c in containers]
+        return sorted(statuses, key=lambda s: (s.deployment, s.revision, s.ordinal))
+
+    def logs(self, runtime_id: str, *, tail: int = 100) -> str:
+        with self._translate(f"reading logs of container {runtime_id}"):
+            container = self._owned_container(runtime_id)
+            if container is None:
+                return ""
+            raw = container.logs(stdout=True, stderr=True, tail=tail)
+        return raw.decode("utf-8", errors="replace")
+
+    def _check_bridge_network(self) -> None:
+        # Without it the engine still starts the container, with loopback only and nothing
+        # published: an instance that can never answer.
+        with self._translate("looking up the engine's bridge network"):
+            try:
+                self._client.networks.get("bridge")
+            except NotFound:
+                raise RuntimeError_(
+                    "network mode 'bridge' needs the engine's default bridge network, and this "
+                    "engine has none (dockerd --bridge=none): use network mode 'host'"
+                ) from None
+
+    # --- images ----------------------------------------------------------------------------
+
+    def ensure_image(self, spec: InstanceSpec) -> str:
+        """The serving image for this model, built unless one with the same key exists."""
+        model_requirements = self._model_requirements(Path(spec.model_dir))
+        serving_requirements = self._serving_requirements()
+        with self._translate(f"looking up base image {self.base_image}"):
+            try:
+                base_id = self._client.images.get(self.base_image).id
+            except ImageNotFound:
+                raise RuntimeError_(
+                    f"base image {self.base_image} not found on the Docker engine: "
+                    "build it with .ci/docker-setup.sh, or pull or load it"
+                ) from None
+        key = self._image_key(base_id, serving_requirements, model_requirements)
+        tag = f"{self.image_prefix}:{key[:24]}"
+        if self._image_exists(tag):
+            return tag
+        with self._build_lock():
+            if self._image_exists(tag):  # another thread or process built it meanwhile
+                return tag
+            started = time.monotonic()
+            self._build(tag, key, base_id, serving_requirements, model_requirements)
+            self.builds += 1
+            logger.info("built %s in %.0fs", tag, time.monotonic() - started)
+        return tag
+
+    def _build(
+        self,
+        tag: str,
+        key: str,
+        base_id: str,
+        serving_requirements: list[str],
+        model_requirements: list[str],
+    ) -> None:
+        contexts = self.cache_dir / "contexts"
+        contexts.mkdir(parents=True, exist_ok=True)
+        context = Path(tempfile.mkdtemp(prefix=f"{key[:12]}-", dir=contexts))
+        try:
+            shutil.copytree(
+                self.serving_source,
+                context / "serving",
+                ignore=shutil.ignore_patterns(*_IGNORED_SOURCES),
+            )
+            shutil.copy2(self.serving_source / "Dockerfile", context / "Dockerfile")
+            (context / "requirements-serving.txt").write_text(
+                "\n".join(serving_requirements) + "\n"
+            )
+            (context / "requirements-model.txt").write_text("\n".join(model_requirements) + "\n")
+            self._download_wheels(
+                context,
+                self._platform(base_id),
+                ["requirements-serving.txt", "requirements-model.txt"],
+            )
+            with self._translate(f"building image {tag}"):
+                try:
+                    self._client.images.build(
+                        path=str(context),
+                        tag=tag,
+                        buildargs={"BASE_IMAGE": self.base_image},
+                        labels={LABEL_IMAGE_KEY: key},
+                        network_mode="none",
+                        pull=False,
+                        rm=True,
+                        forcerm=True,
+                        timeout=int(self.build_timeout),
+                    )
+                except BuildError as exc:
+                    lines = [
+                        chunk.get("stream") or chunk.get("error") or ""
+                        for chunk in exc.build_log
+                        if isinstance(chunk, dict)
+                    ]
+                    tail = "".join(lines).strip().splitlines()[-15:]
+                    raise RuntimeError_(
+                        f"building image {tag} failed: {exc.msg}\n" + "\n".join(tail)
+                    ) from None
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+
+    def _download_wheels(self, context: Path, platform: dict, requirement_files: list[str]) -> None:
+        """Every distribution the image needs, as wheels for the base image's Python."""
+        python = platform["python"]
+        abi = "cp" + python.replace(".", "")
+        command = [
+            *self.pip_command,
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--dest",
+            str(context / "wheels"),
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            python,
+            "--abi",
+            abi,
+        ]
+        for tag in platform["platform_tags"]:
+            command += ["--platform", tag]
+        for name in requirement_files:
+            command += ["--requirement", str(context / name)]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=self.build_timeout, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError_(f"downloading the image's packages failed: {exc}") from None
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "is ignored" not in line]
+            raise RuntimeError_(
+                "downloading the image's packages failed (pip download exit code "
+                f"{result.returncode}):\n" + "\n".join(errors[-15:])
+            )
+
+    def _platform(self, base_id: str) -> dict:
+        """Python version and wheel platform tags of the base image, probed once per image."""
+        if base_id in self._platforms:
+            return self._platforms[base_id]
+        with self._translate(f"probing base image {self.base_image}"):
+            output = self._client.containers.run(
+                base_id,
+                ["python3", "-c", _PROBE],
+                entrypoint=[],
+                network_mode="none",
+                remove=True,
+                read_only=True,
+                cap_drop=["ALL"],
+                stdout=True,
+                stderr=False,
+            )
+        probe = json.loads(output.decode().strip().splitlines()[-1])
+        libc, libc_version = probe["libc"]
+        if probe["impl"] != "cpython" or libc != "glibc":
+            raise RuntimeError_(
+                f"base image {self.base_image} has {probe['impl']} on {libc or 'no glibc'}; "
+                "the serving image needs CPython on a glibc distribution"
+            )
+        machine = probe["machine"]
+        major, minor = (int(part) for part in libc_version.split(".")[:2])
+        tags = [f"manylinux_{major}_{m}_{machine}" for m in range(minor, 4, -1)]
+        legacy = {(2, 17): "manylinux2014", (2, 12): "manylinux2010", (2, 5): "manylinux1"}
+        tags += [
+            f"{name}_{machine}" for (ma, mi), name in legacy.items() if (major, minor) >= (ma, mi)
+        ]
+        result = {"python": probe["python"], "platform_tags": tags}
+        self._platforms[base_id] = result
+        return result
+
+    def _image_key(
+        self, base_id: str, serving_requirements: list[str], model_requirements: list[str]
+    ) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"recipe {_RECIPE_VERSION}\nbase {base_id}\n".encode())
+        for line in serving_requirements:
+            digest.update(f"serving-req {line}\n".encode())
+        for line in model_requirements:
+            digest.update(f"model-req {line}\n".encode())
+        for path in sorted(self.serving_source.rglob("*")):
+            relative = path.relative_to(self.serving_source)
+            if path.is_dir() or _ignored(relative):
+                continue
+            digest.update(f"file {relative.as_posix()} ".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
+
+    def _model_requirements(self, model_dir: Path) -> list[str]:
+        path = model_dir / "requirements.txt"
+        if not path.is_file():
+            raise RuntimeError_(f"the model at {model_dir} has no requirements.txt")
+        return self._normalize_requirements(path)
+
+    def _serving_requirements(self) -> list[str]:
+        path = self.serving_source / "requirements.txt"
+        if not path.is_file():
+            raise RuntimeError_(f"{path} is missing: the serving image cannot be built")
+        return self._normalize_requirements(path)
+
+    def _normalize_requirements(self, path: Path) -> list[str]:
+        """Requirement lines, sorted and deduplicated; mlflow becomes mlflow-skinny."""
+        lines = set()
+        for raw in path.read_text().splitlines():
+            line = raw.split(" #", 1)[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                raise RuntimeError_(
+                    f"{path}: {line!r} is not supported in a serving image "
+                    "(only plain requirement specifiers, no options, paths or URLs)"
+                ) from None
+            if requirement.url:
+                raise RuntimeError_(f"{path}: {line!r}: URL requirements are not supported")
+            if self.skinny_mlflow and canonicalize_name(requirement.name) == "mlflow":
+                requirement.name = "mlflow-skinny"
+                requirement.extras = set()  # mlflow's extras are for the tracking server
+            lines.add(str(requirement))
+        return sorted(lines)
+
+    def _image_exists(self, tag: str) -> bool:
+        with self._translate(f"looking up image {tag}"):
+            try:
+                self._client.images.get(tag)
+            except ImageNotFound:
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def _build_lock(self) -> Iterator[None]:
+        """One build at a time, across threads and processes (a file lock in the cache dir).
+
+        Builds share the machine's two or so CPUs and the engine's build cache: in parallel
+        they are no faster, and two of the same requirements would both install them.
+        """
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with self._build_thread_lock, open(self.cache_dir / "build.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> docker.DockerClient:
+        with self._lock:
+            if self._client_obj is None:
+                try:
+                    self._client_obj = _make_client(self.base_url, timeout=120)
+                except (DockerException, requests.RequestException) as exc:
+                    raise RuntimeError_(f"Docker engine not reachable: {exc}") from exc
+            return self._client_obj
+
+    def _owned_container(self, runtime_id: str):
+        """The container if it exists and this control plane owns it, else None."""
+        try:
+            container = self._client.containers.get(runtime_id)
+        except NotFound:
+            return None
+        if container.labels.get(LABEL_OWNER) != self.owner:
+            return None
+        return container
+
+    def _status(self, container) -> InstanceStatus:
+        attrs = container.attrs
+        labels = attrs["Config"].get("Labels") or {}
+        state = attrs.get("State") or {}
+        # While waiting to be restarted a container is "Running" and "Restarting" at once.
+        running = bool(state.get("Running")) and not state.get("Restarting")
+        return InstanceStatus(
+            runtime_id=attrs["Id"],
+            deployment=labels.get(LABEL_DEPLOYMENT, ""),
+            revision=int(labels.get(LABEL_REVISION, 0)),
+            ordinal=int(labels.get(LABEL_ORDINAL, 0)),
+            address=f"{labels.get(LABEL_HOST, '127.0.0.1')}:{labels.get(LABEL_PORT, '0')}",
+            running=running,
+            exit_code=None if running else state.get("ExitCode"),
+            restarts=int(attrs.get("RestartCount") or 0),
+        )
+
+    @contextlib.contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError_:
+            raise
+        except (DockerException, requests.RequestException) as exc:
+            raise RuntimeError_(f"{action}: {_explain(exc)}") from exc
+
+
+def _make_client(base_url: str | None, *, timeout: int) -> docker.DockerClient:
+    if base_url:
+        return docker.DockerClient(base_url=base_url, timeout=timeout)
+    return docker.from_env(timeout=timeout)
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, APIError):
+        return str(exc.explanation or exc)
+    if isinstance(exc, requests.ConnectionError) or "Connection" in type(exc).__name__:
+        return f"Docker engine not reachable ({exc})"
+    return str(exc) or type(exc).__name__
+
+
+def _ignored(relative: Path) -> bool:
+    return any(
+        fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in _IGNORED_SOURCES
+    )
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """The container user (not root, no capabilities) must be able to read the whole model."""
+    path = Path(model_dir)
+    if not path.is_absolute():
+        raise RuntimeError_(f"model dir {model_dir} is not an absolute path")
+    if not (path / "MLmodel").is_file():
+        raise RuntimeError_(f"model dir {model_dir} is not an MLflow model (no MLmodel file)")
+    for root, dirs, files in os.walk(path):
+        for name in ["", *dirs, *files]:
+            entry = Path(root, name)
+            try:
+                mode = entry.stat().st_mode
+            except OSError as exc:  # a dangling symlink, or a file removed meanwhile
+                raise RuntimeError_(f"model dir {model_dir}: cannot read {entry}: {exc}") from None
+            need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
+            if mode & need != need:
+                raise RuntimeError_(
+                    f"{entry} is not readable by the container's user (uid {SERVING_UID}): "
+                    f"make the model world-readable (chmod -R a+rX {model_dir})"
+                )
+
+
+def _prepare_prediction_log_dir(directory: str) -> None:
+    """The server (uid SERVING_UID) writes its prediction log files here."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == SERVING_UID or info.st_mode & stat.S_IWOTH:
+        return
+    if os.geteuid() == 0:
+        os.chown(path, SERVING_UID, SERVING_UID)
+        return
+    raise RuntimeError_(
+        f"prediction log dir {directory} is not writable by the container's user "
+        f"(uid {SERVING_UID}): chown it to {SERVING_UID} or make it world-writable"
+    )

@@ -1,0 +1,247 @@
+"""Outbound calls, each behind a small interface, all through controlplane/lib/http.py.
+
+- ``ModelServer``: a model server's /metrics, its prediction log, and a probe request.
+- ``CHANNELS``: alert notification transports keyed by name (``webhook``, ``email``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.mail import send_mail
+
+from controlplane.lib import http
+
+PROBE_REQUEST_PREFIX = "cp-probe-"
+SIGNATURE_HEADER = "X-Controlplane-Signature"
+
+
+class AdapterError(Exception):
+    """An outbound call failed; the message says how."""
+
+
+# --- model servers -----------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeOutcome:
+    ok: bool
+    latency_ms: float | None
+    status_code: int | None
+    model_version: str | None
+    error: str
+
+
+class ModelServer:
+    """One model server (or a deployment's stable endpoint) at ``http://address``."""
+
+    def __init__(self, address: str, *, timeout: float = 5.0) -> None:
+        self.base = address if address.startswith("http") else f"http://{address}"
+        self.timeout = timeout
+
+    def metrics(self) -> str:
+        try:
+            return http.request("GET", f"{self.base}/metrics", timeout=self.timeout).body.decode()
+        except http.HttpError as exc:
+            raise AdapterError(str(exc)) from exc
+
+    def predictions(self, *, after: int, limit: int) -> dict:
+        headers = {}
+        if settings.CONTROLPLANE_SERVING_ADMIN_TOKEN:
+            headers["Authorization"] = f"Bearer {settings.CONTROLPLANE_SERVING_ADMIN_TOKEN}"
+        try:
+            resp = http.request(
+                "GET",
+                f"{self.base}/predictions?after={after}&limit={limit}",
+                timeout=self.timeout,
+                headers=headers,
+            )
+            page = resp.json()
+        except http.HttpError as exc:
+            raise AdapterError(str(exc)) from exc
+        except ValueError as exc:
+            raise AdapterError(f"GET /predictions: not JSON: {exc}") from exc
+        if not isinstance(page, dict) or not isinstance(page.get("records"), list):
+            raise AdapterError("GET /predictions: unexpected answer")
+        return page
+
+    def probe(self, payload: Any | None) -> ProbeOutcome:
+        """POST the payload to /invocations (GET /ping without one); time the answer."""
+        headers = {"X-Request-Id": f"{PROBE_REQUEST_PREFIX}{uuid.uuid4().hex}"}
+        started = time.perf_counter()
+        try:
+            if payload is None:
+                resp = http.request(
+                    "GET",
+                    f"{self.base}/ping",
+                    timeout=self.timeout,
+                    headers=headers,
+                    raise_for_status=False,
+                )
+            else:
+                resp = http.request(
+                    "POST",
+                    f"{self.base}/invocations",
+                    timeout=self.timeout,
+                    data=json.dumps(payload).encode(),
+                    headers={**headers, "Content-Type": "application/json"},
+                    raise_for_status=False,
+                )
+        except http.HttpError as exc:
+            return ProbeOutcome(False, None, None, None, str(exc)[:2000])
+        latency_ms = (time.perf_counter() - started) * 1000
+        ok = resp.status == 200
+        error = "" if ok else f"HTTP {resp.status}: {resp.body[:500].decode(errors='replace')}"
+        version = {k.lower(): v for k, v in resp.headers.items()}.get("x-model-version")
+        return ProbeOutcome(ok, latency_ms, resp.status, version, error)
+
+
+# --- notification channels ---------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    ok: bool
+    status: int | None
+    error: str
+    attempts: int = 1
+
+
+class Channel(Protocol):
+    name: str
+
+    def validate(self, target: str) -> None: ...
+
+    def send(self, target: str, *, subject: str, payload: dict, secret: str) -> Delivery: ...
+
+
+def _blocked(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    allowed = [
+        ipaddress.ip_network(n, strict=False)
+        for n in settings.CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS
+    ]
+    if any(ip in net for net in allowed):
+        return False
+    return not ip.is_global or ip.is_multicast
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookChannel:
+    """POST of a JSON body signed with HMAC-SHA256 (``X-Controlplane-Signature:
+    sha256=<hex>``); a mandatory timeout, retries with backoff, no redirects, and no
+    private, loopback or link-local targets unless CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS
+    lists them."""
+
+    name = "webhook"
+
+    def validate(self, target: str) -> None:
+        try:
+            parts = urlsplit(target)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise AdapterError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AdapterError("the webhook URL must be http:// or https:// with a host")
+        if parts.username or parts.password:
+            raise AdapterError("the webhook URL must not carry credentials")
+        try:
+            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except (OSError, ValueError, UnicodeError) as exc:
+            raise AdapterError(f"cannot resolve {parts.hostname}: {exc}") from None
+        for info in infos:
+            address = info[4][0].split("%")[0]
+            if _blocked(address):
+                raise AdapterError(
+                    f"{parts.hostname} resolves to {address}, a private, loopback or link-local address; "
+                    "allow it with CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS"
+                )
+
+    def send(self, target: str, *, subject: str, payload: dict, secret: str) -> Delivery:
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "controlplane-alerts/1",
+            SIGNATURE_HEADER: sign(secret, body),
+            "X-Controlplane-Event": str(payload.get("event_id", "")),
+        }
+        error, status = "", None
+        attempts = settings.CONTROLPLANE_WEBHOOK_RETRIES
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                time.sleep(min(0.5 * 2 ** (attempt - 2), 5.0))
+            try:
+                self.validate(target)  # again: DNS may have changed since the rule was saved
+                resp = http.request(
+                    "POST",
+                    target,
+                    data=body,
+                    headers=headers,
+                    timeout=settings.CONTROLPLANE_WEBHOOK_TIMEOUT,
+                    raise_for_status=False,
+                )
+            except AdapterError as exc:
+                return Delivery(
+                    False, None, str(exc), attempt
+                )  # a refused target: retrying will not help
+            except http.HttpError as exc:
+                error, status = str(exc), None
+                continue
+            status = resp.status
+            if 200 <= resp.status < 300:
+                return Delivery(True, status, "", attempt)
+            error = f"HTTP {resp.status}"
+            if 300 <= resp.status < 400:
+                return Delivery(False, status, f"{error}: redirects are not followed", attempt)
+            if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                return Delivery(False, status, error, attempt)
+        return Delivery(False, status, error, attempts)
+
+
+class EmailChannel:
+    """Plain-text mail through Django's mail backend."""
+
+    name = "email"
+
+    def validate(self, target: str) -> None:
+        from django.core.exceptions import ValidationError
+        from django.core.validators import validate_email
+
+        try:
+            validate_email(target)
+        except ValidationError as exc:
+            raise AdapterError(f"{target!r} is not an e-mail address") from exc
+
+    def send(self, target: str, *, subject: str, payload: dict, secret: str) -> Delivery:
+        lines = [subject, ""] + [f"{key}: {value}" for key, value in payload.items()]
+        try:
+            send_mail(
+                subject,
+                "\n".join(lines),
+                settings.DEFAULT_FROM_EMAIL,
+                [target],
+                fail_silently=False,
+            )
+        except Exception as exc:  # SMTP errors of every kind
+            return Delivery(False, None, f"{type(exc).__name__}: {exc}")
+        return Delivery(True, None, "")
+
+
+CHANNELS: dict[str, Channel] = {"webhook": WebhookChannel(), "email": EmailChannel()}
+
+
+def get_channel(name: str) -> Channel:
+    return CHANNELS[name]
