@@ -62,6 +62,9 @@ def _tmp():
     [
         (archive({"MLmodel": MLMODEL, "../evil.txt": b"x"}), "escapes the archive"),
         (archive({"MLmodel": MLMODEL, "a/../../evil.txt": b"x"}), "escapes the archive"),
+        (archive({"MLmodel": MLMODEL, "./../evil.txt": b"x"}), "escapes the archive"),
+        (archive({"MLmodel": MLMODEL, "/../evil.txt": b"x"}), "absolute path"),
+        (archive({"MLmodel": MLMODEL, "..\\evil.txt": b"x"}), "backslash"),
         (archive({"MLmodel": MLMODEL, "/etc/cron.d/evil": b"x"}), "absolute path"),
         (archive({"MLmodel": MLMODEL, "C:/evil": b"x"}), "absolute path"),
         (archive({"MLmodel": MLMODEL, "a\\..\\..\\evil": b"x"}), "backslash"),
