@@ -155,8 +155,11 @@ class Proc:
 
     def start(self) -> Proc:
         self._log = open(self.log_path, "wb")
+        # Its own process group: with --workers N the server forks, and teardown
+        # must take the workers down with it.
         self.proc = subprocess.Popen(
-            self.args, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            self.args, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         return self
 
@@ -199,8 +202,11 @@ class Proc:
             self.kill()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the server and any forked workers
+            except ProcessLookupError:
+                pass
             self.proc.wait(timeout=10)
         if getattr(self, "_log", None) is not None:
             self._log.close()
