@@ -6,8 +6,9 @@
 Creates (and afterwards drops, unless --keep) a database of its own, migrates it, and measures:
 
 1. Ingestion of traffic samples through ``monitoring.services.traffic_ingest``: the raw table
-   (COPY) plus the additive upserts of the one-minute and one-hour rollups, in batches of
-   5,000 samples per transaction. A *sample* is one row of the raw table: what one instance
+   (binary COPY) plus the one-minute and one-hour rollups (stored rows read, merged with the
+   batch and written back with their percentiles; new rows COPYed), in batches of 5,000
+   samples per transaction. A *sample* is one row of the raw table: what one instance
    served between two scrapes (requests, 5xx, latency sum and the 15 histogram buckets).
    The data: 30 days of 15-second scrapes for one deployment serving two model versions
    (345,600 samples), then 30 days of one-minute scrapes for 10 other deployments
@@ -234,7 +235,7 @@ def run() -> None:
     total = len(target_samples) + len(other_samples)
     results.append(
         (
-            "traffic samples ingested (batches of 5,000; raw COPY + minute/hour upserts)",
+            "traffic samples ingested (batches of 5,000; raw rows + minute/hour rollups)",
             f"{total / (t_target + t_other):,.0f} samples/s overall ({total:,} in {t_target + t_other:.1f} s); "
             f"median batch {statistics.median(batch_rates):,.0f}/s, best {max(batch_rates):,.0f}/s",
         )

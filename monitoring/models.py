@@ -2,8 +2,9 @@
 
 Time series live in three tables of the same shape (``TrafficSample`` raw, one row per
 instance scrape; ``TrafficMinute`` and ``TrafficHour`` rollups), keyed by deployment and
-model version. Rollups are written in the same transaction as the raw row, by additive
-upserts, so they never lag. Times in the series tables are unix seconds (integers): the
+model version. Rollups are written in the same transaction as the raw row (the stored rows
+are read, merged and written back whole with their percentiles, one writer per deployment at
+a time), so they never lag. Times in the series tables are unix seconds (integers): the
 30-day, one-minute query reads 43,200 rows per version and arithmetic on integers is
 what keeps it fast on every database.
 

@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from io import StringIO
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from django.utils import timezone
 
 from deployments.models import Deployment, Instance
 
-from .. import promtext, scoring
+from .. import pgcopy, promtext, scoring
 from ..adapters import PROBE_REQUEST_PREFIX, AdapterError, ModelServer
 from ..models import (
     BUCKET_FIELDS,
@@ -95,116 +94,256 @@ def _sql_number(value: int | float) -> str:
     return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
-def _upsert_add(
-    model, rows: list[list], key: tuple[str, ...], fields: Sequence[str]
-) -> list[tuple]:
-    """INSERT ... ON CONFLICT (key) DO UPDATE SET f = f + excluded.f, RETURNING the id and
-    bucket counts of every row written. Rows hold numbers only.
+# Transaction-level advisory lock class for rollup writes ("moni"): the second key is the
+# deployment id. Rollup rows are read, merged and written back whole (with their percentiles),
+# so two writers of one deployment must not interleave.
+_ROLLUP_LOCK = 0x6D6F6E69
 
-    On PostgreSQL the rows are COPYed into a temporary staging table first and inserted from
-    there (a third of the time of a long VALUES list); elsewhere, VALUES lists."""
-    if not rows:
-        return []
+
+def _lock_deployments(deployment_ids: Sequence[int]) -> None:
+    """Serialize rollup writers per deployment (PostgreSQL; SQLite has one writer anyway).
+    In ascending order, so two writers of several deployments cannot deadlock."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        for deployment_id in sorted(set(deployment_ids)):
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)", [_ROLLUP_LOCK, deployment_id % 2**31]
+            )
+
+
+@dataclass
+class _Rollup:
+    """Rollup rows to add: ``keys`` (deployment, bucket, model version), ``counts`` (requests,
+    errors, then the latency buckets) and ``latency`` (sums in seconds), one row each."""
+
+    keys: np.ndarray
+    counts: np.ndarray
+    latency: np.ndarray
+
+
+def _array_literal(values: np.ndarray) -> str:
+    return "{" + ",".join(map(str, values.tolist())) + "}"
+
+
+def _possibly_stored(model, keys: np.ndarray) -> np.ndarray:
+    """Positions of the keys that may have a stored row: those not after the latest stored
+    bucket of their deployment and version. Collection moves forward in time, so most keys
+    of a batch are new and need no lookup."""
     qn = connection.ops.quote_name
     table = qn(model._meta.db_table)
-    columns = [model._meta.get_field(k).column for k in key] + list(fields)
-    names = ", ".join(qn(c) for c in columns)
-    updates = ", ".join(f"{qn(f)} = {table}.{qn(f)} + excluded.{qn(f)}" for f in fields)
-    returning = ", ".join(qn(c) for c in ["id", *BUCKET_FIELDS])
-    tail = (
-        f" ON CONFLICT ({', '.join(qn(c) for c in columns[: len(key)])}) DO UPDATE SET {updates}"
-        f" RETURNING {returning}"
-    )
-    written: list[tuple] = []
+    pairs, inverse = np.unique(keys[:, [0, 2]], axis=0, return_inverse=True)
+    # Integers built here, never user text: inlined.
+    wanted = ",".join(f"({d},{v})" for d, v in pairs.tolist())
     with connection.cursor() as cursor:
-        if _bulk(rows):
-            stage = qn(f"stage_{model._meta.db_table}")
+        cursor.execute(
+            f"SELECT k.column1, k.column2, (SELECT max(t.bucket) FROM {table} AS t "
+            "WHERE t.deployment_id = k.column1 AND t.model_version = k.column2) "
+            f"FROM (VALUES {wanted}) AS k"
+        )
+        latest = {(d, v): m for d, v, m in cursor.fetchall() if m is not None}
+    if not latest:
+        return np.empty(0, dtype=np.int64)
+    none = np.iinfo(np.int64).min
+    bound = np.array([latest.get((d, v), none) for d, v in pairs.tolist()], dtype=np.int64)
+    return np.flatnonzero(keys[:, 1] <= bound[inverse.reshape(-1)])
+
+
+def _rollup_existing(model, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored rows with these keys: their positions in ``keys``, counts and latency sums."""
+    qn = connection.ops.quote_name
+    table = qn(model._meta.db_table)
+    values = ", ".join(f"t.{qn(c)}" for c in TRAFFIC_FIELDS)
+    found: list[tuple] = []
+    # A few keys (one scrape) are looked up directly: a query less than ruling them out first.
+    candidates = _possibly_stored(model, keys) if len(keys) > 50 else np.arange(len(keys))
+    keys = keys[candidates]
+    with connection.cursor() as cursor:
+        if not len(keys):
+            pass
+        elif connection.vendor == "postgresql":
             cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-                f"SELECT {names} FROM {table} WITH NO DATA"
+                f"SELECT k.i - 1, {values} FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) "
+                f"WITH ORDINALITY AS k(d, b, v, i) JOIN {table} AS t ON t.deployment_id = k.d "
+                "AND t.model_version = k.v AND t.bucket = k.b",
+                [_array_literal(keys[:, column]) for column in range(3)],
             )
-            # Python ints and floats only: str() is their exact SQL literal.
-            cursor.cursor.copy_expert(
-                f"COPY {stage} ({names}) FROM STDIN",
-                StringIO("\n".join("\t".join(map(str, row)) for row in rows)),
+            found = cursor.fetchall()
+        else:
+            position = {tuple(key): i for i, key in enumerate(keys.tolist())}
+            for i in range(0, len(keys), 300):
+                # Integers built here, never user text: inlined.
+                wanted = ",".join(f"({d},{v},{b})" for d, b, v in keys[i : i + 300].tolist())
+                cursor.execute(
+                    f"SELECT t.deployment_id, t.bucket, t.model_version, {values} FROM {table} AS t "
+                    f"WHERE (t.deployment_id, t.model_version, t.bucket) IN (VALUES {wanted})"
+                )
+                found.extend((position[tuple(row[:3])], *row[3:]) for row in cursor.fetchall())
+    if not found:
+        return (
+            np.empty(0, dtype=np.int64),
+            np.empty((0, 2 + len(BUCKET_FIELDS)), dtype=np.int64),
+            np.empty(0),
+        )
+    positions = candidates[np.array([row[0] for row in found], dtype=np.int64)]
+    counts = np.array([(row[1], row[2], *row[4:]) for row in found], dtype=np.int64)
+    latency = np.array([row[3] for row in found], dtype=np.float64)
+    return positions, counts, latency
+
+
+def _rollup_write(model, rollup: _Rollup) -> None:
+    """Add ``rollup`` to the stored rows and write them back whole, with the latency
+    percentiles of their new counts: one write per row. The caller holds the deployments'
+    rollup locks (``_lock_deployments``)."""
+    if not len(rollup.keys):
+        return
+    counts, latency = rollup.counts.copy(), rollup.latency.copy()
+    positions, stored_counts, stored_latency = _rollup_existing(model, rollup.keys)
+    counts[positions] += stored_counts  # keys are unique: no position twice
+    latency[positions] += stored_latency
+    quantiles = np.stack(
+        [scoring.latency_quantiles(counts[:, 2:], q) for q in (0.5, 0.95, 0.99)], axis=1
+    )
+
+    qn = connection.ops.quote_name
+    table = qn(model._meta.db_table)
+    key_columns = ["deployment_id", "bucket", "model_version"]
+    fields = [*TRAFFIC_FIELDS, "p50", "p95", "p99"]
+    names = ", ".join(qn(c) for c in key_columns + fields)
+    # Written in key order, so writers that share rows (retention, another table) lock
+    # them in the same order.
+    conflict = ", ".join(qn(c) for c in ("deployment_id", "model_version", "bucket"))
+    tail = f" ON CONFLICT ({conflict}) DO UPDATE SET " + ", ".join(
+        f"{qn(f)} = excluded.{qn(f)}" for f in fields
+    )
+    with connection.cursor() as cursor:
+        if _bulk(rollup.keys):
+            types = pgcopy.column_types(model, key_columns + fields, connection)
+            columns = [
+                *rollup.keys.T,
+                counts[:, 0],
+                counts[:, 1],
+                latency,
+                *counts[:, 2:].T,
+                *quantiles.T,
+            ]
+            new = np.ones(len(rollup.keys), dtype=bool)
+            new[positions] = False
+            if new.any():
+                # The deployments' locks keep other writers out: new rows go straight in.
+                pgcopy.copy(cursor.cursor, table, names, types, [c[new] for c in columns])
+            if len(positions):
+                stage = qn(f"stage_w_{model._meta.db_table}")
+                cursor.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+                    f"SELECT {names} FROM {table} WITH NO DATA"
+                )
+                pgcopy.copy(cursor.cursor, stage, names, types, [c[positions] for c in columns])
+                assignments = ", ".join(f"{qn(f)} = s.{qn(f)}" for f in fields)
+                matches = " AND ".join(f"{table}.{qn(c)} = s.{qn(c)}" for c in key_columns)
+                cursor.execute(
+                    f"UPDATE {table} SET {assignments} FROM {stage} AS s WHERE {matches}"
+                )
+                cursor.execute(f"DELETE FROM {stage}")
+            return
+        rows = [
+            [*key, count[0], count[1], lat, *count[2:], *(None if math.isnan(q) else q for q in qs)]
+            for key, count, lat, qs in zip(
+                rollup.keys.tolist(),
+                counts.tolist(),
+                latency.tolist(),
+                quantiles.tolist(),
+                strict=True,
             )
-            # In key order, so two writers lock the rows they share in the same order.
-            order = ", ".join(qn(c) for c in columns[: len(key)])
-            cursor.execute(
-                f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ORDER BY {order}{tail}"
-            )
-            written = cursor.fetchall()
-            cursor.execute(f"DELETE FROM {stage}")
-            return written
+        ]
+        rows.sort(key=lambda row: (row[0], row[2], row[1]))
         head = f"INSERT INTO {table} ({names}) VALUES "
         for i in range(0, len(rows), 2000):
             values = ",".join(
-                "(" + ",".join(map(_sql_number, row)) + ")" for row in rows[i : i + 2000]
+                "(" + ",".join("NULL" if v is None else _sql_number(v) for v in row) + ")"
+                for row in rows[i : i + 2000]
             )
             cursor.execute(head + values + tail)
-            written.extend(cursor.fetchall())
-    return written
 
 
-def _store_quantiles(model, written: list[tuple]) -> None:
-    """p50, p95 and p99 of each written rollup row, from its (new) bucket counts."""
-    if not written:
-        return
-    data = np.array(written, dtype=np.float64)
-    ids = data[:, 0].astype(np.int64).tolist()
-    quantiles = [scoring.latency_quantiles(data[:, 1:], q).tolist() for q in (0.5, 0.95, 0.99)]
-    rows = [
-        (i, *(None if math.isnan(q[k]) else q[k] for q in quantiles)) for k, i in enumerate(ids)
-    ]
+_RAW_COLUMNS = [
+    "deployment_id",
+    "model_version",
+    "instance",
+    "start",
+    "ts",
+    "reset",
+    *TRAFFIC_FIELDS,
+]
+
+
+def _samples_insert(samples: Sequence[TrafficIn]) -> None:
+    """The raw rows: binary COPY on PostgreSQL, multi-row INSERTs elsewhere."""
     qn = connection.ops.quote_name
-    table = qn(model._meta.db_table)
+    table = qn(TrafficSample._meta.db_table)
+    names = ", ".join(qn(c) for c in _RAW_COLUMNS)
     with connection.cursor() as cursor:
-        if _bulk(rows):
-            stage = qn(f"stage_q_{model._meta.db_table}")
-            cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {stage} (id bigint, p50 float8, p95 float8, p99 float8)"
-                " ON COMMIT DELETE ROWS"
+        if _bulk(samples):
+            ints = np.array(
+                [
+                    (
+                        s.deployment_id,
+                        s.model_version,
+                        int(s.start),
+                        int(s.ts),
+                        s.requests,
+                        s.errors,
+                    )
+                    for s in samples
+                ],
+                dtype=np.int64,
             )
-            text = "\n".join("\t".join("\\N" if v is None else str(v) for v in row) for row in rows)
-            cursor.cursor.copy_expert(f"COPY {stage} FROM STDIN", StringIO(text))
-            cursor.execute(
-                f"UPDATE {table} SET p50 = s.p50, p95 = s.p95, p99 = s.p99 FROM {stage} AS s "
-                f"WHERE {table}.id = s.id"
+            buckets = np.array([s.buckets for s in samples], dtype=np.int64)
+            pgcopy.copy(
+                cursor.cursor,
+                table,
+                names,
+                pgcopy.column_types(TrafficSample, _RAW_COLUMNS, connection),
+                [
+                    ints[:, 0],
+                    ints[:, 1],
+                    [s.instance for s in samples],
+                    ints[:, 2],
+                    ints[:, 3],
+                    np.array([bool(s.reset) for s in samples]),
+                    ints[:, 4],
+                    ints[:, 5],
+                    np.array([s.latency_sum for s in samples], dtype=np.float64),
+                    *buckets.T,
+                ],
             )
-            cursor.execute(f"DELETE FROM {stage}")
             return
-        cursor.executemany(
-            f"UPDATE {table} SET p50 = %s, p95 = %s, p99 = %s WHERE id = %s",
-            [(*row[1:], row[0]) for row in rows],
-        )
-
-
-def _copy_or_bulk_insert(model, columns: Sequence[str], rows: list[tuple]) -> None:
-    """Many rows at once: COPY on PostgreSQL, multi-row INSERT elsewhere. Text values must
-    not contain tabs, newlines or backslashes (instance labels do not)."""
-    if not rows:
-        return
-    qn = connection.ops.quote_name
-    with connection.cursor() as cursor:
-        if _bulk(rows):
-            buf = StringIO("\n".join("\t".join(map(str, row)) for row in rows))
-            cursor.cursor.copy_expert(
-                f"COPY {qn(model._meta.db_table)} ({', '.join(qn(c) for c in columns)}) FROM STDIN",
-                buf,
+        rows = [
+            (
+                s.deployment_id,
+                s.model_version,
+                s.instance,
+                int(s.start),
+                int(s.ts),
+                bool(s.reset),
+                s.requests,
+                s.errors,
+                float(s.latency_sum),
+                *s.buckets,
             )
-            return
-        one = "(" + ", ".join(["%s"] * len(columns)) + ")"
-        batch = max(1, 30_000 // len(columns))
+            for s in samples
+        ]
+        one = "(" + ", ".join(["%s"] * len(_RAW_COLUMNS)) + ")"
+        batch = max(1, 30_000 // len(_RAW_COLUMNS))
         for i in range(0, len(rows), batch):
             chunk = rows[i : i + batch]
             cursor.execute(
-                f"INSERT INTO {qn(model._meta.db_table)} ({', '.join(qn(c) for c in columns)}) "
-                f"VALUES {', '.join([one] * len(chunk))}",
+                f"INSERT INTO {table} ({names}) VALUES {', '.join([one] * len(chunk))}",
                 [value for row in chunk for value in row],
             )
 
 
-def _rollup(samples: Sequence[TrafficIn]) -> tuple[list[list], list[list]]:
+def _rollup(samples: Sequence[TrafficIn]) -> tuple[_Rollup, _Rollup]:
     """Minute and hour rows from samples. A sample's increases are spread over the minutes
     its interval covers, in proportion to the overlap (a missed scrape leaves a longer
     interval, not a spike); integer counts are split by rounding cumulative shares, so the
@@ -245,20 +384,16 @@ def _rollup(samples: Sequence[TrafficIn]) -> tuple[list[list], list[list]]:
     ver = np.concatenate([version[idx], np.zeros(idx.size, dtype=np.int64)])
     minute = np.concatenate([minute, minute])
 
-    def group(keys: np.ndarray, bucket_seconds: int) -> list[list]:
+    def group(keys: np.ndarray, bucket_seconds: int) -> _Rollup:
         order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
         keys, values, lat = keys[order], parts[order], latency_parts[order]
         boundaries = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
         starts = np.concatenate(([0], boundaries))
-        summed = np.add.reduceat(values, starts, axis=0)
-        lat_summed = np.add.reduceat(lat, starts)
-        first = keys[starts] * np.array([1, bucket_seconds, 1], dtype=np.int64)
-        ints = np.concatenate([first, summed.astype(np.int64)], axis=1).tolist()
-        out = []
-        for row, latency_sum in zip(ints, lat_summed.tolist(), strict=True):
-            row.insert(5, latency_sum)  # after deployment, bucket, version, requests, errors
-            out.append(row)
-        return out
+        return _Rollup(
+            keys=keys[starts] * np.array([1, bucket_seconds, 1], dtype=np.int64),
+            counts=np.add.reduceat(values, starts, axis=0).astype(np.int64),
+            latency=np.add.reduceat(lat, starts),
+        )
 
     minutes = group(np.stack([dep, minute, ver], axis=1), 60)
     # Hours from the minute parts (an hour is the sum of its minutes).
@@ -272,38 +407,11 @@ def traffic_ingest(*, samples: Sequence[TrafficIn]) -> int:
     if not samples:
         return 0
     _relaxed_commit()
-    raw_columns = [
-        "deployment_id",
-        "model_version",
-        "instance",
-        "start",
-        "ts",
-        "reset",
-        *TRAFFIC_FIELDS,
-    ]
-    _copy_or_bulk_insert(
-        TrafficSample,
-        raw_columns,
-        [
-            (
-                s.deployment_id,
-                s.model_version,
-                s.instance,
-                int(s.start),
-                int(s.ts),
-                bool(s.reset),
-                s.requests,
-                s.errors,
-                float(s.latency_sum),
-                *s.buckets,
-            )
-            for s in samples
-        ],
-    )
+    _lock_deployments([s.deployment_id for s in samples])
+    _samples_insert(samples)
     minutes, hours = _rollup(samples)
-    key = ("deployment", "bucket", "model_version")
-    _store_quantiles(TrafficMinute, _upsert_add(TrafficMinute, minutes, key, TRAFFIC_FIELDS))
-    _store_quantiles(TrafficHour, _upsert_add(TrafficHour, hours, key, TRAFFIC_FIELDS))
+    _rollup_write(TrafficMinute, minutes)
+    _rollup_write(TrafficHour, hours)
     return len(samples)
 
 

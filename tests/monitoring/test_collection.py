@@ -302,8 +302,10 @@ def test_metrics_of_an_unknown_deployment_are_404(api, db):
     assert api.get("/api/v1/deployments/nope/metrics", {"name": "requests"}).status_code == 404
 
 
-def test_a_bulk_batch_and_single_samples_give_the_same_rollups(make_deployment):
-    """Large batches take the COPY path on PostgreSQL; the result is the same."""
+def test_bulk_batches_and_single_samples_give_the_same_rows(make_deployment):
+    """Large batches take the binary COPY path on PostgreSQL, and the second batch here adds
+    to minutes the first one wrote (interleaved samples): the result is the same as one
+    sample per transaction, raw rows included."""
     import random
 
     one, many = make_deployment("one-by-one"), make_deployment("in-bulk")
@@ -311,24 +313,40 @@ def test_a_bulk_batch_and_single_samples_give_the_same_rollups(make_deployment):
     base = now_minute() - 86400
     samples = []
     for i in range(400):
-        buckets = [rng.randint(0, 9) for _ in range(15)]
+        buckets = [rng.randint(0, 9) for _ in range(15)] if i % 50 else [0] * 15
         samples.append(
             dict(
                 model_version=1 + i % 2,
-                instance="r1#0",
+                instance=f"r{1 + i % 3}#{i % 2}" if i % 7 else "r12#10",
                 start=base + 37 * i,
                 ts=base + 37 * (i + 1),
                 requests=sum(buckets),
                 errors=rng.randint(0, 2),
-                latency_sum=0.01 * i,
+                latency_sum=0.01 * i + 1e-9,
                 buckets=buckets,
+                reset=i % 11 == 0,
             )
         )
-    services.traffic_ingest(
-        samples=[services.TrafficIn(deployment_id=many.deployment.pk, **s) for s in samples]
-    )
+    for batch in (samples[0::2], samples[1::2]):
+        services.traffic_ingest(
+            samples=[services.TrafficIn(deployment_id=many.deployment.pk, **s) for s in batch]
+        )
     for s in samples:
         services.traffic_ingest(samples=[services.TrafficIn(deployment_id=one.deployment.pk, **s)])
+
+    def raw(fleet):
+        fields = [f.column for f in TrafficSample._meta.concrete_fields]
+        fields = [f for f in fields if f not in ("id", "deployment_id")]
+        return sorted(
+            TrafficSample.objects.filter(deployment=fleet.deployment).values_list(*fields)
+        )
+
+    assert raw(one) == raw(many)
+    assert len(raw(many)) == 400
+    assert TrafficSample.objects.filter(deployment=many.deployment, reset=True).count() == 37
+    assert set(
+        TrafficSample.objects.filter(deployment=many.deployment).values_list("instance", flat=True)
+    ) == {"r1#0", "r2#1", "r3#0", "r1#1", "r2#0", "r3#1", "r12#10"}
 
     def rollups(model, fleet):
         return sorted(
@@ -350,7 +368,9 @@ def test_a_bulk_batch_and_single_samples_give_the_same_rollups(make_deployment):
         a, b = rollups(model, one), rollups(model, many)
         assert [row[:7] for row in a] == [row[:7] for row in b]
         assert [row[7:] for row in a] == [pytest.approx(row[7:]) for row in b]
-    assert TrafficSample.objects.filter(deployment=many.deployment).count() == 400
+    # A minute with no requests has no percentiles (NULL, not 0 or NaN).
+    empty = TrafficMinute.objects.filter(deployment=many.deployment, requests=0)
+    assert empty.exists() and set(empty.values_list("p50", "p95", "p99")) == {(None, None, None)}
     assert sum(
         TrafficMinute.objects.filter(deployment=many.deployment, model_version=0).values_list(
             "requests", flat=True
@@ -371,3 +391,57 @@ def test_a_bulk_batch_and_single_samples_give_the_same_rollups(make_deployment):
 def test_extreme_metric_queries_are_answered_without_a_server_error(api, traffic, params):
     resp = api.get("/api/v1/deployments/churn/metrics", params)
     assert resp.status_code in (200, 400), resp.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_of_one_deployment_add_up(make_deployment):
+    """Rollup rows are read, merged and written back whole; two workers writing the same
+    minutes at once must wait for each other rather than overwrite or collide."""
+    import threading
+
+    from django.db import connection, connections
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has a single writer; the rollup lock is PostgreSQL's")
+    fleet = make_deployment("contended")
+    base = now_minute() - 7200
+    batches = [
+        [
+            services.TrafficIn(
+                deployment_id=fleet.deployment.pk,
+                model_version=1,
+                instance=f"r1#{worker}",
+                start=base + 15 * i,
+                ts=base + 15 * (i + 1),
+                requests=10,
+                errors=worker,
+                latency_sum=0.05,
+                buckets=[0] * (3 + worker * 4) + [10] + [0] * (11 - worker * 4),
+            )
+            for i in range(400)
+        ]
+        for worker in (0, 1)
+    ]
+    start, failures = threading.Barrier(2), []
+
+    def work(batch):
+        try:
+            start.wait()
+            services.traffic_ingest(samples=batch)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert failures == []
+    minutes = TrafficMinute.objects.filter(deployment=fleet.deployment, model_version=0)
+    assert minutes.count() == 100
+    rows = list(minutes.values_list("requests", "errors", "p95", *[f"b{i:02d}" for i in range(15)]))
+    assert {r[:2] for r in rows} == {(80, 4)}  # 4 scrapes of each worker per minute
+    for row in rows:
+        assert row[2] == pytest.approx(latency_quantiles([row[3:]], 0.95)[0])
