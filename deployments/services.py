@@ -242,9 +242,11 @@ def _previous_good(d: Deployment, exclude: Revision | None) -> Revision | None:
 @transaction.atomic
 def deployment_rollback(
     *, deployment: Deployment, revision: int | None = None, actor: AbstractBaseUser | None,
-    reason: str = "", automatic: bool = False,
+    reason: str = "", automatic: bool = False, system: str = "reconciler",
 ) -> Deployment:
-    """Serve an earlier revision again. Its files (and image) are kept, so nothing is rebuilt."""
+    """Serve an earlier revision again. Its files (and image) are kept, so nothing is rebuilt.
+    An automatic rollback is audited as ``system:<system>``: the reconciler's own, or the
+    monitoring app's when an alert rule asks for it."""
     d = _locked(deployment)
     current = d.desired_revision
     if revision is None:
@@ -279,7 +281,7 @@ def deployment_rollback(
     d.save()
     audit_record(actor=actor, action=f"deployment.{kind}", object_type="deployment", object_id=d.name,
                  object_repr=d.name, before=before, after={**_deployment_snapshot(d), "reason": why},
-                 system="reconciler" if automatic else None)
+                 system=system if automatic else None)
     _kick(d)
     return d
 

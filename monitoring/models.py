@@ -22,6 +22,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+from controlplane.lib.fields import EncryptedTextField
+
 # The model server's latency histogram (serving/metrics.py): 14 bounds, then +Inf.
 from serving.metrics import LATENCY_BUCKETS
 
@@ -385,8 +387,8 @@ class AlertRule(models.Model):
     )
     enabled = models.BooleanField(default=True)
     webhook_url = models.URLField(max_length=2000, blank=True)
-    webhook_secret = models.CharField(
-        max_length=128, blank=True, help_text="HMAC-SHA256 key of the webhook body"
+    webhook_secret = EncryptedTextField(
+        blank=True, help_text="HMAC-SHA256 key of the webhook body (encrypted at rest)"
     )
     email_to = models.TextField(blank=True, help_text="comma-separated addresses")
     rollback_on_fire = models.BooleanField(default=False)

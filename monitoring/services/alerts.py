@@ -20,7 +20,7 @@ from controlplane.lib.tasks import enqueue_on_commit
 from deployments.models import Deployment
 
 from .. import catalog
-from ..adapters import AdapterError, get_channel
+from ..adapters import AdapterError, Delivery, get_channel
 from ..models import (
     AlertEvent,
     AlertNotification,
@@ -279,6 +279,7 @@ def _rollback(rule: AlertRule) -> str:
             deployment=rule.deployment,
             actor=None,
             automatic=True,
+            system="monitoring",
             reason=f"alert rule {rule.name!r} fired",
         )
     except ApplicationError as exc:
@@ -359,12 +360,20 @@ def notification_deliver(*, notification_id: int) -> AlertNotification | None:
         pk=notification_id
     )
     subject, payload = _payload(notification)
-    delivery = get_channel(notification.channel).send(
-        notification.target,
-        subject=subject,
-        payload=payload,
-        secret=notification.event.rule.webhook_secret,
-    )
+    secret = notification.event.rule.webhook_secret
+    if notification.channel == "webhook" and not secret:
+        # Unsigned would look like a forgery to the receiver: say why instead.
+        delivery = Delivery(
+            ok=False,
+            status=None,
+            attempts=0,
+            error="the rule's signing secret cannot be decrypted (SECRET_KEY changed without "
+            "SECRET_KEY_FALLBACKS): rotate the secret",
+        )
+    else:
+        delivery = get_channel(notification.channel).send(
+            notification.target, subject=subject, payload=payload, secret=secret
+        )
     AlertNotification.objects.filter(pk=notification_id).update(
         status=AlertNotification.Status.SENT if delivery.ok else AlertNotification.Status.FAILED,
         attempts=notification.attempts + delivery.attempts,

@@ -278,6 +278,9 @@ def test_a_firing_rule_can_roll_the_deployment_back(
         deployment=fleet.deployment, kind="auto_rollback"
     ).exists()
     assert "rolled back to revision 1" in AlertEvent.objects.get().message
+    audited = AuditEvent.objects.get(action="deployment.auto_rollback")
+    assert audited.actor_label == "system:monitoring" and audited.actor is None
+    assert audited.after["reason"] == "alert rule 'errors' fired"
     # Firing again later (after resolving) with nothing earlier to go back to: refused, recorded.
     AlertRule.objects.filter(pk=rule["id"]).update(state="resolved")
     fleet.deployment.revisions.filter(number=2).update(live_at=None)
@@ -336,3 +339,59 @@ def test_rules_for_unknown_deployments_or_metrics_are_refused(api, fleet):
         "/api/v1/alert-rules", {**base, "deployment": "churn", "email_to": "not an address"}
     )
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_email"
+
+
+def _stored_secret(rule_id: int) -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT webhook_secret FROM monitoring_alertrule WHERE id = %s", [rule_id])
+        return cursor.fetchone()[0]
+
+
+@LOOPBACK
+def test_the_webhook_secret_is_encrypted_at_rest_and_survives_a_key_rotation(
+    api, fleet, server, settings, django_capture_on_commit_callbacks
+):
+    now = time.time()
+    with Receiver() as receiver:
+        rule = make_rule(api, webhook_url=receiver.url)
+        secret = rule["webhook_secret"]
+        stored = _stored_secret(rule["id"])
+        assert secret not in stored and len(stored) > 100  # a Fernet token, not the key
+        assert AlertRule.objects.get(pk=rule["id"]).webhook_secret == secret
+
+        # A new SECRET_KEY with the old one among the fallbacks still opens it.
+        settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+        settings.SECRET_KEY = "a-rotated-secret-key-that-is-long-enough-0123456789"
+        traffic(fleet, server, now - 30, ok=10, errors=90)
+        with django_capture_on_commit_callbacks() as callbacks:
+            services.alert_rule_evaluate(
+                rule_id=rule["id"], now=datetime.fromtimestamp(now, tz=UTC)
+            )
+        deliver_all(callbacks)
+        sent = receiver.requests[0]
+        expected = "sha256=" + hmac.new(secret.encode(), sent["body"], hashlib.sha256).hexdigest()
+        assert sent["headers"]["X-Controlplane-Signature"] == expected
+
+
+@LOOPBACK
+def test_a_secret_no_key_opens_fails_the_delivery_instead_of_sending_it_unsigned(
+    api, fleet, server, settings, django_capture_on_commit_callbacks
+):
+    now = time.time()
+    with Receiver() as receiver:
+        rule = make_rule(api, webhook_url=receiver.url)
+        settings.SECRET_KEY = "an-unrelated-secret-key-that-is-long-enough-987654"
+        traffic(fleet, server, now - 30, ok=10, errors=90)
+        with django_capture_on_commit_callbacks() as callbacks:
+            services.alert_rule_evaluate(
+                rule_id=rule["id"], now=datetime.fromtimestamp(now, tz=UTC)
+            )
+        deliver_all(callbacks)
+        assert receiver.requests == []
+    notification = AlertNotification.objects.get()
+    assert notification.status == "failed" and "rotate the secret" in notification.last_error
+    # Rotating it through the API makes a new one that signs again.
+    resp = api.patch(f"/api/v1/alert-rules/{rule['id']}", {"rotate_secret": True})
+    assert resp.status_code == 200 and len(resp.json()["webhook_secret"]) == 64
