@@ -45,9 +45,14 @@ class ProbeOutcome:
 class ModelServer:
     """One model server (or a deployment's stable endpoint) at ``http://address``."""
 
-    def __init__(self, address: str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, address: str, *, timeout: float = 5.0, admin_token: str | None = None
+    ) -> None:
+        """``admin_token`` is the server's SERVING_ADMIN_TOKEN, sent to its admin endpoints
+        (deployments.serving_token.serving_admin_token gives it)."""
         self.base = address if address.startswith("http") else f"http://{address}"
         self.timeout = timeout
+        self._admin_token = admin_token
 
     def metrics(self) -> str:
         try:
@@ -57,8 +62,8 @@ class ModelServer:
 
     def predictions(self, *, after: int, limit: int) -> dict:
         headers = {}
-        if settings.CONTROLPLANE_SERVING_ADMIN_TOKEN:
-            headers["Authorization"] = f"Bearer {settings.CONTROLPLANE_SERVING_ADMIN_TOKEN}"
+        if self._admin_token:
+            headers["Authorization"] = f"Bearer {self._admin_token}"
         try:
             resp = http.request(
                 "GET",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from ..serving_token import serving_admin_token
 from .base import InstanceSpec, InstanceStatus, Runtime, RuntimeError_
 
 __all__ = ["InstanceSpec", "InstanceStatus", "Runtime", "RuntimeError_", "get_runtime", "install_id", "RUNTIMES"]
@@ -35,7 +36,10 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
     if name == "local":
         from .local import LocalRuntime
 
-        return LocalRuntime(state_dir=Path(data_dir) / "instances", owner=owner, code_root=settings.BASE_DIR)
+        return LocalRuntime(
+            state_dir=Path(data_dir) / "instances", owner=owner, code_root=settings.BASE_DIR,
+            admin_token=serving_admin_token,
+        )
     if name == "docker":
         from .docker import DockerRuntime
 
@@ -45,6 +49,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             network_mode=settings.CONTROLPLANE_DOCKER_NETWORK,
             cache_dir=Path(data_dir) / "docker",
             owner=owner,
+            admin_token=serving_admin_token,
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import docker
@@ -108,6 +108,7 @@ class DockerRuntime:
         *,
         owner: str,
         cache_dir: str | os.PathLike[str],
+        admin_token: Callable[[str], str],
         base_image: str = "python:3.11-slim-bookworm",
         image_prefix: str = "controlplane-serving",
         network_mode: str = "host",
@@ -125,6 +126,8 @@ class DockerRuntime:
         """No I/O here: the engine is first contacted by the first call that needs it.
 
         ``owner`` is this control plane's install id (the ``controlplane.owner`` label);
+        ``admin_token`` maps a deployment name to the token its servers' admin endpoints
+        require (``SERVING_ADMIN_TOKEN``, see deployments/serving_token.py);
         ``network_mode`` is "host" (the server binds spec.host:spec.port on the host's
         network) or "bridge" (it listens on 0.0.0.0:8080 in the container, published on
         127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
@@ -136,6 +139,7 @@ class DockerRuntime:
             raise ValueError(f"network_mode must be 'host' or 'bridge', got {network_mode!r}")
         self.owner = owner
         self.cache_dir = Path(cache_dir)
+        self.admin_token = admin_token
         self.base_image = base_image
         self.image_prefix = image_prefix
         self.network_mode = network_mode
@@ -182,6 +186,9 @@ class DockerRuntime:
             "SERVING_PORT": str(listen_port),
             "SERVING_MAX_BATCH_SIZE": str(spec.max_batch_size),
             "SERVING_MAX_BATCH_DELAY_MS": str(spec.max_batch_delay_ms),
+            # Like any container's environment, readable by whoever may use the engine (root
+            # or equivalent) and by the container's own uid, nobody else.
+            "SERVING_ADMIN_TOKEN": self.admin_token(spec.deployment),
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         mounts = [Mount(MODEL_MOUNT, spec.model_dir, type="bind", read_only=True)]

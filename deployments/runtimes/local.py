@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import process
@@ -20,10 +21,16 @@ _PASS_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "MLFLOW_DISABLE_TELEMET
 class LocalRuntime:
     name = "local"
 
-    def __init__(self, *, state_dir: Path, owner: str, code_root: Path, python: str | None = None) -> None:
+    def __init__(
+        self, *, state_dir: Path, owner: str, code_root: Path, admin_token: Callable[[str], str],
+        python: str | None = None,
+    ) -> None:
+        """``admin_token`` maps a deployment name to the token its servers' admin endpoints
+        require (deployments/serving_token.py); this module stays free of Django."""
         self.state_dir = Path(state_dir)
         self.owner = owner
         self.code_root = Path(code_root)
+        self.admin_token = admin_token
         self.python = python or sys.executable
 
     def _log_path(self, instance_name: str) -> Path:
@@ -47,6 +54,9 @@ class LocalRuntime:
             CONTROLPLANE_ORDINAL=str(spec.ordinal),
             CONTROLPLANE_PORT=str(spec.port),
             CONTROLPLANE_INSTANCE=spec.instance_name,
+            # In the environment, not on the command line: /proc/<pid>/environ is readable by
+            # this user only, /proc/<pid>/cmdline by everyone.
+            SERVING_ADMIN_TOKEN=self.admin_token(spec.deployment),
         )
         argv = [
             self.python, "-m", "serving",

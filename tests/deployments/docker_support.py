@@ -22,6 +22,11 @@ IMAGE_PREFIX = "controlplane-serving-test"
 CACHE_DIR = Path(os.environ.get("CONTROLPLANE_TEST_DOCKER_CACHE", "/tmp/controlplane-test-docker"))
 
 
+def admin_token(deployment: str) -> str:
+    """The admin token of the test runtimes' servers (the control plane derives its own)."""
+    return f"test-admin-token-{deployment}"
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("REQUIRE_DOCKER") == "1":
         pytest.fail(f"REQUIRE_DOCKER=1 but {reason} (run .ci/docker-setup.sh)", pytrace=False)
@@ -56,6 +61,7 @@ def make_docker_runtime(**overrides) -> DockerRuntime:
         "base_image": BASE_IMAGE,
         "image_prefix": IMAGE_PREFIX,
         "network_mode": "host",
+        "admin_token": admin_token,
         **overrides,
     }
     return DockerRuntime(**settings)

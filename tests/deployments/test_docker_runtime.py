@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from deployments.runtimes.base import InstanceSpec, RuntimeError_
 from deployments.runtimes.docker import DockerRuntime, docker_available
 from tests.deployments.docker_support import (  # noqa: F401 (docker_runtime_fixture)
+    admin_token,
     docker_runtime_fixture,
     make_docker_runtime,
     remove_other_test_images,
@@ -205,6 +207,28 @@ def test_logs_return_the_servers_output(instance, docker_runtime):
     assert len(docker_runtime.logs(status.runtime_id, tail=1).strip().splitlines()) == 1
 
 
+def get_predictions(port: int, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/predictions", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert isinstance(json.loads(response.read())["records"], list)
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_prediction_log_needs_the_deployments_admin_token(instance, docker_runtime):
+    spec, status = instance
+
+    assert get_predictions(spec.port, None) == 401
+    assert get_predictions(spec.port, admin_token("another")) == 401
+    assert get_predictions(spec.port, admin_token("churn")) == 200
+    env = engine_attrs(status.runtime_id)["Config"]["Env"]
+    assert f"SERVING_ADMIN_TOKEN={admin_token('churn')}" in env
+    assert admin_token("churn") not in docker_runtime.logs(status.runtime_id, tail=1000)
+
+
 def test_a_new_revision_with_the_same_requirements_builds_nothing(
     instance, docker_runtime, models, tmp_path
 ):
@@ -322,7 +346,9 @@ def test_a_model_the_container_user_cannot_read_is_refused(models, tmp_path):
 
 def test_an_unreachable_engine_is_a_runtime_error(models, tmp_path):
     base_url = f"unix://{tmp_path}/no-engine.sock"
-    runtime = DockerRuntime(owner="nobody", cache_dir=tmp_path / "cache", base_url=base_url)
+    runtime = DockerRuntime(
+        owner="nobody", cache_dir=tmp_path / "cache", base_url=base_url, admin_token=admin_token
+    )
     model_dir, _ = models[1]
 
     ok, reason = docker_available(base_url)
