@@ -269,6 +269,14 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         "polling_interval": 0.1,  # the embedded broker is a directory: look often, it is cheap
     }
+else:
+    # One connection attempt per publish, no retry loop: a request that enqueues after its
+    # commit must not stall seconds while the broker is down (kombu's default retries for
+    # up to 6 s). Nothing is lost by failing fast: the periodic pass redoes the work, and
+    # workers reconnect on their own (Celery's broker_connection_retry).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"max_retries": 0}
+    if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+        CELERY_BROKER_TRANSPORT_OPTIONS["socket_connect_timeout"] = 2
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
