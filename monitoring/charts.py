@@ -275,7 +275,8 @@ def deployment_charts(
         y_title="PSI",
         shape="hv",
         hlines=(0.1, 0.25),
-        **common,
+        # Drift is counted per hour: consecutive hours are one line, not isolated dots.
+        **{**common, "step": max(step, 3600)},
     )
     charts.append(drift)
     charts.append(
