@@ -4,21 +4,23 @@ Every pass compares a deployment's desired revision with what its runtime
 reports and takes the next steps: start missing instances, restart crashed
 ones, probe readiness, switch the stable endpoint once the new revision is
 ready several times in a row, then drain and stop the old one. It trusts
-neither events nor memory: everything it needs is re-read each pass. A lease
-(compare-and-swap on the deployment row) keeps two workers off the same
-deployment; runtime ids recorded before a start make a crash at any point
-recoverable (the next pass adopts or sweeps).
+neither events nor memory: everything it needs is re-read each pass. A short
+lease (compare-and-swap on the deployment row), renewed by a heartbeat while
+its reconcile call runs, keeps two workers off the same deployment, and lets
+another take over soon after a worker dies; runtime ids recorded before a
+start make a crash at any point recoverable (the next pass adopts or sweeps).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -38,34 +40,110 @@ PROBE_TIMEOUT = 1.0
 DRAIN_TIMEOUT = 30.0
 
 
-def _acquire(deployment_id: int, owner: str, seconds: float) -> bool:
+# A dead worker keeps others off its deployment until its lease runs out, so the lease is
+# short and a heartbeat renews it while the reconcile call that took it is alive: long steps
+# (an image build, a 30 s drain) keep it, a killed process stops renewing with it.
+LEASE_SECONDS = 15.0
+# Three renewals per lease: one slow or failed renewal does not hand the deployment over.
+HEARTBEAT_SECONDS = 5.0
+# A worker alive but stuck (a hung engine call) is not renewed past its budget plus the
+# longest one step may take (a first image build): the deployment is not held forever.
+LONGEST_STEP_SECONDS = 600.0
+
+
+def _acquire(deployment_id: int, owner: str) -> bool:
     now = timezone.now()
     return bool(
         Deployment.objects.filter(pk=deployment_id)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
-        .update(lease_until=now + timedelta(seconds=seconds), lease_owner=owner)
+        .update(lease_until=now + timedelta(seconds=LEASE_SECONDS), lease_owner=owner)
+    )
+
+
+def _renew(deployment_id: int, owner: str) -> bool:
+    # Only while ``owner`` still holds it: a released lease, or one another worker took
+    # after it ran out, is never taken back.
+    return bool(
+        Deployment.objects.filter(pk=deployment_id, lease_owner=owner).update(
+            lease_until=timezone.now() + timedelta(seconds=LEASE_SECONDS)
+        )
     )
 
 
 def _release(deployment_id: int, owner: str) -> None:
-    Deployment.objects.filter(pk=deployment_id, lease_owner=owner).update(lease_until=None, lease_owner="")
+    Deployment.objects.filter(pk=deployment_id, lease_owner=owner).update(
+        lease_until=None, lease_owner=""
+    )
+
+
+class _Heartbeat:
+    """Renews ``owner``'s lease every HEARTBEAT_SECONDS until ``until`` (monotonic) from a
+    daemon thread with its own database connection (the reconcile call's may be busy for
+    minutes in one step). ``lost`` is set once the lease is no longer ``owner``'s."""
+
+    def __init__(self, deployment_id: int, owner: str, *, until: float) -> None:
+        self.deployment_id, self.owner, self.until = deployment_id, owner, until
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-{deployment_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(HEARTBEAT_SECONDS):
+                if time.monotonic() > self.until:
+                    logger.warning(
+                        "deployment %s: reconcile stuck, its lease lapses", self.deployment_id
+                    )
+                    return
+                try:
+                    held = _renew(self.deployment_id, self.owner)
+                except (DatabaseError, InterfaceError) as exc:
+                    # A database restart: try again on a new connection; the lease may lapse.
+                    logger.warning(
+                        "renewing the lease of deployment %s: %s", self.deployment_id, exc
+                    )
+                    connection.close()
+                    continue
+                if not held:
+                    self.lost.set()
+                    return
+        finally:
+            connection.close()  # this thread's connection, not the reconcile call's
 
 
 def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool | None:
     """Converge one deployment for up to ``budget`` seconds. True if converged, False if
     not yet, None if another worker holds its lease (that worker is on it)."""
     owner = uuid.uuid4().hex
-    if not _acquire(deployment_id, owner, budget + 60):
+    if not _acquire(deployment_id, owner):
         return None
+    deadline = time.monotonic() + budget
+    heartbeat = None
+    # Inside a caller's transaction (tests) the lease is seen by no other connection until
+    # it commits: a heartbeat could not renew it, only wait on the caller's locks.
+    if not connection.in_atomic_block:
+        heartbeat = _Heartbeat(deployment_id, owner, until=deadline + LONGEST_STEP_SECONDS)
+        heartbeat.start()
     try:
-        deadline = time.monotonic() + budget
         while True:
             done = _pass(deployment_id)
             if done or time.monotonic() > deadline:
                 return done
-            _acquire(deployment_id, owner, budget + 60)
+            if heartbeat and heartbeat.lost.is_set():
+                return None  # it ran out (a stalled database) and another worker took over
             time.sleep(0.1)
     finally:
+        if heartbeat:
+            heartbeat.stop()
         _release(deployment_id, owner)
 
 
@@ -99,13 +177,19 @@ def _pass(deployment_id: int) -> bool:
 
     _ensure_router(d, serving)
     if desired.state == Revision.State.FAILED:
-        _set(d, status=Deployment.Status.FAILED if serving is None else Deployment.Status.DEGRADED,
-             phase="", status_message=desired.failure)
+        _set(
+            d,
+            status=Deployment.Status.FAILED if serving is None else Deployment.Status.DEGRADED,
+            phase="",
+            status_message=desired.failure,
+        )
         return True
     if not desired.model_dir:
         _set(d, phase="fetching model files")
         try:
-            model_dir, sha = ensure_model_files(desired.model_version.model.name, desired.model_version.version)
+            model_dir, sha = ensure_model_files(
+                desired.model_version.model.name, desired.model_version.version
+            )
         except Exception as exc:  # MLflow down or files gone: retried next pass
             logger.warning("model files for %s: %s", desired, exc)
             _set(d, status_message=f"cannot fetch model files: {exc}")
@@ -120,7 +204,9 @@ def _pass(deployment_id: int) -> bool:
         except RuntimeError_ as exc:
             _fail_revision(d, desired, serving, f"cannot prepare r{desired.number}: {exc}")
             return False
-        Revision.objects.filter(pk=desired.pk).update(state=Revision.State.ROLLING_OUT, rollout_started_at=timezone.now())
+        Revision.objects.filter(pk=desired.pk).update(
+            state=Revision.State.ROLLING_OUT, rollout_started_at=timezone.now()
+        )
         desired.state, desired.rollout_started_at = Revision.State.ROLLING_OUT, timezone.now()
         event_record(d, "rollout", f"rolling out r{desired.number}", desired)
 
@@ -146,8 +232,11 @@ def _pass(deployment_id: int) -> bool:
         started = desired.rollout_started_at or timezone.now()
         overdue = timezone.now() - started > timedelta(seconds=d.progress_deadline_s)
         if crashes >= CRASH_LIMIT or overdue:
-            why = (f"r{desired.number} crash-looped ({crashes} restarts)" if crashes >= CRASH_LIMIT
-                   else f"r{desired.number} not ready within its progress deadline ({d.progress_deadline_s}s)")
+            why = (
+                f"r{desired.number} crash-looped ({crashes} restarts)"
+                if crashes >= CRASH_LIMIT
+                else f"r{desired.number} not ready within its progress deadline ({d.progress_deadline_s}s)"
+            )
             _fail_revision(d, desired, serving, why)
             return False
 
@@ -159,13 +248,21 @@ def _pass(deployment_id: int) -> bool:
             router.routes_to(d.port, [i.address for i in live])
         _drain_others(d, desired)
         healthy = len(ready) == replicas
-        _set(d, status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED, phase="",
-             status_message="" if healthy else f"{len(ready)}/{replicas} instances ready")
+        _set(
+            d,
+            status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED,
+            phase="",
+            status_message="" if healthy else f"{len(ready)}/{replicas} instances ready",
+        )
         return healthy
 
     if len(ready) < replicas:
-        _set(d, status=Deployment.Status.DEPLOYING, phase="waiting for readiness",
-             status_message=f"{len(ready)}/{replicas} instances ready")
+        _set(
+            d,
+            status=Deployment.Status.DEPLOYING,
+            phase="waiting for readiness",
+            status_message=f"{len(ready)}/{replicas} instances ready",
+        )
         return False
 
     # All new instances ready several times in a row: move traffic, then drain.
@@ -177,12 +274,19 @@ def _pass(deployment_id: int) -> bool:
     with transaction.atomic():
         if serving is not None:
             Revision.objects.filter(pk=serving.pk, state=Revision.State.LIVE).update(
-                state=Revision.State.SUPERSEDED, superseded_at=timezone.now())
-        Revision.objects.filter(pk=desired.pk).update(state=Revision.State.LIVE, live_at=timezone.now(), failure="")
+                state=Revision.State.SUPERSEDED, superseded_at=timezone.now()
+            )
+        Revision.objects.filter(pk=desired.pk).update(
+            state=Revision.State.LIVE, live_at=timezone.now(), failure=""
+        )
         Deployment.objects.filter(pk=d.pk).update(serving_revision=desired)
         d.serving_revision_id = desired.pk
-        event_record(d, "traffic", f"traffic moved to r{desired.number}"
-                     + (f" from r{serving.number}" if serving else ""), desired)
+        event_record(
+            d,
+            "traffic",
+            f"traffic moved to r{desired.number}" + (f" from r{serving.number}" if serving else ""),
+            desired,
+        )
     _set(d, phase="draining")
     _drain_others(d, desired)
     _set(d, status=Deployment.Status.READY, phase="", status_message="")
@@ -196,9 +300,14 @@ def _standby(d: Deployment, keep: Revision) -> Revision | None:
     if window <= 0:
         return None
     return (
-        Revision.objects.filter(deployment=d, state=Revision.State.SUPERSEDED,
-                                superseded_at__gt=timezone.now() - timedelta(seconds=window))
-        .exclude(pk=keep.pk).order_by("-superseded_at").first()
+        Revision.objects.filter(
+            deployment=d,
+            state=Revision.State.SUPERSEDED,
+            superseded_at__gt=timezone.now() - timedelta(seconds=window),
+        )
+        .exclude(pk=keep.pk)
+        .order_by("-superseded_at")
+        .first()
     )
 
 
@@ -206,8 +315,12 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
     """Stop the instances of every revision but ``keep`` and the warm standby.
     They get no traffic already; SIGTERM lets in-flight requests finish."""
     standby = _standby(d, keep)
-    old = list(Instance.objects.filter(deployment=d).exclude(revision=keep)
-               .exclude(revision=standby).select_related("revision"))
+    old = list(
+        Instance.objects.filter(deployment=d)
+        .exclude(revision=keep)
+        .exclude(revision=standby)
+        .select_related("revision")
+    )
     for inst in old:
         _stop_instance(inst)
     if old:
@@ -264,8 +377,10 @@ def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
 def _find_started(runtime, d: Deployment, inst: Instance) -> str | None:
     """The id of what runs for ``inst`` by its labels; extra copies are stopped."""
     key = (d.name, inst.revision.number, inst.ordinal)
-    found = sorted((s for s in runtime.list_owned() if (s.deployment, s.revision, s.ordinal) == key),
-                   key=lambda s: not s.running)
+    found = sorted(
+        (s for s in runtime.list_owned() if (s.deployment, s.revision, s.ordinal) == key),
+        key=lambda s: not s.running,
+    )
     for extra in found[1:]:
         runtime.stop(extra.runtime_id, timeout=5)
     return found[0].runtime_id if found else None
@@ -274,10 +389,17 @@ def _find_started(runtime, d: Deployment, inst: Instance) -> str | None:
 def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> InstanceSpec:
     spec = revision.spec
     return InstanceSpec(
-        deployment=d.name, revision=revision.number, ordinal=ordinal,
-        model_name=revision.model_version.model.name, model_version=str(revision.model_version.version),
-        model_dir=revision.model_dir, model_sha256=revision.model_sha256, port=port,
-        cpu=spec.get("cpu"), memory_mb=spec.get("memory_mb"), env=spec.get("env") or {},
+        deployment=d.name,
+        revision=revision.number,
+        ordinal=ordinal,
+        model_name=revision.model_version.model.name,
+        model_version=str(revision.model_version.version),
+        model_dir=revision.model_dir,
+        model_sha256=revision.model_sha256,
+        port=port,
+        cpu=spec.get("cpu"),
+        memory_mb=spec.get("memory_mb"),
+        env=spec.get("env") or {},
     )
 
 
@@ -287,8 +409,12 @@ def _start_instance(d: Deployment, revision: Revision, ordinal: int) -> Instance
     for _ in range(5):
         try:
             inst = Instance.objects.create(
-                deployment=d, revision=revision, ordinal=ordinal, runtime=revision.spec.get("runtime", d.runtime),
-                runtime_id="", port=allocate_port(),
+                deployment=d,
+                revision=revision,
+                ordinal=ordinal,
+                runtime=revision.spec.get("runtime", d.runtime),
+                runtime_id="",
+                port=allocate_port(),
             )
             break
         except Exception as exc:  # port or ordinal taken concurrently
@@ -334,10 +460,19 @@ def _fail_revision(d: Deployment, revision: Revision, serving: Revision | None, 
     if target is None:
         with transaction.atomic():
             _set(d, status=Deployment.Status.FAILED, phase="", status_message=why)
-            audit_record(actor=None, action="deployment.failed", object_type="deployment", object_id=d.name,
-                         object_repr=d.name, after={"revision": revision.number, "reason": why}, system="reconciler")
+            audit_record(
+                actor=None,
+                action="deployment.failed",
+                object_type="deployment",
+                object_id=d.name,
+                object_repr=d.name,
+                after={"revision": revision.number, "reason": why},
+                system="reconciler",
+            )
         return
-    deployment_rollback(deployment=d, revision=target.number, actor=None, reason=why, automatic=True)
+    deployment_rollback(
+        deployment=d, revision=target.number, actor=None, reason=why, automatic=True
+    )
 
 
 def _ensure_router(d: Deployment, serving: Revision | None) -> None:
@@ -363,14 +498,23 @@ def _shut_down(d: Deployment) -> bool:
             d.delete()
         return True
     Revision.objects.filter(pk=d.serving_revision_id, state=Revision.State.LIVE).update(
-        state=Revision.State.SUPERSEDED, superseded_at=None)  # stopped: nothing kept warm
-    _set(d, status=Deployment.Status.STOPPED, phase="", router_pid="", serving_revision=None, status_message="")
+        state=Revision.State.SUPERSEDED, superseded_at=None
+    )  # stopped: nothing kept warm
+    _set(
+        d,
+        status=Deployment.Status.STOPPED,
+        phase="",
+        router_pid="",
+        serving_revision=None,
+        status_message="",
+    )
     return True
 
 
 def sweep_strays() -> int:
-    """Stop processes/containers we own that no deployment records (left by a
-    crash, or by a deployment deleted while the worker was down).
+    """Stop processes/containers we own that no instance record names (left by a
+    crash, or by a deployment deleted while the worker was down), and second copies
+    of a recorded instance (the record's runtime id says which one is kept).
 
     What runs is listed *before* the records are read: an instance's row is
     written before it starts, so anything listed has its row by then.
@@ -386,15 +530,22 @@ def sweep_strays() -> int:
         except Exception as exc:  # docker engine absent: nothing of ours runs there
             logger.debug("runtime %s unavailable for the sweep: %s", name, exc)
     routers = router.owned_routers()
-    known = {(i.deployment.name, i.revision.number, i.ordinal)
-             for i in Instance.objects.select_related("deployment", "revision")}
+    recorded_ids = {
+        (i.deployment.name, i.revision.number, i.ordinal): i.runtime_id
+        for i in Instance.objects.select_related("deployment", "revision")
+    }
     for runtime, statuses in owned:
         for status in statuses:
-            if (status.deployment, status.revision, status.ordinal) not in known:
+            key = (status.deployment, status.revision, status.ordinal)
+            # A second copy under a record's labels (started twice around a crash) is a stray
+            # too. A record without an id is left alone: its pass adopts one copy, stops the rest.
+            if key not in recorded_ids or recorded_ids[key] not in ("", status.runtime_id):
                 logger.info("stopping stray %s on %s", status.runtime_id, runtime.name)
                 runtime.stop(status.runtime_id, timeout=10)
                 stopped += 1
-    recorded = dict(Deployment.objects.filter(deleted=False, stopped=False).values_list("name", "router_pid"))
+    recorded = dict(
+        Deployment.objects.filter(deleted=False, stopped=False).values_list("name", "router_pid")
+    )
     for proc in routers:
         name = proc.labels.get("CONTROLPLANE_ROUTER")
         current = recorded.get(name)

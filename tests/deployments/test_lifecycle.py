@@ -5,9 +5,11 @@ Celery task would. Docker cases skip without an engine (fail under REQUIRE_DOCKE
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -16,7 +18,8 @@ from django.test import override_settings
 from audit.models import AuditEvent
 from deployments.models import Deployment, DeploymentEvent, Instance, Revision
 from deployments.reconciler import reconcile, sweep_strays
-from deployments.runtimes import get_runtime, install_id, process
+from deployments.runtimes import InstanceSpec, get_runtime, install_id, process
+from deployments.services import allocate_port
 from tests.deployments.conftest import converge
 from tests.support import Load
 
@@ -87,6 +90,58 @@ def test_create_serves_the_model_at_a_stable_endpoint(api, create, runtime_name,
     revision = Revision.objects.get(deployment=d, number=1)
     assert revision.state == "live" and len(revision.model_sha256) == 64
     assert AuditEvent.objects.filter(action="deployment.create", object_id="churn").exists()
+
+
+def admin_get(address: str, token: str | None) -> tuple[int, dict]:
+    """GET /predictions of one instance, with the token as a bearer token if given."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    req = urllib.request.Request(f"http://{address}/predictions", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+
+
+def test_instances_open_their_prediction_log_to_the_deployments_token_only(
+        api, create, runtime_name, registered, settings, caplog):
+    from deployments import runtimes
+    from deployments.serving_token import serving_admin_token
+    from monitoring.models import Prediction, PullState
+    from monitoring.services import deployment_pull
+
+    caplog.set_level(logging.DEBUG)
+    settings.CONTROLPLANE_SERVING_ADMIN_TOKEN = None  # the default: a token derived per deployment
+    name = registered(1)
+    create(name="guarded", model=name, version="1")
+    d = converge("guarded")
+    predict(d.endpoint)
+    inst = Instance.objects.get(deployment=d)
+    token = serving_admin_token("guarded")
+
+    assert admin_get(inst.address, None)[0] == 401
+    assert admin_get(inst.address, "")[0] == 401
+    assert admin_get(inst.address, serving_admin_token("another"))[0] == 401
+    status, page = admin_get(inst.address, token)
+    assert status == 200 and len(page["records"]) == 1
+    # The monitoring pull sends it, also from a restarted control plane (nothing is stored).
+    runtimes._build.cache_clear()
+    assert deployment_pull(deployment_id=d.pk) == 1
+    assert Prediction.objects.filter(deployment=d).count() == 1
+    assert PullState.objects.get(instance=inst).last_error == ""
+    # Another token (an operator sets one, running servers keep theirs) is refused: the
+    # pull failed, and says why without the token it sent.
+    settings.CONTROLPLANE_SERVING_ADMIN_TOKEN = "operator-chosen-admin-token-0123456789"
+    assert deployment_pull(deployment_id=d.pk) == 0
+    error = PullState.objects.get(instance=inst).last_error
+    assert "401" in error and "operator-chosen" not in error
+    # Never on a command line (readable by every user), in logs or in events.
+    assert token not in caplog.text and "operator-chosen" not in caplog.text
+    if runtime_name == "local":
+        pid = int(inst.runtime_id.split(":")[0])
+        assert token not in open(f"/proc/{pid}/cmdline").read()
+    assert token not in get_runtime(runtime_name).logs(inst.runtime_id, tail=1000)
+    assert not DeploymentEvent.objects.filter(deployment=d, message__contains=token).exists()
 
 
 def test_update_and_rollback_fail_no_request_under_load(api, create, runtime_name, registered):
@@ -222,6 +277,39 @@ def test_strays_are_swept(api, create, runtime_name, registered):
     assert sweep_strays() >= 1
     status = get_runtime(runtime_name).inspect(inst.runtime_id)
     assert status is None or not status.running
+
+
+def test_a_second_copy_of_a_recorded_instance_is_swept(api, create, runtime_name, registered):
+    name = registered(1)
+    create(name="twice", model=name, version="1")
+    d = converge("twice")
+    inst = Instance.objects.select_related("revision__model_version__model").get(deployment=d)
+    revision = inst.revision
+    runtime = get_runtime(runtime_name)
+    # The same instance started a second time (around a worker crash): the same labels,
+    # another port, and not the process its record names.
+    twin = runtime.start(
+        InstanceSpec(
+            deployment="twice",
+            revision=revision.number,
+            ordinal=inst.ordinal,
+            model_name=revision.model_version.model.name,
+            model_version=str(revision.model_version.version),
+            model_dir=revision.model_dir,
+            model_sha256=revision.model_sha256,
+            port=allocate_port(),
+        )
+    )
+    assert sweep_strays() == 1
+    gone = runtime.inspect(twin.runtime_id)
+    assert gone is None or not gone.running
+    assert runtime.inspect(inst.runtime_id).running  # the recorded one is kept
+    assert predict(d.endpoint)[1] == "1"
+    # A record without an id (its worker died before saving it) is left to the next pass,
+    # which adopts what runs under its labels.
+    Instance.objects.filter(pk=inst.pk).update(runtime_id="")
+    assert sweep_strays() == 0
+    assert runtime.inspect(inst.runtime_id).running
 
 
 @override_settings(CONTROLPLANE_ROLLBACK_WINDOW=0)

@@ -10,6 +10,7 @@ import pytest
 from django.utils import timezone
 
 from deployments.models import Instance, Revision
+from deployments.reconciler import LEASE_SECONDS
 from deployments.runtimes import InstanceSpec, get_runtime
 from tests.faults.conftest import (
     ROW_BODY,
@@ -77,6 +78,10 @@ def test_a_rollout_completes_after_the_worker_is_killed_in_the_middle(api, regis
         reconverged = time.monotonic() - killed
         time.sleep(0.5)
 
+    # The dead worker's heartbeat died with it: its short lease runs out and the new worker
+    # takes over within about that lease plus a pass (with an 80 s lease this took 81-86 s).
+    assert lease_left <= LEASE_SECONDS, describe("rolling")
+    assert reconverged < LEASE_SECONDS + 30, f"converged {reconverged:.1f}s after the kill"
     d = assert_converged("rolling", revision=2, version="2", replicas=2)
     states = dict(Revision.objects.filter(deployment=d).values_list("number", "state"))
     assert states == {1: "superseded", 2: "live"}
