@@ -8,9 +8,25 @@ import time
 
 import pytest
 
-from deployments.models import Deployment
+from deployments.models import Deployment, Instance
 from deployments.reconciler import reconcile
-from deployments.runtimes import install_id, process
+from deployments.runtimes import InstanceSpec, install_id, process
+
+
+def instance_spec(inst: Instance, *, port: int) -> InstanceSpec:
+    """What the runtime was given to start ``inst``, on another port: to start a second copy
+    under the same labels, as a worker that crashed between start and save would."""
+    revision = inst.revision
+    return InstanceSpec(
+        deployment=inst.deployment.name,
+        revision=revision.number,
+        ordinal=inst.ordinal,
+        model_name=revision.model_version.model.name,
+        model_version=str(revision.model_version.version),
+        model_dir=revision.model_dir,
+        model_sha256=revision.model_sha256,
+        port=port,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -61,4 +77,6 @@ def converge(name: str, *, until=None, timeout: float = 60.0) -> Deployment:
         if until(d):
             return d
         time.sleep(0.1)
-    raise AssertionError(f"{name} did not converge: status={d.status} phase={d.phase} msg={d.status_message}")
+    raise AssertionError(
+        f"{name} did not converge: status={d.status} phase={d.phase} msg={d.status_message}"
+    )

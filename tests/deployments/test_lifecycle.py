@@ -20,7 +20,7 @@ from deployments.models import Deployment, DeploymentEvent, Instance, Revision
 from deployments.reconciler import reconcile, sweep_strays
 from deployments.runtimes import InstanceSpec, get_runtime, install_id, process
 from deployments.services import allocate_port
-from tests.deployments.conftest import converge
+from tests.deployments.conftest import converge, instance_spec
 from tests.support import Load
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -39,7 +39,6 @@ def predict(endpoint: str, payload=ROW) -> tuple[dict, str]:
 def serving_image(sklearn_model_dir):
     """Build (or find) the serving image for the test model once, up front, so a
     first build (minutes on a new machine) does not eat into rollout deadlines."""
-    from deployments.runtimes import InstanceSpec
 
     get_runtime("docker").prepare(InstanceSpec(
         deployment="prebuild", revision=0, ordinal=0, model_name="m", model_version="1",
@@ -284,22 +283,10 @@ def test_a_second_copy_of_a_recorded_instance_is_swept(api, create, runtime_name
     create(name="twice", model=name, version="1")
     d = converge("twice")
     inst = Instance.objects.select_related("revision__model_version__model").get(deployment=d)
-    revision = inst.revision
     runtime = get_runtime(runtime_name)
     # The same instance started a second time (around a worker crash): the same labels,
     # another port, and not the process its record names.
-    twin = runtime.start(
-        InstanceSpec(
-            deployment="twice",
-            revision=revision.number,
-            ordinal=inst.ordinal,
-            model_name=revision.model_version.model.name,
-            model_version=str(revision.model_version.version),
-            model_dir=revision.model_dir,
-            model_sha256=revision.model_sha256,
-            port=allocate_port(),
-        )
-    )
+    twin = runtime.start(instance_spec(inst, port=allocate_port()))
     assert sweep_strays() == 1
     gone = runtime.inspect(twin.runtime_id)
     assert gone is None or not gone.running

@@ -11,7 +11,8 @@ from django.utils import timezone
 
 from deployments.models import Instance, Revision
 from deployments.reconciler import LEASE_SECONDS
-from deployments.runtimes import InstanceSpec, get_runtime
+from deployments.runtimes import get_runtime
+from tests.deployments.conftest import instance_spec
 from tests.faults.conftest import (
     ROW_BODY,
     assert_converged,
@@ -136,19 +137,7 @@ def test_a_server_started_by_a_worker_that_died_before_recording_it_is_adopted(
     # does), and the start was the last thing it did.
     get_runtime("local").stop(inst.runtime_id, timeout=5)
     Instance.objects.filter(pk=inst.pk).update(runtime_id="")
-    revision = inst.revision
-    started = get_runtime("local").start(
-        InstanceSpec(
-            deployment="orphan",
-            revision=revision.number,
-            ordinal=inst.ordinal,
-            model_name=revision.model_version.model.name,
-            model_version=str(revision.model_version.version),
-            model_dir=revision.model_dir,
-            model_sha256=revision.model_sha256,
-            port=inst.port,
-        )
-    )
+    started = get_runtime("local").start(instance_spec(inst, port=inst.port))
 
     cluster.worker()
     cluster.beat()
