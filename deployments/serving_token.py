@@ -17,7 +17,18 @@ _KEY_SALT = "controlplane.deployments.serving_admin_token"
 
 def serving_admin_token(deployment: str) -> str:
     """The admin token of every model server of the deployment named ``deployment``."""
+    return serving_admin_tokens(deployment)[0]
+
+
+def serving_admin_tokens(deployment: str) -> list[str]:
+    """The token new servers get, then those servers started before a rotation of
+    SECRET_KEY may still hold (derived from SECRET_KEY_FALLBACKS), for the pull to try."""
     if settings.CONTROLPLANE_SERVING_ADMIN_TOKEN:
-        return settings.CONTROLPLANE_SERVING_ADMIN_TOKEN
-    # HMAC-SHA256 keyed with a digest of the salt and SECRET_KEY (Django's salted_hmac).
-    return salted_hmac(_KEY_SALT, deployment, algorithm="sha256").hexdigest()
+        return [settings.CONTROLPLANE_SERVING_ADMIN_TOKEN]
+    tokens: list[str] = []
+    for key in [settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS]:
+        # HMAC-SHA256 keyed with a digest of the salt and the key (Django's salted_hmac).
+        token = salted_hmac(_KEY_SALT, deployment, secret=key, algorithm="sha256").hexdigest()
+        if token not in tokens:
+            tokens.append(token)
+    return tokens

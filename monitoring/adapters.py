@@ -13,6 +13,7 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -46,13 +47,14 @@ class ModelServer:
     """One model server (or a deployment's stable endpoint) at ``http://address``."""
 
     def __init__(
-        self, address: str, *, timeout: float = 5.0, admin_token: str | None = None
+        self, address: str, *, timeout: float = 5.0, admin_tokens: Sequence[str] = ()
     ) -> None:
-        """``admin_token`` is the server's SERVING_ADMIN_TOKEN, sent to its admin endpoints
-        (deployments.serving_token.serving_admin_token gives it)."""
+        """``admin_tokens``: the server's SERVING_ADMIN_TOKEN, sent to its admin endpoints,
+        or those it may hold, in order (deployments.serving_token.serving_admin_tokens); the
+        next one is tried when a server refuses one with 401."""
         self.base = address if address.startswith("http") else f"http://{address}"
         self.timeout = timeout
-        self._admin_token = admin_token
+        self._admin_tokens = list(admin_tokens)
 
     def metrics(self) -> str:
         try:
@@ -61,19 +63,25 @@ class ModelServer:
             raise AdapterError(str(exc)) from exc
 
     def predictions(self, *, after: int, limit: int) -> dict:
-        headers = {}
-        if self._admin_token:
-            headers["Authorization"] = f"Bearer {self._admin_token}"
+        while True:
+            token = self._admin_tokens[0] if self._admin_tokens else None
+            try:
+                resp = http.request(
+                    "GET",
+                    f"{self.base}/predictions?after={after}&limit={limit}",
+                    timeout=self.timeout,
+                    headers={"Authorization": f"Bearer {token}"} if token else {},
+                )
+            except http.HttpStatusError as exc:
+                if exc.status == 401 and len(self._admin_tokens) > 1:
+                    self._admin_tokens.pop(0)  # an older token, for a server started before
+                    continue
+                raise AdapterError(str(exc)) from exc
+            except http.HttpError as exc:
+                raise AdapterError(str(exc)) from exc
+            break
         try:
-            resp = http.request(
-                "GET",
-                f"{self.base}/predictions?after={after}&limit={limit}",
-                timeout=self.timeout,
-                headers=headers,
-            )
             page = resp.json()
-        except http.HttpError as exc:
-            raise AdapterError(str(exc)) from exc
         except ValueError as exc:
             raise AdapterError(f"GET /predictions: not JSON: {exc}") from exc
         if not isinstance(page, dict) or not isinstance(page.get("records"), list):

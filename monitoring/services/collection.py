@@ -23,7 +23,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from deployments.models import Deployment, Instance
-from deployments.serving_token import serving_admin_token
+from deployments.serving_token import serving_admin_tokens
 
 from .. import pgcopy, promtext, scoring
 from ..adapters import PROBE_REQUEST_PREFIX, AdapterError, ModelServer
@@ -624,10 +624,10 @@ def deployment_pull(*, deployment_id: int) -> int:
     name = Deployment.objects.filter(pk=deployment_id).values_list("name", flat=True).first()
     if name is None:
         return 0
-    admin_token = serving_admin_token(name)
+    admin_tokens = serving_admin_tokens(name)
     total = 0
     for inst in _live_instances(deployment_id):
-        server = ModelServer(inst.address, timeout=SCRAPE_TIMEOUT, admin_token=admin_token)
+        server = ModelServer(inst.address, timeout=SCRAPE_TIMEOUT, admin_tokens=admin_tokens)
         state = PullState.objects.filter(instance_id=inst.pk).first()
         boot_id, after = (state.boot_id, state.cursor) if state else ("", 0)
         try:

@@ -128,6 +128,13 @@ def test_instances_open_their_prediction_log_to_the_deployments_token_only(
     assert deployment_pull(deployment_id=d.pk) == 1
     assert Prediction.objects.filter(deployment=d).count() == 1
     assert PullState.objects.get(instance=inst).last_error == ""
+    # SECRET_KEY rotated with the old key among the fallbacks: the pull still opens the
+    # servers started before (with the old key's token) until they are replaced.
+    settings.SECRET_KEY_FALLBACKS = [settings.SECRET_KEY]
+    settings.SECRET_KEY = "a-rotated-secret-key-that-is-long-enough-0123456789"
+    assert serving_admin_token("guarded") != token
+    assert deployment_pull(deployment_id=d.pk) == 1
+    assert PullState.objects.get(instance=inst).last_error == ""
     # Another token (an operator sets one, running servers keep theirs) is refused: the
     # pull failed, and says why without the token it sent.
     settings.CONTROLPLANE_SERVING_ADMIN_TOKEN = "operator-chosen-admin-token-0123456789"
