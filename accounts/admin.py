@@ -6,10 +6,28 @@ from .services import api_token_revoke
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ("display_prefix", "name", "user", "scopes", "created_at", "expires_at", "last_used_at", "revoked_at")
+    list_display = (
+        "display_prefix",
+        "name",
+        "user",
+        "scopes",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
     list_filter = ("revoked_at",)
     search_fields = ("name", "key_id", "user__username")
-    readonly_fields = ("user", "name", "key_id", "scopes", "created_at", "expires_at", "last_used_at", "revoked_at")
+    readonly_fields = (
+        "user",
+        "name",
+        "key_id",
+        "scopes",
+        "created_at",
+        "expires_at",
+        "last_used_at",
+        "revoked_at",
+    )
     exclude = ("key_hash",)
     actions = ["revoke"]
 

@@ -16,7 +16,9 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         if parts[0].lower() != self.keyword.lower():
             return None
         if len(parts) != 2:
-            raise exceptions.AuthenticationFailed("Malformed Authorization header: use 'Bearer <token>'.")
+            raise exceptions.AuthenticationFailed(
+                "Malformed Authorization header: use 'Bearer <token>'."
+            )
         token = api_token_authenticate(parts[1])
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")

@@ -11,7 +11,9 @@ class ApiToken(models.Model):
     token text is shown once, at creation.
     """
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
     name = models.CharField(max_length=100)
     key_id = models.CharField(max_length=16, unique=True)
     key_hash = models.CharField(max_length=64)

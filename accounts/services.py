@@ -69,8 +69,12 @@ def api_token_create(
         object_type="api_token",
         object_id=token.pk,
         object_repr=str(token),
-        after={"user": user.get_username(), "name": name, "scopes": scopes,
-               "expires_at": token.expires_at.isoformat() if token.expires_at else None},
+        after={
+            "user": user.get_username(),
+            "name": name,
+            "scopes": scopes,
+            "expires_at": token.expires_at.isoformat() if token.expires_at else None,
+        },
     )
     return IssuedToken(token=token, plaintext=plaintext)
 
@@ -99,7 +103,7 @@ def api_token_authenticate(plaintext: str) -> ApiToken | None:
     """The active token for ``plaintext``, or None. Compares digests in constant time."""
     if not plaintext.startswith(TOKEN_PREFIX):
         return None
-    key_id, _, secret = plaintext[len(TOKEN_PREFIX):].partition("_")
+    key_id, _, secret = plaintext[len(TOKEN_PREFIX) :].partition("_")
     if not key_id or not secret or len(key_id) > 16:
         return None
     token = ApiToken.objects.select_related("user").filter(key_id=key_id).first()

@@ -7,7 +7,15 @@ from .models import AuditEvent
 class AuditEventAdmin(admin.ModelAdmin):
     """Read-only: the audit log is append-only."""
 
-    list_display = ("created_at", "actor_label", "action", "object_type", "object_repr", "request_id", "source_address")
+    list_display = (
+        "created_at",
+        "actor_label",
+        "action",
+        "object_type",
+        "object_repr",
+        "request_id",
+        "source_address",
+    )
     list_filter = ("action", "object_type")
     search_fields = ("actor_label", "object_repr", "object_id", "request_id")
     date_hierarchy = "created_at"

@@ -53,7 +53,12 @@ def drive(port: int, token: str, make_request, *, clients: int, seconds: float) 
                 headers["Content-Type"] = "application/json"
             t0 = time.perf_counter()
             try:
-                conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+                conn.request(
+                    method,
+                    path,
+                    body=json.dumps(body) if body is not None else None,
+                    headers=headers,
+                )
                 resp = conn.getresponse()
                 resp.read()
                 ok = resp.status < 400
@@ -86,7 +91,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=int, default=1000)
     parser.add_argument("--versions", type=int, default=20)
-    parser.add_argument("--mlflow-models", type=int, default=8, help="models also registered in MLflow (promote)")
+    parser.add_argument(
+        "--mlflow-models", type=int, default=8, help="models also registered in MLflow (promote)"
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
@@ -95,17 +102,29 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
     port, mlflow_port = free_port(), free_port()
-    os.environ.update(CONTROLPLANE_DATA_DIR=str(work / "var"), PORT=str(port), MLFLOW_PORT=str(mlflow_port),
-                      MLFLOW_DISABLE_TELEMETRY="true", CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
-                      WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY", "2"))
+    os.environ.update(
+        CONTROLPLANE_DATA_DIR=str(work / "var"),
+        PORT=str(port),
+        MLFLOW_PORT=str(mlflow_port),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
+        WEB_CONCURRENCY=os.environ.get("WEB_CONCURRENCY", "2"),
+    )
     db = os.environ.get("DATABASE_URL", "sqlite (embedded)")
     if db.startswith("postgres"):  # a fresh database for the run
         name = db.rsplit("/", 1)[1]
-        subprocess.run(["psql", db.rsplit("/", 1)[0] + "/postgres", "-qc", f"DROP DATABASE IF EXISTS {name}"],
-                       check=True)
-        subprocess.run(["psql", db.rsplit("/", 1)[0] + "/postgres", "-qc", f"CREATE DATABASE {name}"], check=True)
+        subprocess.run(
+            ["psql", db.rsplit("/", 1)[0] + "/postgres", "-qc", f"DROP DATABASE IF EXISTS {name}"],
+            check=True,
+        )
+        subprocess.run(
+            ["psql", db.rsplit("/", 1)[0] + "/postgres", "-qc", f"CREATE DATABASE {name}"],
+            check=True,
+        )
     log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane.run"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.run"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
         os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
@@ -126,12 +145,28 @@ def main() -> None:
         token = api_token_create(user=admin, name="bench").plaintext
         t0 = time.monotonic()
         models = RegisteredModel.objects.bulk_create(
-            [RegisteredModel(name=f"model-{i:04d}", tags={"team": f"t{i % 10}"}, created_by=admin)
-             for i in range(args.models)])
+            [
+                RegisteredModel(
+                    name=f"model-{i:04d}", tags={"team": f"t{i % 10}"}, created_by=admin
+                )
+                for i in range(args.models)
+            ]
+        )
         ModelVersion.objects.bulk_create(
-            [ModelVersion(model=m, version=v, source=f"runs:/{'0' * 32}/model", metrics={"auc": 0.8 + v / 1000},
-                          params={"C": str(v)}, flavors=["python_function", "sklearn"])
-             for m in models for v in range(1, args.versions + 1)], batch_size=5000)
+            [
+                ModelVersion(
+                    model=m,
+                    version=v,
+                    source=f"runs:/{'0' * 32}/model",
+                    metrics={"auc": 0.8 + v / 1000},
+                    params={"C": str(v)},
+                    flavors=["python_function", "sklearn"],
+                )
+                for m in models
+                for v in range(1, args.versions + 1)
+            ],
+            batch_size=5000,
+        )
         client = get_store().client
         stub = work / "stub"
         stub.mkdir()
@@ -141,7 +176,9 @@ def main() -> None:
         for m in models[: args.mlflow_models]:
             client.create_registered_model(m.name)
             for _ in range(args.versions):
-                client.create_model_version(m.name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+                client.create_model_version(
+                    m.name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+                )
         seed_s = time.monotonic() - t0
 
         test_client = Client()
@@ -149,31 +186,55 @@ def main() -> None:
         queries = {}
         for size in (10, 200):
             with CaptureQueriesContext(connection) as ctx:
-                resp = test_client.get(f"/api/v1/models?page_size={size}", headers=headers, HTTP_HOST="127.0.0.1")
+                resp = test_client.get(
+                    f"/api/v1/models?page_size={size}", headers=headers, HTTP_HOST="127.0.0.1"
+                )
             assert resp.status_code == 200, resp.content
             queries[size] = len(ctx.captured_queries)
 
         targets = [m.name for m in models[: args.mlflow_models]]
         results = {
             "GET /api/v1/models (page of 50)": drive(
-                port, token, lambda i, n: ("GET", f"/api/v1/models?page={(n % 20) + 1}", None),
-                clients=args.clients, seconds=args.seconds),
+                port,
+                token,
+                lambda i, n: ("GET", f"/api/v1/models?page={(n % 20) + 1}", None),
+                clients=args.clients,
+                seconds=args.seconds,
+            ),
             "GET /api/v1/models?search=": drive(
-                port, token, lambda i, n: ("GET", f"/api/v1/models?search=model-0{n % 100:02d}", None),
-                clients=args.clients, seconds=args.seconds),
+                port,
+                token,
+                lambda i, n: ("GET", f"/api/v1/models?search=model-0{n % 100:02d}", None),
+                clients=args.clients,
+                seconds=args.seconds,
+            ),
             "GET /api/v1/models/{name}/versions": drive(
-                port, token, lambda i, n: ("GET", f"/api/v1/models/model-{n % args.models:04d}/versions", None),
-                clients=args.clients, seconds=args.seconds),
+                port,
+                token,
+                lambda i, n: ("GET", f"/api/v1/models/model-{n % args.models:04d}/versions", None),
+                clients=args.clients,
+                seconds=args.seconds,
+            ),
             "POST /api/v1/models/{name}/aliases/staging": drive(
-                port, token,
-                lambda i, n: ("POST", f"/api/v1/models/{targets[i % len(targets)]}/aliases/staging",
-                              {"version": str(n % args.versions + 1), "reason": f"bench {n}"}),
-                clients=args.clients, seconds=args.seconds),
+                port,
+                token,
+                lambda i, n: (
+                    "POST",
+                    f"/api/v1/models/{targets[i % len(targets)]}/aliases/staging",
+                    {"version": str(n % args.versions + 1), "reason": f"bench {n}"},
+                ),
+                clients=args.clients,
+                seconds=args.seconds,
+            ),
         }
-        print(f"\nseeded {args.models} models x {args.versions} versions in {seed_s:.1f}s; database: "
-              f"{'PostgreSQL' if db.startswith('postgres') else 'SQLite'}; {args.clients} concurrent clients, "
-              f"{args.seconds:.0f}s each; gunicorn {os.environ['WEB_CONCURRENCY']} workers x 4 threads")
-        print(f"SQL queries per GET /api/v1/models: page_size=10 -> {queries[10]}, page_size=200 -> {queries[200]}")
+        print(
+            f"\nseeded {args.models} models x {args.versions} versions in {seed_s:.1f}s; database: "
+            f"{'PostgreSQL' if db.startswith('postgres') else 'SQLite'}; {args.clients} concurrent clients, "
+            f"{args.seconds:.0f}s each; gunicorn {os.environ['WEB_CONCURRENCY']} workers x 4 threads"
+        )
+        print(
+            f"SQL queries per GET /api/v1/models: page_size=10 -> {queries[10]}, page_size=200 -> {queries[200]}"
+        )
         print("| endpoint | req/s | p50 ms | p95 ms | errors |")
         print("|---|---:|---:|---:|---:|")
         for name, r in results.items():

@@ -52,10 +52,17 @@ def build_model_zip(workdir: Path) -> bytes:
     y = (X["f0"] > 0).astype(int)
     model = LogisticRegression().fit(X, y)
     path = workdir / "model"
-    mlflow.sklearn.save_model(model, str(path), signature=infer_signature(X, model.predict(X)),
-                              input_example=X.head(2),
-                              pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}",
-                                                f"skops=={skops.__version__}"])
+    mlflow.sklearn.save_model(
+        model,
+        str(path),
+        signature=infer_signature(X, model.predict(X)),
+        input_example=X.head(2),
+        pip_requirements=[
+            f"scikit-learn=={sklearn.__version__}",
+            f"mlflow=={mlflow.__version__}",
+            f"skops=={skops.__version__}",
+        ],
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for f in sorted(path.rglob("*")):
@@ -73,8 +80,14 @@ class Api:
         data = None
         if files is not None:
             boundary = "benchboundary"
-            data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"artifact\"; filename=\"m.zip\"\r\n"
-                    "Content-Type: application/zip\r\n\r\n").encode() + files + f"\r\n--{boundary}--\r\n".encode()
+            data = (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="artifact"; filename="m.zip"\r\n'
+                    "Content-Type: application/zip\r\n\r\n"
+                ).encode()
+                + files
+                + f"\r\n--{boundary}--\r\n".encode()
+            )
             headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
         elif body is not None:
             data = json.dumps(body).encode()
@@ -91,7 +104,12 @@ class Api:
 def predict_version(port: int) -> str | None:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("POST", "/invocations", body=json.dumps(ROW), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/invocations",
+            body=json.dumps(ROW),
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         resp.read()
         conn.close()
@@ -121,7 +139,9 @@ class Load:
         while not self.stop.is_set():
             try:
                 conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("POST", "/invocations", body=body, headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST", "/invocations", body=body, headers={"Content-Type": "application/json"}
+                )
                 resp = conn.getresponse()
                 resp.read()
                 with self.lock:
@@ -155,19 +175,36 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLFLOW_TRACKING_URI")}
-    env.update(CONTROLPLANE_DATA_DIR=str(work / "var"), PORT=str(port), MLFLOW_PORT=str(mlflow_port),
-               CONTROLPLANE_ADMIN_PASSWORD="bench-password-1")
+    env.update(
+        CONTROLPLANE_DATA_DIR=str(work / "var"),
+        PORT=str(port),
+        MLFLOW_PORT=str(mlflow_port),
+        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
+    )
     if args.runtime == "docker":
         env.setdefault("CONTROLPLANE_DOCKER_BASE_IMAGE", "controlplane-serving-base:bookworm")
     log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "controlplane.run"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
-        token = subprocess.run(
-            [sys.executable, "manage.py", "create_api_token", "admin"], cwd=ROOT, capture_output=True, text=True,
-            env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}, check=True,
-        ).stdout.strip().splitlines()[-1]
+        token = (
+            subprocess.run(
+                [sys.executable, "manage.py", "create_api_token", "admin"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"},
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         api = Api(f"http://127.0.0.1:{port}/api/v1", token)
         payload = build_model_zip(work)
         api.call("POST", "/models", {"name": "bench"})
@@ -178,8 +215,17 @@ def main() -> None:
         for r in range(args.rounds):
             name = f"bench-{args.runtime}-{r}"
             t0 = time.monotonic()
-            d = api.call("POST", "/deployments", {"name": name, "model": "bench", "version": "1",
-                                                  "runtime": args.runtime, "replicas": 1})
+            d = api.call(
+                "POST",
+                "/deployments",
+                {
+                    "name": name,
+                    "model": "bench",
+                    "version": "1",
+                    "runtime": args.runtime,
+                    "replicas": 1,
+                },
+            )
             ep_port = int(d["endpoint"].rsplit(":", 1)[1])
             wait_version(ep_port, "1")
             create_s = time.monotonic() - t0
@@ -201,27 +247,44 @@ def main() -> None:
                 time.sleep(1)
             rows.append((create_s, update_s, rollback_s, load.ok, load.failed))
             api.call("DELETE", f"/deployments/{name}")
-            print(f"round {r}: create {create_s:.2f}s update {update_s:.2f}s rollback {rollback_s:.2f}s "
-                  f"requests {load.ok} failed {load.failed}", flush=True)
+            print(
+                f"round {r}: create {create_s:.2f}s update {update_s:.2f}s rollback {rollback_s:.2f}s "
+                f"requests {load.ok} failed {load.failed}",
+                flush=True,
+            )
 
         def med(i):
             return statistics.median(row[i] for row in rows)
 
         print()
-        print(f"runtime: {args.runtime}; {args.rounds} rounds, {args.clients} concurrent clients during update and "
-              "rollback; medians")
-        print("| runtime | create → first prediction | update → new version served | rollback → old version "
-              "served | requests under load | failed |")
+        print(
+            f"runtime: {args.runtime}; {args.rounds} rounds, {args.clients} concurrent clients during update and "
+            "rollback; medians"
+        )
+        print(
+            "| runtime | create → first prediction | update → new version served | rollback → old version "
+            "served | requests under load | failed |"
+        )
         print("|---|---|---|---|---|---|")
-        print(f"| {args.runtime} | {med(0):.2f} s | {med(1):.2f} s | {med(2):.2f} s | "
-              f"{sum(r[3] for r in rows)} | {sum(r[4] for r in rows)} |")
+        print(
+            f"| {args.runtime} | {med(0):.2f} s | {med(1):.2f} s | {med(2):.2f} s | "
+            f"{sum(r[3] for r in rows)} | {sum(r[4] for r in rows)} |"
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        subprocess.run([sys.executable, "-c", (
-            "import os,signal;from deployments.runtimes import process;"
-            f"[os.kill(p.pid, signal.SIGKILL) for p in process.find_labelled(open('{work}/var/install_id').read().strip())]"
-        )], cwd=ROOT, env={**env, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import os,signal;from deployments.runtimes import process;"
+                    f"[os.kill(p.pid, signal.SIGKILL) for p in process.find_labelled(open('{work}/var/install_id').read().strip())]"
+                ),
+            ],
+            cwd=ROOT,
+            env={**env, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"},
+        )
 
 
 if __name__ == "__main__":

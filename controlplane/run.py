@@ -94,12 +94,22 @@ def main() -> int:
             mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
             procs["mlflow"] = subprocess.Popen(
                 [
-                    str(BIN / "mlflow"), "server",
-                    "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                    "--artifacts-destination", str(mlflow_dir / "artifacts"),
-                    "--host", "127.0.0.1", "--port", mlflow_port, "--workers", "1",
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(mlflow_dir / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    mlflow_port,
+                    "--workers",
+                    "1",
                 ],
-                env=env, cwd=data_dir, start_new_session=True,
+                env=env,
+                cwd=data_dir,
+                start_new_session=True,
             )
             env["MLFLOW_TRACKING_URI"] = mlflow_uri
         manage("migrate", "--noinput", "-v", "0")
@@ -112,24 +122,57 @@ def main() -> int:
 
         procs["web"] = subprocess.Popen(
             [
-                str(BIN / "gunicorn"), "controlplane.wsgi:application",
-                "--bind", f"127.0.0.1:{port}", "--workers", env.get("WEB_CONCURRENCY", "2"),
-                "--threads", "4", "--timeout", "300", "--access-logfile", "-",
+                str(BIN / "gunicorn"),
+                "controlplane.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                env.get("WEB_CONCURRENCY", "2"),
+                "--threads",
+                "4",
+                "--timeout",
+                "300",
+                "--access-logfile",
+                "-",
                 # per data dir: the default (~/.gunicorn) would be shared by every instance
-                "--control-socket", str(data_dir / "gunicorn.ctl"),
+                "--control-socket",
+                str(data_dir / "gunicorn.ctl"),
             ],
-            env=env, cwd=ROOT, start_new_session=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
         procs["worker"] = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "controlplane", "worker", "--loglevel", "INFO",
-             "--concurrency", env.get("CELERY_CONCURRENCY", "2"),
-             "-Q", env.get("CONTROLPLANE_TASK_QUEUE", "controlplane")],
-            env=env, cwd=ROOT, start_new_session=True,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "controlplane",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                env.get("CELERY_CONCURRENCY", "2"),
+                "-Q",
+                env.get("CONTROLPLANE_TASK_QUEUE", "controlplane"),
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
         procs["beat"] = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "controlplane", "beat", "--loglevel", "INFO",
-             "--schedule", str(data_dir / "celerybeat-schedule")],
-            env=env, cwd=ROOT, start_new_session=True,
+            [
+                str(BIN / "celery"),
+                "-A",
+                "controlplane",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "--schedule",
+                str(data_dir / "celerybeat-schedule"),
+            ],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
         if not _wait_http(f"http://127.0.0.1:{port}/healthz", 60, procs["web"]):
             print("the web app did not become healthy", file=sys.stderr)

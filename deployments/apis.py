@@ -25,8 +25,18 @@ class InstanceOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Instance
-        fields = ["revision", "ordinal", "runtime", "runtime_id", "address", "state", "restarts", "last_error",
-                  "started_at", "last_probe_at"]
+        fields = [
+            "revision",
+            "ordinal",
+            "runtime",
+            "runtime_id",
+            "address",
+            "state",
+            "restarts",
+            "last_error",
+            "started_at",
+            "last_probe_at",
+        ]
 
 
 class DeploymentOutput(serializers.ModelSerializer):
@@ -42,9 +52,26 @@ class DeploymentOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Deployment
-        fields = ["name", "model", "version", "alias", "runtime", "replicas", "resources", "env", "status",
-                  "phase", "status_message", "revision", "serving_revision", "model_version", "endpoint",
-                  "instances", "created_at", "updated_at"]
+        fields = [
+            "name",
+            "model",
+            "version",
+            "alias",
+            "runtime",
+            "replicas",
+            "resources",
+            "env",
+            "status",
+            "phase",
+            "status_message",
+            "revision",
+            "serving_revision",
+            "model_version",
+            "endpoint",
+            "instances",
+            "created_at",
+            "updated_at",
+        ]
 
     def get_version(self, obj) -> str | None:
         return str(obj.target_version) if obj.target_version else None
@@ -69,8 +96,19 @@ class RevisionOutput(serializers.ModelSerializer):
 
     class Meta:
         model = Revision
-        fields = ["number", "model_version", "spec", "model_sha256", "reason", "state", "failure",
-                  "rollout_started_at", "live_at", "created_by", "created_at"]
+        fields = [
+            "number",
+            "model_version",
+            "spec",
+            "model_sha256",
+            "reason",
+            "state",
+            "failure",
+            "rollout_started_at",
+            "live_at",
+            "created_by",
+            "created_at",
+        ]
 
     def get_model_version(self, obj) -> str:
         return str(obj.model_version.version)
@@ -99,7 +137,9 @@ def _wait_timeout(request) -> float | None:
     try:
         timeout = float(request.query_params.get("timeout", "60"))
     except ValueError:
-        raise ApplicationError("timeout must be a number of seconds", code="invalid_timeout") from None
+        raise ApplicationError(
+            "timeout must be a number of seconds", code="invalid_timeout"
+        ) from None
     if not 0 < timeout <= 600:
         raise ApplicationError("timeout must be between 0 and 600 seconds", code="invalid_timeout")
     return timeout
@@ -118,7 +158,9 @@ def _wait(name: str, timeout: float | None) -> Deployment:
 
 
 WAIT_PARAMS = [
-    OpenApiParameter("wait", str, description="'ready': answer once the deployment is ready, failed or stopped"),
+    OpenApiParameter(
+        "wait", str, description="'ready': answer once the deployment is ready, failed or stopped"
+    ),
     OpenApiParameter("timeout", float, description="seconds to wait at most (default 60, max 600)"),
 ]
 
@@ -140,18 +182,31 @@ class DeploymentListApi(APIView):
     def get(self, request):
         return paginate(request, self, selectors.deployment_list(), DeploymentOutput)
 
-    @extend_schema(request=InputSerializer, responses={201: DeploymentOutput, 202: DeploymentOutput},
-                   parameters=WAIT_PARAMS)
+    @extend_schema(
+        request=InputSerializer,
+        responses={201: DeploymentOutput, 202: DeploymentOutput},
+        parameters=WAIT_PARAMS,
+    )
     def post(self, request):
         data = validated(self.InputSerializer, request.data)
         timeout = _wait_timeout(request)
         d = services.deployment_create(
-            name=data["name"], model_name=data["model"], version=data.get("version"), alias=data.get("alias"),
-            runtime=data.get("runtime"), replicas=data["replicas"], resources=data.get("resources"),
-            env=data.get("env"), actor=request.user,
+            name=data["name"],
+            model_name=data["model"],
+            version=data.get("version"),
+            alias=data.get("alias"),
+            runtime=data.get("runtime"),
+            replicas=data["replicas"],
+            resources=data.get("resources"),
+            env=data.get("env"),
+            actor=request.user,
         )
         d = _wait(d.name, timeout)
-        code = status.HTTP_201_CREATED if d.status == Deployment.Status.READY else status.HTTP_202_ACCEPTED
+        code = (
+            status.HTTP_201_CREATED
+            if d.status == Deployment.Status.READY
+            else status.HTTP_202_ACCEPTED
+        )
         return Response(DeploymentOutput(d).data, status=code)
 
 
@@ -170,8 +225,11 @@ class DeploymentDetailApi(APIView):
     def get(self, request, name):
         return Response(DeploymentOutput(selectors.deployment_get(name=name)).data)
 
-    @extend_schema(request=InputSerializer, responses={200: DeploymentOutput, 202: DeploymentOutput},
-                   parameters=WAIT_PARAMS)
+    @extend_schema(
+        request=InputSerializer,
+        responses={200: DeploymentOutput, 202: DeploymentOutput},
+        parameters=WAIT_PARAMS,
+    )
     def patch(self, request, name):
         d = selectors.deployment_get(name=name)
         data = validated(self.InputSerializer, request.data)
@@ -184,12 +242,16 @@ class DeploymentDetailApi(APIView):
         if data:
             services.deployment_update(deployment=d, actor=request.user, **data)
         d = _wait(name, timeout)
-        return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED
-                        if d.status not in WAIT_DONE else status.HTTP_200_OK)
+        return Response(
+            DeploymentOutput(d).data,
+            status=status.HTTP_202_ACCEPTED if d.status not in WAIT_DONE else status.HTTP_200_OK,
+        )
 
     @extend_schema(responses={202: None})
     def delete(self, request, name):
-        services.deployment_delete(deployment=selectors.deployment_get(name=name), actor=request.user)
+        services.deployment_delete(
+            deployment=selectors.deployment_get(name=name), actor=request.user
+        )
         return Response(status=status.HTTP_202_ACCEPTED)
 
 
@@ -212,15 +274,20 @@ class RollbackApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         revision = serializers.IntegerField(required=False, min_value=1)
-        reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+        reason = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=2000
+        )
 
-    @extend_schema(request=InputSerializer, responses={202: DeploymentOutput}, parameters=WAIT_PARAMS)
+    @extend_schema(
+        request=InputSerializer, responses={202: DeploymentOutput}, parameters=WAIT_PARAMS
+    )
     def post(self, request, name):
         d = selectors.deployment_get(name=name)
         data = validated(self.InputSerializer, request.data or {})
         timeout = _wait_timeout(request)
-        services.deployment_rollback(deployment=d, revision=data.get("revision"), actor=request.user,
-                                     reason=data["reason"])
+        services.deployment_rollback(
+            deployment=d, revision=data.get("revision"), actor=request.user, reason=data["reason"]
+        )
         d = _wait(name, timeout)
         return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
 

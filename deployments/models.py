@@ -24,28 +24,44 @@ class Deployment(models.Model):
         STOPPED = "stopped", "Stopped"
 
     name = models.SlugField(max_length=63, unique=True)
-    model = models.ForeignKey("registry.RegisteredModel", on_delete=models.PROTECT, related_name="deployments")
-    target_version = models.PositiveIntegerField(null=True, blank=True, help_text="a fixed version, or empty")
-    target_alias = models.CharField(max_length=255, blank=True, help_text="an alias to follow, or empty")
+    model = models.ForeignKey(
+        "registry.RegisteredModel", on_delete=models.PROTECT, related_name="deployments"
+    )
+    target_version = models.PositiveIntegerField(
+        null=True, blank=True, help_text="a fixed version, or empty"
+    )
+    target_alias = models.CharField(
+        max_length=255, blank=True, help_text="an alias to follow, or empty"
+    )
     followed_version = models.PositiveIntegerField(
-        null=True, blank=True, help_text="the alias's version last rolled out (so a rollback sticks)"
+        null=True,
+        blank=True,
+        help_text="the alias's version last rolled out (so a rollback sticks)",
     )
     runtime = models.CharField(max_length=16)
     replicas = models.PositiveSmallIntegerField(default=1)
     cpu = models.FloatField(null=True, blank=True, help_text="CPU limit in cores")
     memory_mb = models.PositiveIntegerField(null=True, blank=True)
     env = models.JSONField(default=dict, blank=True)
-    port = models.PositiveIntegerField(unique=True, help_text="the stable endpoint's port on 127.0.0.1")
-    router_pid = models.CharField(max_length=64, blank=True, help_text="runtime id of the router process")
+    port = models.PositiveIntegerField(
+        unique=True, help_text="the stable endpoint's port on 127.0.0.1"
+    )
+    router_pid = models.CharField(
+        max_length=64, blank=True, help_text="runtime id of the router process"
+    )
     desired_revision = models.ForeignKey(
         "Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     serving_revision = models.ForeignKey(
         "Revision", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True
+    )
     status_message = models.TextField(blank=True)
-    phase = models.CharField(max_length=64, blank=True, help_text="rollout progress shown in the UI")
+    phase = models.CharField(
+        max_length=64, blank=True, help_text="rollout progress shown in the UI"
+    )
     stopped = models.BooleanField(default=False, help_text="desired: nothing runs")
     deleted = models.BooleanField(default=False, help_text="desired: stop everything, then remove")
     progress_deadline_s = models.PositiveIntegerField(default=120)
@@ -81,8 +97,12 @@ class Revision(models.Model):
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="revisions")
     number = models.PositiveIntegerField()
-    model_version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="+")
-    spec = models.JSONField(help_text="runtime, replicas, resources, env at the time of the revision")
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    spec = models.JSONField(
+        help_text="runtime, replicas, resources, env at the time of the revision"
+    )
     model_sha256 = models.CharField(max_length=64, blank=True)
     model_dir = models.CharField(max_length=1024, blank=True)
     reason = models.CharField(max_length=500)
@@ -91,7 +111,9 @@ class Revision(models.Model):
     rollout_started_at = models.DateTimeField(null=True, blank=True)
     live_at = models.DateTimeField(null=True, blank=True)
     superseded_at = models.DateTimeField(
-        null=True, blank=True, help_text="when traffic left it; its instances stay warm for the rollback window"
+        null=True,
+        blank=True,
+        help_text="when traffic left it; its instances stay warm for the rollback window",
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -100,7 +122,9 @@ class Revision(models.Model):
 
     class Meta:
         ordering = ["deployment", "-number"]
-        constraints = [models.UniqueConstraint(fields=["deployment", "number"], name="unique_revision_number")]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "number"], name="unique_revision_number")
+        ]
 
     def __str__(self) -> str:
         return f"{self.deployment.name} r{self.number}"
@@ -148,7 +172,9 @@ class DeploymentEvent(models.Model):
     """The timeline of a deployment: revisions, rollout steps, crashes, rollbacks."""
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="events")
-    revision = models.ForeignKey(Revision, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    revision = models.ForeignKey(
+        Revision, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     kind = models.CharField(max_length=32, db_index=True)
     message = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -53,9 +53,20 @@ def start(name: str, port: int) -> str:
         CONTROLPLANE_OWNER=install_id(),
         CONTROLPLANE_ROUTER=name,
     )
-    argv = [sys.executable, "-m", "serving.router", "--host", "127.0.0.1", "--port", str(port),
-            "--backends-file", str(backends_file(name))]
-    return process.spawn(argv, env=env, log_path=_dir(name) / "router.log", cwd=Path(settings.BASE_DIR))
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backends-file",
+        str(backends_file(name)),
+    ]
+    return process.spawn(
+        argv, env=env, log_path=_dir(name) / "router.log", cwd=Path(settings.BASE_DIR)
+    )
 
 
 def stop(runtime_id: str) -> None:
@@ -85,6 +96,11 @@ def owned_routers() -> list[process.ProcInfo]:
 def ping(address: str, *, timeout: float = 1.0) -> bool:
     """Is the model server at ``address`` ready?"""
     try:
-        return http.request("GET", f"http://{address}/ping", timeout=timeout, raise_for_status=False).status == 200
+        return (
+            http.request(
+                "GET", f"http://{address}/ping", timeout=timeout, raise_for_status=False
+            ).status
+            == 200
+        )
     except http.HttpError:
         return False

@@ -32,12 +32,22 @@ def _kick(deployment: Deployment) -> None:
     enqueue_on_commit(reconcile, deployment.pk)
 
 
-def event_record(deployment: Deployment, kind: str, message: str, revision: Revision | None = None) -> DeploymentEvent:
-    return DeploymentEvent.objects.create(deployment=deployment, revision=revision, kind=kind, message=message)
+def event_record(
+    deployment: Deployment, kind: str, message: str, revision: Revision | None = None
+) -> DeploymentEvent:
+    return DeploymentEvent.objects.create(
+        deployment=deployment, revision=revision, kind=kind, message=message
+    )
 
 
 def _spec_snapshot(d: Deployment) -> dict:
-    return {"runtime": d.runtime, "replicas": d.replicas, "cpu": d.cpu, "memory_mb": d.memory_mb, "env": d.env}
+    return {
+        "runtime": d.runtime,
+        "replicas": d.replicas,
+        "cpu": d.cpu,
+        "memory_mb": d.memory_mb,
+        "env": d.env,
+    }
 
 
 def _deployment_snapshot(d: Deployment) -> dict:
@@ -58,7 +68,9 @@ def _port_range() -> range:
 
 def allocate_port() -> int:
     """A port in the configured range that no deployment or instance uses and nothing listens on."""
-    used = set(Deployment.objects.values_list("port", flat=True)) | set(Instance.objects.values_list("port", flat=True))
+    used = set(Deployment.objects.values_list("port", flat=True)) | set(
+        Instance.objects.values_list("port", flat=True)
+    )
     for port in _port_range():
         if port in used:
             continue
@@ -69,10 +81,14 @@ def allocate_port() -> int:
             except OSError:
                 continue
         return port
-    raise ApplicationError("no free port left in CONTROLPLANE_PORT_RANGE", code="no_port", status_code=503)
+    raise ApplicationError(
+        "no free port left in CONTROLPLANE_PORT_RANGE", code="no_port", status_code=503
+    )
 
 
-def _resolve_target(model: RegisteredModel, version: Any, alias: str | None) -> tuple[ModelVersion, int | None, str]:
+def _resolve_target(
+    model: RegisteredModel, version: Any, alias: str | None
+) -> tuple[ModelVersion, int | None, str]:
     if (version in (None, "")) == (not alias):
         raise ApplicationError("give exactly one of 'version' or 'alias'", code="invalid_target")
     if alias:
@@ -83,7 +99,9 @@ def _resolve_target(model: RegisteredModel, version: Any, alias: str | None) -> 
     try:
         number = int(str(version))
     except ValueError:
-        raise ApplicationError(f"version {version!r} is not a version number", code="invalid_version") from None
+        raise ApplicationError(
+            f"version {version!r} is not a version number", code="invalid_version"
+        ) from None
     mv = ModelVersion.objects.filter(model=model, version=number).first()
     if mv is None:
         raise NotFound(f"version {number} of {model.name!r} not found", code="version_not_found")
@@ -92,34 +110,65 @@ def _resolve_target(model: RegisteredModel, version: Any, alias: str | None) -> 
     return mv, number, ""
 
 
-def _validate_spec(runtime: str, replicas: Any, resources: Any, env: Any) -> tuple[str, int, float | None, int | None, dict]:
+def _validate_spec(
+    runtime: str, replicas: Any, resources: Any, env: Any
+) -> tuple[str, int, float | None, int | None, dict]:
     if runtime not in RUNTIMES:
-        raise ApplicationError(f"runtime must be one of {', '.join(RUNTIMES)}", code="invalid_runtime")
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= MAX_REPLICAS:
-        raise ApplicationError(f"replicas must be an integer from 1 to {MAX_REPLICAS}", code="invalid_replicas")
+        raise ApplicationError(
+            f"runtime must be one of {', '.join(RUNTIMES)}", code="invalid_runtime"
+        )
+    if (
+        not isinstance(replicas, int)
+        or isinstance(replicas, bool)
+        or not 1 <= replicas <= MAX_REPLICAS
+    ):
+        raise ApplicationError(
+            f"replicas must be an integer from 1 to {MAX_REPLICAS}", code="invalid_replicas"
+        )
     resources = resources or {}
     if not isinstance(resources, dict) or set(resources) - {"cpu", "memory_mb"}:
-        raise ApplicationError("resources takes only 'cpu' (cores) and 'memory_mb'", code="invalid_resources")
+        raise ApplicationError(
+            "resources takes only 'cpu' (cores) and 'memory_mb'", code="invalid_resources"
+        )
     cpu, memory = resources.get("cpu"), resources.get("memory_mb")
-    if cpu is not None and (not isinstance(cpu, int | float) or isinstance(cpu, bool) or not 0.05 <= cpu <= 64):
-        raise ApplicationError("resources.cpu must be a number of cores from 0.05 to 64", code="invalid_resources")
-    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or not 64 <= memory <= 262144):
-        raise ApplicationError("resources.memory_mb must be an integer from 64 to 262144", code="invalid_resources")
+    if cpu is not None and (
+        not isinstance(cpu, int | float) or isinstance(cpu, bool) or not 0.05 <= cpu <= 64
+    ):
+        raise ApplicationError(
+            "resources.cpu must be a number of cores from 0.05 to 64", code="invalid_resources"
+        )
+    if memory is not None and (
+        not isinstance(memory, int) or isinstance(memory, bool) or not 64 <= memory <= 262144
+    ):
+        raise ApplicationError(
+            "resources.memory_mb must be an integer from 64 to 262144", code="invalid_resources"
+        )
     env = env or {}
     if not isinstance(env, dict) or not all(
-        isinstance(k, str) and re.match(r"^[A-Z_][A-Z0-9_]{0,127}$", k) and isinstance(v, str) and len(v) < 4096
+        isinstance(k, str)
+        and re.match(r"^[A-Z_][A-Z0-9_]{0,127}$", k)
+        and isinstance(v, str)
+        and len(v) < 4096
         for k, v in env.items()
     ):
         raise ApplicationError("env must map UPPER_CASE names to strings", code="invalid_env")
     if any(k.startswith(("CONTROLPLANE_", "SERVING_")) for k in env):
-        raise ApplicationError("env may not set CONTROLPLANE_* or SERVING_* variables", code="invalid_env")
+        raise ApplicationError(
+            "env may not set CONTROLPLANE_* or SERVING_* variables", code="invalid_env"
+        )
     return runtime, replicas, float(cpu) if cpu is not None else None, memory, env
 
 
-def _new_revision(d: Deployment, mv: ModelVersion, *, reason: str, actor: AbstractBaseUser | None) -> Revision:
+def _new_revision(
+    d: Deployment, mv: ModelVersion, *, reason: str, actor: AbstractBaseUser | None
+) -> Revision:
     number = (d.revisions.aggregate(n=Max("number"))["n"] or 0) + 1
     revision = Revision.objects.create(
-        deployment=d, number=number, model_version=mv, spec=_spec_snapshot(d), reason=reason[:500],
+        deployment=d,
+        number=number,
+        model_version=mv,
+        spec=_spec_snapshot(d),
+        reason=reason[:500],
         created_by=actor if getattr(actor, "is_authenticated", False) else None,
     )
     d.desired_revision = revision
@@ -127,7 +176,9 @@ def _new_revision(d: Deployment, mv: ModelVersion, *, reason: str, actor: Abstra
     d.status = Deployment.Status.DEPLOYING if d.serving_revision_id else Deployment.Status.PENDING
     if d.target_alias:
         d.followed_version = mv.version
-    event_record(d, "revision", f"revision {number}: {mv.model.name} v{mv.version} ({reason})", revision)
+    event_record(
+        d, "revision", f"revision {number}: {mv.model.name} v{mv.version} ({reason})", revision
+    )
     return revision
 
 
@@ -161,25 +212,45 @@ def deployment_create(
     try:
         with transaction.atomic():
             d = Deployment.objects.create(
-                name=name, model=model, target_version=number, target_alias=alias, runtime=runtime,
-                replicas=replicas, cpu=cpu, memory_mb=memory, env=env, port=allocate_port(),
+                name=name,
+                model=model,
+                target_version=number,
+                target_alias=alias,
+                runtime=runtime,
+                replicas=replicas,
+                cpu=cpu,
+                memory_mb=memory,
+                env=env,
+                port=allocate_port(),
                 progress_deadline_s=settings.CONTROLPLANE_PROGRESS_DEADLINE,
                 created_by=actor if getattr(actor, "is_authenticated", False) else None,
             )
     except IntegrityError:
-        raise Conflict(f"deployment {name!r} already exists (or its port was taken); try again",
-                       code="deployment_exists") from None
+        raise Conflict(
+            f"deployment {name!r} already exists (or its port was taken); try again",
+            code="deployment_exists",
+        ) from None
     event_record(d, "created", f"created by {actor.get_username()}")
     _new_revision(d, mv, reason="created", actor=actor)
     d.save()
-    audit_record(actor=actor, action="deployment.create", object_type="deployment", object_id=name,
-                 object_repr=name, after=_deployment_snapshot(d))
+    audit_record(
+        actor=actor,
+        action="deployment.create",
+        object_type="deployment",
+        object_id=name,
+        object_repr=name,
+        after=_deployment_snapshot(d),
+    )
     _kick(d)
     return d
 
 
 def _locked(d: Deployment) -> Deployment:
-    locked = Deployment.objects.select_for_update(of=("self",)).select_related("model", "desired_revision").get(pk=d.pk)
+    locked = (
+        Deployment.objects.select_for_update(of=("self",))
+        .select_related("model", "desired_revision")
+        .get(pk=d.pk)
+    )
     if locked.deleted:
         raise NotFound(f"deployment {d.name!r} not found")
     return locked
@@ -210,7 +281,10 @@ def deployment_update(
             raise ApplicationError("resources must be an object", code="invalid_resources")
         new_resources.update(resources)
     _, new_replicas, cpu, memory, new_env = _validate_spec(
-        d.runtime, d.replicas if replicas is None else replicas, new_resources, d.env if env is None else env
+        d.runtime,
+        d.replicas if replicas is None else replicas,
+        new_resources,
+        d.env if env is None else env,
     )
     if new_replicas != d.replicas:
         changes.append(f"replicas {d.replicas}→{new_replicas}")
@@ -226,8 +300,15 @@ def deployment_update(
     d.stopped = False
     _new_revision(d, mv, reason="update: " + (", ".join(changes) or "redeploy"), actor=actor)
     d.save()
-    audit_record(actor=actor, action="deployment.update", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before=before, after=_deployment_snapshot(d))
+    audit_record(
+        actor=actor,
+        action="deployment.update",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before=before,
+        after=_deployment_snapshot(d),
+    )
     _kick(d)
     return d
 
@@ -241,8 +322,13 @@ def _previous_good(d: Deployment, exclude: Revision | None) -> Revision | None:
 
 @transaction.atomic
 def deployment_rollback(
-    *, deployment: Deployment, revision: int | None = None, actor: AbstractBaseUser | None,
-    reason: str = "", automatic: bool = False, system: str = "reconciler",
+    *,
+    deployment: Deployment,
+    revision: int | None = None,
+    actor: AbstractBaseUser | None,
+    reason: str = "",
+    automatic: bool = False,
+    system: str = "reconciler",
 ) -> Deployment:
     """Serve an earlier revision again. Its files (and image) are kept, so nothing is rebuilt.
     An automatic rollback is audited as ``system:<system>``: the reconciler's own, or the
@@ -252,22 +338,33 @@ def deployment_rollback(
     if revision is None:
         target = _previous_good(d, current)
         if target is None:
-            raise Conflict("there is no earlier revision that served successfully", code="no_previous_revision")
+            raise Conflict(
+                "there is no earlier revision that served successfully", code="no_previous_revision"
+            )
     else:
         if isinstance(revision, bool) or not isinstance(revision, int):
             raise ApplicationError("revision must be a revision number", code="invalid_revision")
         target = d.revisions.filter(number=revision).first()
         if target is None:
-            raise NotFound(f"revision {revision} of {d.name!r} not found", code="revision_not_found")
+            raise NotFound(
+                f"revision {revision} of {d.name!r} not found", code="revision_not_found"
+            )
         if target.pk == (current.pk if current else None):
-            raise Conflict(f"revision {revision} is already the desired revision", code="already_current")
+            raise Conflict(
+                f"revision {revision} is already the desired revision", code="already_current"
+            )
     if target.model_version.status == ModelVersion.Status.ARCHIVED and not automatic:
         raise Conflict(f"{target.model_version} is archived", code="version_archived")
     before = _deployment_snapshot(d)
     d.desired_revision = target
     # The deployment now wants what that revision says (a later update starts from it).
     spec = target.spec
-    d.replicas, d.cpu, d.memory_mb, d.env = spec["replicas"], spec.get("cpu"), spec.get("memory_mb"), spec.get("env") or {}
+    d.replicas, d.cpu, d.memory_mb, d.env = (
+        spec["replicas"],
+        spec.get("cpu"),
+        spec.get("memory_mb"),
+        spec.get("env") or {},
+    )
     if not d.target_alias:
         d.target_version = target.model_version.version
     d.stopped = False
@@ -277,11 +374,23 @@ def deployment_rollback(
         Revision.objects.filter(pk=target.pk).update(state=Revision.State.PENDING, failure="")
     kind = "auto_rollback" if automatic else "rollback"
     why = reason or ("automatic" if automatic else f"by {actor.get_username()}")
-    event_record(d, kind, f"rollback from r{current.number if current else '-'} to r{target.number}: {why}", target)
+    event_record(
+        d,
+        kind,
+        f"rollback from r{current.number if current else '-'} to r{target.number}: {why}",
+        target,
+    )
     d.save()
-    audit_record(actor=actor, action=f"deployment.{kind}", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before=before, after={**_deployment_snapshot(d), "reason": why},
-                 system=system if automatic else None)
+    audit_record(
+        actor=actor,
+        action=f"deployment.{kind}",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before=before,
+        after={**_deployment_snapshot(d), "reason": why},
+        system=system if automatic else None,
+    )
     _kick(d)
     return d
 
@@ -294,8 +403,15 @@ def deployment_stop(*, deployment: Deployment, actor: AbstractBaseUser) -> Deplo
     d.stopped = True
     d.save()
     event_record(d, "stop", f"stop requested by {actor.get_username()}")
-    audit_record(actor=actor, action="deployment.stop", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before={"stopped": False}, after={"stopped": True})
+    audit_record(
+        actor=actor,
+        action="deployment.stop",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before={"stopped": False},
+        after={"stopped": True},
+    )
     _kick(d)
     return d
 
@@ -308,8 +424,15 @@ def deployment_start(*, deployment: Deployment, actor: AbstractBaseUser) -> Depl
     d.stopped = False
     d.save()
     event_record(d, "start", f"start requested by {actor.get_username()}")
-    audit_record(actor=actor, action="deployment.start", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before={"stopped": True}, after={"stopped": False})
+    audit_record(
+        actor=actor,
+        action="deployment.start",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before={"stopped": True},
+        after={"stopped": False},
+    )
     _kick(d)
     return d
 
@@ -322,14 +445,22 @@ def deployment_delete(*, deployment: Deployment, actor: AbstractBaseUser) -> Non
     d.stopped = True
     d.save()
     event_record(d, "delete", f"delete requested by {actor.get_username()}")
-    audit_record(actor=actor, action="deployment.delete", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before=before)
+    audit_record(
+        actor=actor,
+        action="deployment.delete",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before=before,
+    )
     _kick(d)
 
 
 def deployments_following(*, model_name: str, alias: str) -> list[int]:
     return list(
-        Deployment.objects.filter(model__name=model_name, target_alias=alias, deleted=False).values_list("pk", flat=True)
+        Deployment.objects.filter(
+            model__name=model_name, target_alias=alias, deleted=False
+        ).values_list("pk", flat=True)
     )
 
 
@@ -337,11 +468,17 @@ def deployments_following(*, model_name: str, alias: str) -> list[int]:
 def deployment_follow_alias(*, deployment_id: int) -> Deployment | None:
     """If the followed alias moved since the last rollout, make a revision for
     its new version (called by the reconciler every pass: level-triggered)."""
-    d = Deployment.objects.select_for_update(of=("self",)).select_related("model", "desired_revision").filter(
-        pk=deployment_id, deleted=False).first()
+    d = (
+        Deployment.objects.select_for_update(of=("self",))
+        .select_related("model", "desired_revision")
+        .filter(pk=deployment_id, deleted=False)
+        .first()
+    )
     if d is None or not d.target_alias:
         return d
-    pointer = Alias.objects.select_related("version").filter(model=d.model, name=d.target_alias).first()
+    pointer = (
+        Alias.objects.select_related("version").filter(model=d.model, name=d.target_alias).first()
+    )
     if pointer is None or pointer.version.version == d.followed_version:
         return d
     mv = pointer.version
@@ -349,6 +486,14 @@ def deployment_follow_alias(*, deployment_id: int) -> Deployment | None:
     _new_revision(d, mv, reason=f"alias {d.target_alias} moved to v{mv.version}", actor=None)
     d.stopped = False
     d.save()
-    audit_record(actor=None, action="deployment.follow_alias", object_type="deployment", object_id=d.name,
-                 object_repr=d.name, before=before, after=_deployment_snapshot(d), system="reconciler")
+    audit_record(
+        actor=None,
+        action="deployment.follow_alias",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before=before,
+        after=_deployment_snapshot(d),
+        system="reconciler",
+    )
     return d

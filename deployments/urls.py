@@ -21,7 +21,19 @@ urlpatterns = [
     path("<slug:name>/update", views.deployment_update, name="deployment-update"),
     path("<slug:name>/scale", views.deployment_scale, name="deployment-scale"),
     path("<slug:name>/rollback", views.deployment_rollback, name="deployment-rollback"),
-    path("<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"),
-    path("<slug:name>/start", views.deployment_lifecycle, {"action": "start"}, name="deployment-start"),
-    path("<slug:name>/delete", views.deployment_lifecycle, {"action": "delete"}, name="deployment-delete"),
+    path(
+        "<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"
+    ),
+    path(
+        "<slug:name>/start",
+        views.deployment_lifecycle,
+        {"action": "start"},
+        name="deployment-start",
+    ),
+    path(
+        "<slug:name>/delete",
+        views.deployment_lifecycle,
+        {"action": "delete"},
+        name="deployment-delete",
+    ),
 ]

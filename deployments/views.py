@@ -112,7 +112,9 @@ def _current(d: Deployment) -> dict:
 def _instance_counts(d: Deployment) -> tuple[int, int]:
     """Ready/total instances of the desired revision (a warm standby of the previous
     revision is listed in the instances table, not counted here)."""
-    instances = [i for i in d.instances.all() if i.revision_id == d.desired_revision_id]  # prefetched
+    instances = [
+        i for i in d.instances.all() if i.revision_id == d.desired_revision_id
+    ]  # prefetched
     return sum(1 for i in instances if i.state == Instance.State.READY), len(instances)
 
 

@@ -23,7 +23,16 @@ class ModelOutput(serializers.ModelSerializer):
 
     class Meta:
         model = RegisteredModel
-        fields = ["name", "description", "tags", "aliases", "latest_version", "version_count", "created_at", "updated_at"]
+        fields = [
+            "name",
+            "description",
+            "tags",
+            "aliases",
+            "latest_version",
+            "version_count",
+            "created_at",
+            "updated_at",
+        ]
 
     def get_aliases(self, obj) -> dict[str, str]:
         return {a.name: str(a.version.version) for a in obj.aliases.all()}
@@ -48,8 +57,22 @@ class VersionOutput(serializers.ModelSerializer):
     class Meta:
         model = ModelVersion
         fields = [
-            "model", "version", "status", "source", "run_id", "description", "tags", "metrics", "params",
-            "flavors", "signature", "input_example", "requirements", "aliases", "created_at", "created_by",
+            "model",
+            "version",
+            "status",
+            "source",
+            "run_id",
+            "description",
+            "tags",
+            "metrics",
+            "params",
+            "flavors",
+            "signature",
+            "input_example",
+            "requirements",
+            "aliases",
+            "created_at",
+            "created_by",
         ]
 
     def get_version(self, obj) -> str:
@@ -69,7 +92,18 @@ class MoveOutput(serializers.ModelSerializer):
 
     class Meta:
         model = AliasMove
-        fields = ["id", "model", "alias", "from_version", "to_version", "actor", "reason", "origin", "approved_by", "time"]
+        fields = [
+            "id",
+            "model",
+            "alias",
+            "from_version",
+            "to_version",
+            "actor",
+            "reason",
+            "origin",
+            "approved_by",
+            "time",
+        ]
 
     def get_from_version(self, obj) -> str | None:
         return str(obj.from_version) if obj.from_version is not None else None
@@ -97,8 +131,19 @@ class RequestOutput(serializers.ModelSerializer):
 
     class Meta:
         model = PromotionRequest
-        fields = ["id", "model", "alias", "version", "reason", "status", "requested_by", "requested_at",
-                  "decided_by", "decided_at", "decision_comment"]
+        fields = [
+            "id",
+            "model",
+            "alias",
+            "version",
+            "reason",
+            "status",
+            "requested_by",
+            "requested_at",
+            "decided_by",
+            "decided_at",
+            "decision_comment",
+        ]
 
     def get_version(self, obj) -> str:
         return str(obj.version.version)
@@ -106,18 +151,22 @@ class RequestOutput(serializers.ModelSerializer):
 
 # --- models -------------------------------------------------------------------------------
 
+
 class ModelListApi(APIView):
     write_scope = REGISTRY_WRITE
 
     class InputSerializer(serializers.Serializer):
         name = serializers.CharField(max_length=256)
-        description = serializers.CharField(required=False, allow_blank=True, default="", max_length=20000)
+        description = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=20000
+        )
         tags = StringMapField(required=False, default=dict)
 
     @extend_schema(responses=ModelOutput(many=True))
     def get(self, request):
         qs = selectors.registered_model_list(
-            search=request.query_params.get("search", "")[:256], tag=request.query_params.get("tag", "")[:256]
+            search=request.query_params.get("search", "")[:256],
+            tag=request.query_params.get("tag", "")[:256],
         )
         return paginate(request, self, qs, ModelOutput)
 
@@ -125,7 +174,9 @@ class ModelListApi(APIView):
     def post(self, request):
         data = validated(self.InputSerializer, request.data)
         model = services.registered_model_create(actor=request.user, **data)
-        return Response(ModelOutput(selectors.registered_model_get(name=model.name)).data, status=201)
+        return Response(
+            ModelOutput(selectors.registered_model_get(name=model.name)).data, status=201
+        )
 
 
 class ModelDetailApi(APIView):
@@ -148,11 +199,14 @@ class ModelDetailApi(APIView):
 
     @extend_schema(responses={204: None})
     def delete(self, request, name):
-        services.registered_model_delete(model=selectors.registered_model_get(name=name), actor=request.user)
+        services.registered_model_delete(
+            model=selectors.registered_model_get(name=name), actor=request.user
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 # --- versions -----------------------------------------------------------------------------
+
 
 class VersionListApi(APIView):
     write_scope = REGISTRY_WRITE
@@ -161,7 +215,9 @@ class VersionListApi(APIView):
     class InputSerializer(serializers.Serializer):
         source = serializers.CharField(required=False, max_length=2000)
         artifact = serializers.FileField(required=False)
-        description = serializers.CharField(required=False, allow_blank=True, default="", max_length=20000)
+        description = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=20000
+        )
         tags = StringMapField(required=False, default=dict)
 
     @extend_schema(responses=VersionOutput(many=True))
@@ -213,7 +269,9 @@ class VersionDetailApi(APIView):
     @extend_schema(responses=VersionOutput)
     def get(self, request, name, version):
         model = selectors.registered_model_get(name=name)
-        return Response(VersionOutput(selectors.model_version_get(model=model, version=version)).data)
+        return Response(
+            VersionOutput(selectors.model_version_get(model=model, version=version)).data
+        )
 
     @extend_schema(request=InputSerializer, responses=VersionOutput)
     def patch(self, request, name, version):
@@ -227,16 +285,21 @@ class VersionDetailApi(APIView):
             services.model_version_archive(mv=mv, actor=request.user)
         elif new_status == ModelVersion.Status.READY:
             services.model_version_restore(mv=mv, actor=request.user)
-        return Response(VersionOutput(selectors.model_version_get(model=model, version=version)).data)
+        return Response(
+            VersionOutput(selectors.model_version_get(model=model, version=version)).data
+        )
 
     @extend_schema(responses={204: None})
     def delete(self, request, name, version):
         model = selectors.registered_model_get(name=name)
-        services.model_version_delete(mv=selectors.model_version_get(model=model, version=version), actor=request.user)
+        services.model_version_delete(
+            mv=selectors.model_version_get(model=model, version=version), actor=request.user
+        )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 # --- aliases, history, compare --------------------------------------------------------------
+
 
 class AliasApi(APIView):
     write_scope = REGISTRY_WRITE
@@ -260,7 +323,9 @@ class AliasApi(APIView):
     @extend_schema(request=RemoveInput, responses=MoveOutput)
     def delete(self, request, name, alias):
         model = selectors.registered_model_get(name=name)
-        data = validated(self.RemoveInput, request.data or {"reason": request.query_params.get("reason", "")})
+        data = validated(
+            self.RemoveInput, request.data or {"reason": request.query_params.get("reason", "")}
+        )
         move = services.alias_remove(model=model, alias=alias, actor=request.user, **data)
         return Response(MoveOutput(move).data)
 
@@ -282,13 +347,18 @@ class CompareApi(APIView):
 
 # --- approvals ------------------------------------------------------------------------------
 
+
 class PromotionRequestListApi(APIView):
     @extend_schema(responses=RequestOutput(many=True))
     def get(self, request):
         wanted = request.query_params.get("status")
         if wanted and wanted not in PromotionRequest.Status.values:
-            raise ApplicationError(f"status must be one of {', '.join(PromotionRequest.Status.values)}")
-        return paginate(request, self, selectors.promotion_request_list(status=wanted), RequestOutput)
+            raise ApplicationError(
+                f"status must be one of {', '.join(PromotionRequest.Status.values)}"
+            )
+        return paginate(
+            request, self, selectors.promotion_request_list(status=wanted), RequestOutput
+        )
 
 
 class PromotionDecisionApi(APIView):
@@ -296,11 +366,17 @@ class PromotionDecisionApi(APIView):
     decision: str = ""
 
     class InputSerializer(serializers.Serializer):
-        comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+        comment = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=2000
+        )
 
     @extend_schema(request=InputSerializer, responses=RequestOutput)
     def post(self, request, request_id):
         data = validated(self.InputSerializer, request.data)
-        decide = services.promotion_request_approve if self.decision == "approve" else services.promotion_request_reject
+        decide = (
+            services.promotion_request_approve
+            if self.decision == "approve"
+            else services.promotion_request_reject
+        )
         result = decide(request_id=request_id, actor=request.user, comment=data["comment"])
         return Response(RequestOutput(result).data)

@@ -82,7 +82,11 @@ def check_archive(
             names.add(info.filename)
         if "MLmodel" not in names:
             nested = sorted(n for n in names if n.endswith("/MLmodel"))
-            hint = f" (found {nested[0]!r}: zip the model directory's contents, not the directory)" if nested else ""
+            hint = (
+                f" (found {nested[0]!r}: zip the model directory's contents, not the directory)"
+                if nested
+                else ""
+            )
             raise ArchiveRejected(f"MLmodel not found at the archive root{hint}")
         try:
             raw = zf.read("MLmodel")
@@ -94,7 +98,11 @@ def check_archive(
             mlmodel = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ArchiveRejected(f"MLmodel is not valid YAML: {exc}") from exc
-        if not isinstance(mlmodel, dict) or not isinstance(mlmodel.get("flavors"), dict) or not mlmodel["flavors"]:
+        if (
+            not isinstance(mlmodel, dict)
+            or not isinstance(mlmodel.get("flavors"), dict)
+            or not mlmodel["flavors"]
+        ):
             raise ArchiveRejected("MLmodel has no 'flavors' mapping: not an MLflow model")
         return CheckedArchive(mlmodel=mlmodel, entries=len(infos), uncompressed_bytes=total)
 

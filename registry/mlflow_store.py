@@ -28,7 +28,9 @@ _EXAMPLE_MAX_BYTES = 256 * 1024
 _RUN_ID = r"[0-9a-fA-F]{1,64}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _RUNS_URI = re.compile(rf"^runs:/{_RUN_ID}(/{_SEGMENT})+$")
-_MODELS_URI = re.compile(rf"^models:/(?:{_SEGMENT}/(?:\d+|latest)|{_SEGMENT}@{_SEGMENT}|m-[0-9a-f]{{1,64}})$")
+_MODELS_URI = re.compile(
+    rf"^models:/(?:{_SEGMENT}/(?:\d+|latest)|{_SEGMENT}@{_SEGMENT}|m-[0-9a-f]{{1,64}})$"
+)
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
 
@@ -104,7 +106,9 @@ class MlflowStore:
     # --- registered models -------------------------------------------------------
     def create_model(self, name: str, *, description: str = "", tags: dict | None = None) -> None:
         try:
-            self.client.create_registered_model(name, tags=tags or None, description=description or None)
+            self.client.create_registered_model(
+                name, tags=tags or None, description=description or None
+            )
         except Exception as exc:
             err = _translate(exc)
             if err.kind != "conflict":
@@ -142,7 +146,9 @@ class MlflowStore:
                 kind="invalid",
             )
         try:
-            mv = self._mlflow.register_model(source, name, tags=tags or None, await_registration_for=60)
+            mv = self._mlflow.register_model(
+                source, name, tags=tags or None, await_registration_for=60
+            )
             if description:
                 self.client.update_model_version(name, mv.version, description=description)
         except Exception as exc:
@@ -165,9 +171,13 @@ class MlflowStore:
                     Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
                     location = Path(self.artifact_root).resolve().as_uri()
                 try:
-                    experiment_id = self.client.create_experiment(UPLOAD_EXPERIMENT, artifact_location=location)
+                    experiment_id = self.client.create_experiment(
+                        UPLOAD_EXPERIMENT, artifact_location=location
+                    )
                 except Exception:
-                    experiment_id = self.client.get_experiment_by_name(UPLOAD_EXPERIMENT).experiment_id
+                    experiment_id = self.client.get_experiment_by_name(
+                        UPLOAD_EXPERIMENT
+                    ).experiment_id
             else:
                 experiment_id = experiment.experiment_id
             run = self.client.create_run(experiment_id, run_name=f"upload-{name}")

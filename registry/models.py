@@ -40,7 +40,9 @@ class ModelVersion(models.Model):
     model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="versions")
     version = models.PositiveIntegerField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.READY)
-    source = models.TextField(help_text="where MLflow got the files from (runs:/, models:/ or artifact URI)")
+    source = models.TextField(
+        help_text="where MLflow got the files from (runs:/, models:/ or artifact URI)"
+    )
     run_id = models.CharField(max_length=64, blank=True)
     description = models.TextField(blank=True)
     tags = models.JSONField(default=dict, blank=True)
@@ -57,7 +59,9 @@ class ModelVersion(models.Model):
 
     class Meta:
         ordering = ["model", "-version"]
-        constraints = [models.UniqueConstraint(fields=["model", "version"], name="unique_model_version")]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "version"], name="unique_model_version")
+        ]
 
     def __str__(self) -> str:
         return f"{self.model.name} v{self.version}"
@@ -118,13 +122,19 @@ class ApprovalPolicy(models.Model):
 
     alias = models.CharField(max_length=255)
     model = models.ForeignKey(
-        RegisteredModel, null=True, blank=True, on_delete=models.CASCADE, related_name="approval_policies"
+        RegisteredModel,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="approval_policies",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         verbose_name_plural = "approval policies"
-        constraints = [models.UniqueConstraint(fields=["alias", "model"], name="unique_alias_policy")]
+        constraints = [
+            models.UniqueConstraint(fields=["alias", "model"], name="unique_alias_policy")
+        ]
 
     def __str__(self) -> str:
         return f"approval for @{self.alias} ({self.model or 'all models'})"
@@ -139,12 +149,20 @@ class PromotionRequest(models.Model):
         REJECTED = "rejected", "Rejected"
         CANCELLED = "cancelled", "Cancelled"
 
-    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="promotion_requests")
+    model = models.ForeignKey(
+        RegisteredModel, on_delete=models.CASCADE, related_name="promotion_requests"
+    )
     alias = models.CharField(max_length=255)
-    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="promotion_requests")
+    version = models.ForeignKey(
+        ModelVersion, on_delete=models.CASCADE, related_name="promotion_requests"
+    )
     reason = models.TextField()
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
     requested_at = models.DateTimeField(auto_now_add=True)
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"

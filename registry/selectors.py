@@ -52,9 +52,13 @@ def parse_version(version: str | int) -> int:
     try:
         number = int(str(version))
     except ValueError:
-        raise ApplicationError(f"version {version!r} is not a version number", code="invalid_version") from None
+        raise ApplicationError(
+            f"version {version!r} is not a version number", code="invalid_version"
+        ) from None
     if number < 1:
-        raise ApplicationError(f"version {version!r} is not a version number", code="invalid_version")
+        raise ApplicationError(
+            f"version {version!r} is not a version number", code="invalid_version"
+        )
     return number
 
 
@@ -98,14 +102,20 @@ def promotion_request_list(*, status: str | None = None) -> QuerySet[PromotionRe
 
 
 def approval_required(*, model: RegisteredModel, alias: str) -> bool:
-    return ApprovalPolicy.objects.filter(alias=alias).filter(Q(model__isnull=True) | Q(model=model)).exists()
+    return (
+        ApprovalPolicy.objects.filter(alias=alias)
+        .filter(Q(model__isnull=True) | Q(model=model))
+        .exists()
+    )
 
 
 def model_versions_compare(*, model: RegisteredModel, versions: list[str]) -> dict:
     """Side by side: metrics, params, tags and signature, with what differs."""
     numbers = sorted({parse_version(v) for v in versions})
     if len(numbers) < 2:
-        raise ApplicationError("compare needs at least two different versions", code="invalid_compare")
+        raise ApplicationError(
+            "compare needs at least two different versions", code="invalid_compare"
+        )
     if len(numbers) > 10:
         raise ApplicationError("compare at most 10 versions at once", code="invalid_compare")
     found = {mv.version: mv for mv in ModelVersion.objects.filter(model=model, version__in=numbers)}
@@ -119,14 +129,18 @@ def model_versions_compare(*, model: RegisteredModel, versions: list[str]) -> di
         rows = []
         for key in keys:
             values = [(getattr(mv, attr) or {}).get(key) for mv in ordered]
-            rows.append({"key": key, "values": values, "differs": len({repr(v) for v in values}) > 1})
+            rows.append(
+                {"key": key, "values": values, "differs": len({repr(v) for v in values}) > 1}
+            )
         return rows
 
     def columns(mv: ModelVersion, part: str) -> dict:
         spec = (mv.signature or {}).get(part) or []
         if not isinstance(spec, list):
             return {}
-        return {str(c.get("name", i)): c.get("type") for i, c in enumerate(spec) if isinstance(c, dict)}
+        return {
+            str(c.get("name", i)): c.get("type") for i, c in enumerate(spec) if isinstance(c, dict)
+        }
 
     signature_rows = []
     for part in ("inputs", "outputs"):
@@ -134,7 +148,11 @@ def model_versions_compare(*, model: RegisteredModel, versions: list[str]) -> di
         for name in names:
             values = [columns(mv, part).get(name) for mv in ordered]
             signature_rows.append(
-                {"key": f"{part}.{name}", "values": values, "differs": len({repr(v) for v in values}) > 1}
+                {
+                    "key": f"{part}.{name}",
+                    "values": values,
+                    "differs": len({repr(v) for v in values}) > 1,
+                }
             )
     return {
         "model": model.name,

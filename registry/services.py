@@ -59,17 +59,31 @@ def _validate_tags(tags: Any) -> dict[str, str]:
     if tags is None:
         return {}
     if not isinstance(tags, dict):
-        raise ApplicationError("tags must be an object of string keys and values", code="invalid_tags")
+        raise ApplicationError(
+            "tags must be an object of string keys and values", code="invalid_tags"
+        )
     clean = {}
     for key, value in tags.items():
-        if not isinstance(key, str) or not key or len(key) > 250 or not isinstance(value, str | int | float | bool):
-            raise ApplicationError(f"tag {key!r} must be a short string key with a scalar value", code="invalid_tags")
+        if (
+            not isinstance(key, str)
+            or not key
+            or len(key) > 250
+            or not isinstance(value, str | int | float | bool)
+        ):
+            raise ApplicationError(
+                f"tag {key!r} must be a short string key with a scalar value", code="invalid_tags"
+            )
         clean[key] = str(value)[:5000]
     return clean
 
 
 def _validate_alias(alias: str) -> str:
-    if not ALIAS_RE.match(alias or "") or alias.lower() in RESERVED_ALIASES or alias.lower().startswith("v") and alias[1:].isdigit():
+    if (
+        not ALIAS_RE.match(alias or "")
+        or alias.lower() in RESERVED_ALIASES
+        or alias.lower().startswith("v")
+        and alias[1:].isdigit()
+    ):
         raise ApplicationError(
             f"{alias!r} is not a valid alias: letters, digits, '_' or '-', starting with a letter; not 'latest' or 'v<N>'",
             code="invalid_alias",
@@ -78,10 +92,16 @@ def _validate_alias(alias: str) -> str:
 
 
 def _version_snapshot(mv: ModelVersion) -> dict:
-    return {"model": mv.model.name, "version": str(mv.version), "status": mv.status, "source": mv.source}
+    return {
+        "model": mv.model.name,
+        "version": str(mv.version),
+        "status": mv.status,
+        "source": mv.source,
+    }
 
 
 # --- registered models -----------------------------------------------------------------
+
 
 @transaction.atomic
 def registered_model_create(
@@ -92,12 +112,18 @@ def registered_model_create(
     if RegisteredModel.objects.filter(name=name).exists():
         raise Conflict(f"model {name!r} already exists", code="model_exists")
     try:
-        model = RegisteredModel.objects.create(name=name, description=description or "", tags=tags, created_by=actor)
+        model = RegisteredModel.objects.create(
+            name=name, description=description or "", tags=tags, created_by=actor
+        )
     except IntegrityError:
         raise Conflict(f"model {name!r} already exists", code="model_exists") from None
     audit_record(
-        actor=actor, action="model.create", object_type="registered_model", object_id=name,
-        object_repr=name, after={"name": name, "description": description, "tags": tags},
+        actor=actor,
+        action="model.create",
+        object_type="registered_model",
+        object_id=name,
+        object_repr=name,
+        after={"name": name, "description": description, "tags": tags},
     )
     try:
         get_store().create_model(name, description=description, tags=tags)
@@ -108,7 +134,11 @@ def registered_model_create(
 
 @transaction.atomic
 def registered_model_update(
-    *, model: RegisteredModel, description: str | None = None, tags: dict | None = None, actor: AbstractBaseUser
+    *,
+    model: RegisteredModel,
+    description: str | None = None,
+    tags: dict | None = None,
+    actor: AbstractBaseUser,
 ) -> RegisteredModel:
     model = RegisteredModel.objects.select_for_update().get(pk=model.pk)
     before = {"description": model.description, "tags": model.tags}
@@ -118,11 +148,18 @@ def registered_model_update(
         model.description = description
     model.save()
     audit_record(
-        actor=actor, action="model.update", object_type="registered_model", object_id=model.name,
-        object_repr=model.name, before=before, after={"description": model.description, "tags": model.tags},
+        actor=actor,
+        action="model.update",
+        object_type="registered_model",
+        object_id=model.name,
+        object_repr=model.name,
+        before=before,
+        after={"description": model.description, "tags": model.tags},
     )
     try:
-        get_store().update_model(model.name, description=description, tags=model.tags if tags is not None else None)
+        get_store().update_model(
+            model.name, description=description, tags=model.tags if tags is not None else None
+        )
     except MlflowStoreError as exc:
         raise _mlflow_error(exc) from exc
     return model
@@ -140,14 +177,19 @@ def registered_model_delete(*, model: RegisteredModel, actor: AbstractBaseUser) 
     _refuse_if_deployed(model=model, versions=None)
     name = model.name
     audit_record(
-        actor=actor, action="model.delete", object_type="registered_model", object_id=name,
-        object_repr=name, before={"name": name, "versions": list(model.versions.values_list("version", flat=True))},
+        actor=actor,
+        action="model.delete",
+        object_type="registered_model",
+        object_id=name,
+        object_repr=name,
+        before={"name": name, "versions": list(model.versions.values_list("version", flat=True))},
     )
     try:
         model.delete()
     except ProtectedError:
         raise Conflict(
-            f"model {name!r} has deployments (or their revision history); delete those first", code="model_in_use"
+            f"model {name!r} has deployments (or their revision history); delete those first",
+            code="model_in_use",
         ) from None
     try:
         get_store().delete_model(name)
@@ -170,6 +212,7 @@ def _refuse_if_deployed(*, model: RegisteredModel, versions: list[int] | None) -
 
 # --- versions ------------------------------------------------------------------------------
 
+
 def model_version_register(
     *,
     model_name: str,
@@ -183,7 +226,9 @@ def model_version_register(
 ) -> ModelVersion:
     """Register a version from an MLflow URI (``source``) or an uploaded zip (``archive``)."""
     if (source is None) == (archive is None):
-        raise ApplicationError("give exactly one of 'source' (an MLflow URI) or 'artifact' (a zip)", code="invalid")
+        raise ApplicationError(
+            "give exactly one of 'source' (an MLflow URI) or 'artifact' (a zip)", code="invalid"
+        )
     tags = _validate_tags(tags)
     model = RegisteredModel.objects.filter(name=model_name).first()
     if model is None:
@@ -207,9 +252,13 @@ def model_version_register(
                 model_dir = Path(tmp) / "model"
                 model_dir.mkdir()
                 extract_archive(archive, model_dir)
-                meta = store.upload_version(model.name, model_dir, description=description, tags=tags)
+                meta = store.upload_version(
+                    model.name, model_dir, description=description, tags=tags
+                )
         else:
-            meta = store.register_version(model.name, source.strip(), description=description, tags=tags)
+            meta = store.register_version(
+                model.name, source.strip(), description=description, tags=tags
+            )
     except MlflowStoreError as exc:
         raise _mlflow_error(exc) from exc
     return _model_version_record(model=model, meta=meta, actor=actor, action="version.register")
@@ -224,7 +273,12 @@ def _size_of(fileobj: BinaryIO) -> int:
 
 @transaction.atomic
 def _model_version_record(
-    *, model: RegisteredModel, meta: VersionMeta, actor: AbstractBaseUser | None, action: str, system: str | None = None
+    *,
+    model: RegisteredModel,
+    meta: VersionMeta,
+    actor: AbstractBaseUser | None,
+    action: str,
+    system: str | None = None,
 ) -> ModelVersion:
     mv, _created = ModelVersion.objects.update_or_create(
         model=model,
@@ -244,15 +298,24 @@ def _model_version_record(
         },
     )
     audit_record(
-        actor=actor, action=action, object_type="model_version", object_id=f"{model.name}/{mv.version}",
-        object_repr=str(mv), after=_version_snapshot(mv), system=system,
+        actor=actor,
+        action=action,
+        object_type="model_version",
+        object_id=f"{model.name}/{mv.version}",
+        object_repr=str(mv),
+        after=_version_snapshot(mv),
+        system=system,
     )
     return mv
 
 
 @transaction.atomic
 def model_version_update(
-    *, mv: ModelVersion, description: str | None = None, tags: dict | None = None, actor: AbstractBaseUser
+    *,
+    mv: ModelVersion,
+    description: str | None = None,
+    tags: dict | None = None,
+    actor: AbstractBaseUser,
 ) -> ModelVersion:
     mv = ModelVersion.objects.select_for_update().select_related("model").get(pk=mv.pk)
     before = {"description": mv.description, "tags": mv.tags}
@@ -270,8 +333,13 @@ def model_version_update(
         raise _mlflow_error(exc) from exc
     mv.save()
     audit_record(
-        actor=actor, action="version.update", object_type="model_version", object_id=f"{mv.model.name}/{mv.version}",
-        object_repr=str(mv), before=before, after={"description": mv.description, "tags": mv.tags},
+        actor=actor,
+        action="version.update",
+        object_type="model_version",
+        object_id=f"{mv.model.name}/{mv.version}",
+        object_repr=str(mv),
+        before=before,
+        after={"description": mv.description, "tags": mv.tags},
     )
     return mv
 
@@ -301,8 +369,13 @@ def model_version_archive(*, mv: ModelVersion, actor: AbstractBaseUser) -> Model
     mv.status = ModelVersion.Status.ARCHIVED
     _cancel_requests_for(mv, actor, "version archived")
     audit_record(
-        actor=actor, action="version.archive", object_type="model_version", object_id=f"{mv.model.name}/{mv.version}",
-        object_repr=str(mv), before=before, after=_version_snapshot(mv),
+        actor=actor,
+        action="version.archive",
+        object_type="model_version",
+        object_id=f"{mv.model.name}/{mv.version}",
+        object_repr=str(mv),
+        before=before,
+        after=_version_snapshot(mv),
     )
     try:
         get_store().set_version_tag(mv.model.name, mv.version, "controlplane.archived", "true")
@@ -320,8 +393,13 @@ def model_version_restore(*, mv: ModelVersion, actor: AbstractBaseUser) -> Model
     ModelVersion.objects.filter(pk=mv.pk).update(status=ModelVersion.Status.READY)
     mv.status = ModelVersion.Status.READY
     audit_record(
-        actor=actor, action="version.restore", object_type="model_version", object_id=f"{mv.model.name}/{mv.version}",
-        object_repr=str(mv), before=before, after=_version_snapshot(mv),
+        actor=actor,
+        action="version.restore",
+        object_type="model_version",
+        object_id=f"{mv.model.name}/{mv.version}",
+        object_repr=str(mv),
+        before=before,
+        after=_version_snapshot(mv),
     )
     try:
         get_store().set_version_tag(mv.model.name, mv.version, "controlplane.archived", "false")
@@ -339,15 +417,20 @@ def model_version_delete(*, mv: ModelVersion, actor: AbstractBaseUser) -> None:
     name, number = mv.model.name, mv.version
     _cancel_requests_for(mv, actor, "version deleted")
     audit_record(
-        actor=actor, action="version.delete", object_type="model_version", object_id=f"{name}/{number}",
-        object_repr=str(mv), before=before,
+        actor=actor,
+        action="version.delete",
+        object_type="model_version",
+        object_id=f"{name}/{number}",
+        object_repr=str(mv),
+        before=before,
     )
     PromotionRequest.objects.filter(version=mv).delete()
     try:
         mv.delete()
     except ProtectedError:
         raise Conflict(
-            f"{mv} is part of a deployment's revision history; archive it instead", code="version_in_history"
+            f"{mv} is part of a deployment's revision history; archive it instead",
+            code="version_in_history",
         ) from None
     try:
         get_store().delete_version(name, number)
@@ -365,6 +448,7 @@ def _cancel_requests_for(mv: ModelVersion, actor: AbstractBaseUser, why: str) ->
 
 
 # --- aliases and promotion ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PromotionOutcome:
@@ -427,7 +511,11 @@ def _move_alias(
         object_id=f"{model.name}@{alias}",
         object_repr=f"{model.name}@{alias}",
         before={"version": str(from_version) if from_version else None},
-        after={"version": str(to_version) if to_version else None, "reason": reason, "origin": origin},
+        after={
+            "version": str(to_version) if to_version else None,
+            "reason": reason,
+            "origin": origin,
+        },
         system="registry-sync" if origin == AliasMove.Origin.EXTERNAL else None,
     )
     if write_mlflow:
@@ -456,10 +544,18 @@ def alias_promote(
     if target is None:
         raise NotFound(f"version {number} of {model.name!r} not found")
     if target.status == ModelVersion.Status.ARCHIVED:
-        raise Conflict(f"{target} is archived; restore it before promoting", code="version_archived")
-    current = Alias.objects.filter(model=model, name=alias).values_list("version__version", flat=True).first()
+        raise Conflict(
+            f"{target} is archived; restore it before promoting", code="version_archived"
+        )
+    current = (
+        Alias.objects.filter(model=model, name=alias)
+        .values_list("version__version", flat=True)
+        .first()
+    )
     if current == number:
-        raise Conflict(f"{model.name}@{alias} already points at version {number}", code="alias_unchanged")
+        raise Conflict(
+            f"{model.name}@{alias} already points at version {number}", code="alias_unchanged"
+        )
     if approval_required(model=model, alias=alias):
         if PromotionRequest.objects.filter(
             model=model, alias=alias, version=target, status=PromotionRequest.Status.PENDING
@@ -472,8 +568,12 @@ def alias_promote(
             model=model, alias=alias, version=target, reason=reason, requested_by=actor
         )
         audit_record(
-            actor=actor, action="promotion.request", object_type="promotion_request", object_id=request.pk,
-            object_repr=str(request), after={"alias": alias, "version": str(number), "reason": reason},
+            actor=actor,
+            action="promotion.request",
+            object_type="promotion_request",
+            object_id=request.pk,
+            object_repr=str(request),
+            after={"alias": alias, "version": str(number), "reason": reason},
         )
         return PromotionOutcome(request=request)
     move = _move_alias(model=model, alias=alias, target=target, reason=reason, actor=actor)
@@ -481,62 +581,90 @@ def alias_promote(
 
 
 @transaction.atomic
-def alias_remove(*, model: RegisteredModel, alias: str, reason: str, actor: AbstractBaseUser) -> AliasMove:
+def alias_remove(
+    *, model: RegisteredModel, alias: str, reason: str, actor: AbstractBaseUser
+) -> AliasMove:
     reason = _require_reason(reason)
     model = RegisteredModel.objects.select_for_update().get(pk=model.pk)
     if not Alias.objects.filter(model=model, name=alias).exists():
         raise NotFound(f"{model.name!r} has no alias {alias!r}")
-    if approval_required(model=model, alias=alias) and not actor.has_perm("registry.approve_promotion"):
+    if approval_required(model=model, alias=alias) and not actor.has_perm(
+        "registry.approve_promotion"
+    ):
         raise Forbidden(f"removing {alias!r} needs the approver role", code="approval_required")
     return _move_alias(model=model, alias=alias, target=None, reason=reason, actor=actor)
 
 
-def _decide(*, request_id: int, actor: AbstractBaseUser, approve: bool, comment: str) -> PromotionRequest:
+def _decide(
+    *, request_id: int, actor: AbstractBaseUser, approve: bool, comment: str
+) -> PromotionRequest:
     request = (
-        PromotionRequest.objects.select_for_update().select_related("model", "version", "requested_by")
-        .filter(pk=request_id).first()
+        PromotionRequest.objects.select_for_update()
+        .select_related("model", "version", "requested_by")
+        .filter(pk=request_id)
+        .first()
     )
     if request is None:
         raise NotFound("promotion request not found")
     if not actor.has_perm("registry.approve_promotion"):
         raise Forbidden("deciding promotion requests needs the approver role", code="not_approver")
     if request.requested_by_id == actor.pk:
-        raise Forbidden("a promotion must be approved or rejected by someone other than its requester",
-                        code="self_approval")
+        raise Forbidden(
+            "a promotion must be approved or rejected by someone other than its requester",
+            code="self_approval",
+        )
     new_status = PromotionRequest.Status.APPROVED if approve else PromotionRequest.Status.REJECTED
-    updated = PromotionRequest.objects.filter(pk=request.pk, status=PromotionRequest.Status.PENDING).update(
-        status=new_status, decided_by=actor, decided_at=timezone.now(), decision_comment=comment.strip()[:2000]
+    updated = PromotionRequest.objects.filter(
+        pk=request.pk, status=PromotionRequest.Status.PENDING
+    ).update(
+        status=new_status,
+        decided_by=actor,
+        decided_at=timezone.now(),
+        decision_comment=comment.strip()[:2000],
     )
     if updated != 1:
         raise Conflict(f"this request is already {request.status}", code="request_decided")
     request.refresh_from_db()
     audit_record(
-        actor=actor, action="promotion.approve" if approve else "promotion.reject",
-        object_type="promotion_request", object_id=request.pk, object_repr=str(request),
-        before={"status": PromotionRequest.Status.PENDING}, after={"status": new_status, "comment": comment},
+        actor=actor,
+        action="promotion.approve" if approve else "promotion.reject",
+        object_type="promotion_request",
+        object_id=request.pk,
+        object_repr=str(request),
+        before={"status": PromotionRequest.Status.PENDING},
+        after={"status": new_status, "comment": comment},
     )
     return request
 
 
 @transaction.atomic
-def promotion_request_approve(*, request_id: int, actor: AbstractBaseUser, comment: str = "") -> PromotionRequest:
+def promotion_request_approve(
+    *, request_id: int, actor: AbstractBaseUser, comment: str = ""
+) -> PromotionRequest:
     request = _decide(request_id=request_id, actor=actor, approve=True, comment=comment)
     model = RegisteredModel.objects.select_for_update().get(pk=request.model_id)
     if request.version.status == ModelVersion.Status.ARCHIVED:
         raise Conflict(f"{request.version} was archived after the request", code="version_archived")
     _move_alias(
-        model=model, alias=request.alias, target=request.version, reason=request.reason,
-        actor=request.requested_by, request=request,
+        model=model,
+        alias=request.alias,
+        target=request.version,
+        reason=request.reason,
+        actor=request.requested_by,
+        request=request,
     )
     return request
 
 
 @transaction.atomic
-def promotion_request_reject(*, request_id: int, actor: AbstractBaseUser, comment: str = "") -> PromotionRequest:
+def promotion_request_reject(
+    *, request_id: int, actor: AbstractBaseUser, comment: str = ""
+) -> PromotionRequest:
     return _decide(request_id=request_id, actor=actor, approve=False, comment=comment)
 
 
 # --- sync with MLflow ---------------------------------------------------------------------
+
 
 @dataclass
 class SyncResult:
@@ -568,8 +696,13 @@ def registry_sync() -> SyncResult:
                 if created:
                     result.models_added += 1
                     audit_record(
-                        actor=None, action="model.adopt", object_type="registered_model", object_id=snap.name,
-                        object_repr=snap.name, after={"name": snap.name}, system="registry-sync",
+                        actor=None,
+                        action="model.adopt",
+                        object_type="registered_model",
+                        object_id=snap.name,
+                        object_repr=snap.name,
+                        after={"name": snap.name},
+                        system="registry-sync",
                     )
         known = set(model.versions.values_list("version", flat=True))
         for number in sorted(set(snap.versions) - known):
@@ -578,21 +711,34 @@ def registry_sync() -> SyncResult:
             except MlflowStoreError as exc:
                 logger.warning("cannot adopt %s v%s: %s", snap.name, number, exc)
                 continue
-            _model_version_record(model=model, meta=meta, actor=None, action="version.adopt", system="registry-sync")
+            _model_version_record(
+                model=model, meta=meta, actor=None, action="version.adopt", system="registry-sync"
+            )
             result.versions_added += 1
         with transaction.atomic():
             model = RegisteredModel.objects.select_for_update().get(pk=model.pk)
-            mirrored = dict(Alias.objects.filter(model=model).values_list("name", "version__version"))
+            mirrored = dict(
+                Alias.objects.filter(model=model).values_list("name", "version__version")
+            )
             for alias in sorted(set(mirrored) | set(snap.aliases)):
                 wanted = snap.aliases.get(alias)
                 if mirrored.get(alias) == wanted:
                     continue
-                target = ModelVersion.objects.filter(model=model, version=wanted).first() if wanted else None
+                target = (
+                    ModelVersion.objects.filter(model=model, version=wanted).first()
+                    if wanted
+                    else None
+                )
                 if wanted and target is None:
                     continue  # version not adopted yet (not an MLflow model); next pass
                 _move_alias(
-                    model=model, alias=alias, target=target, reason="moved outside the control plane",
-                    actor=None, origin=AliasMove.Origin.EXTERNAL, write_mlflow=False,
+                    model=model,
+                    alias=alias,
+                    target=target,
+                    reason="moved outside the control plane",
+                    actor=None,
+                    origin=AliasMove.Origin.EXTERNAL,
+                    write_mlflow=False,
                 )
                 result.external_moves += 1
             gone = known - set(snap.versions)
@@ -601,8 +747,12 @@ def registry_sync() -> SyncResult:
                 if mv is None or mv.aliases.exists():
                     continue
                 audit_record(
-                    actor=None, action="version.vanish", object_type="model_version",
-                    object_id=f"{model.name}/{number}", object_repr=str(mv), before=_version_snapshot(mv),
+                    actor=None,
+                    action="version.vanish",
+                    object_type="model_version",
+                    object_id=f"{model.name}/{number}",
+                    object_repr=str(mv),
+                    before=_version_snapshot(mv),
                     system="registry-sync",
                 )
                 PromotionRequest.objects.filter(version=mv).delete()

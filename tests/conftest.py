@@ -180,5 +180,8 @@ class ApiClient:
     def upload(self, path, payload: bytes, filename: str = "model.zip", **fields):
         from django.core.files.uploadedfile import SimpleUploadedFile
 
-        data = {"artifact": SimpleUploadedFile(filename, payload, content_type="application/zip"), **fields}
+        data = {
+            "artifact": SimpleUploadedFile(filename, payload, content_type="application/zip"),
+            **fields,
+        }
         return self.client.post(path, data=data, headers=self.headers)

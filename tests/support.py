@@ -65,7 +65,9 @@ class Load:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                conn.request("POST", self.path, body=self.body, headers={"Content-Type": "application/json"})
+                conn.request(
+                    "POST", self.path, body=self.body, headers={"Content-Type": "application/json"}
+                )
                 resp = conn.getresponse()
                 resp.read()
                 version = resp.getheader("X-Model-Version", "")

@@ -40,10 +40,14 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+    raise ImproperlyConfigured(
+        f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)"
+    )
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def env_int(
+    name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     value = _raw(name)
     if value is None:
         return default
@@ -84,7 +88,9 @@ def database_from_url(url: str) -> dict:
         elif url.startswith("sqlite:///"):
             path = path[1:] if path.startswith("/") else path
         if not path:
-            raise ImproperlyConfigured("DATABASE_URL: sqlite URL needs a path, e.g. sqlite:///var/db.sqlite3")
+            raise ImproperlyConfigured(
+                "DATABASE_URL: sqlite URL needs a path, e.g. sqlite:///var/db.sqlite3"
+            )
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": path,

@@ -74,8 +74,10 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         # The database is unreachable or restarting: transient. A 503 tells clients to
         # retry; a 500 would read as a bug.
         logger.warning("database unavailable: %s", exc)
-        response = Response(error_body("database_unavailable", "The database is unavailable; retry shortly."),
-                            status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        response = Response(
+            error_body("database_unavailable", "The database is unavailable; retry shortly."),
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
         response["Retry-After"] = "1"
         return response
     if isinstance(exc, DjangoValidationError):
@@ -108,7 +110,9 @@ def json_error(status_code: int, code: str, message: str) -> JsonResponse:
 
 
 def _wants_json(request) -> bool:
-    return request.path.startswith("/api/") or "application/json" in request.headers.get("Accept", "")
+    return request.path.startswith("/api/") or "application/json" in request.headers.get(
+        "Accept", ""
+    )
 
 
 def handler404(request, exception=None):  # noqa: ARG001
@@ -116,12 +120,16 @@ def handler404(request, exception=None):  # noqa: ARG001
         return json_error(status.HTTP_404_NOT_FOUND, "not_found", "Not found.")
     from django.shortcuts import render
 
-    return render(request, "registry/error.html", {"error": NotFound("Page not found.")}, status=404)
+    return render(
+        request, "registry/error.html", {"error": NotFound("Page not found.")}, status=404
+    )
 
 
 def handler500(request):
     if _wants_json(request):
-        return json_error(status.HTTP_500_INTERNAL_SERVER_ERROR, "server_error", "Internal server error.")
+        return json_error(
+            status.HTTP_500_INTERNAL_SERVER_ERROR, "server_error", "Internal server error."
+        )
     from django.http import HttpResponseServerError
 
     # No template rendering here: a 500 may come from the template engine itself.

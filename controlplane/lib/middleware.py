@@ -69,13 +69,17 @@ class ApiContentTypeMiddleware:
         # Anonymous callers are left to the API's own 401/403 (it says less).
         caller = "HTTP_AUTHORIZATION" in request.META or request.user.is_authenticated
         if caller and request.method in self.UNSAFE and request.path.startswith("/api/"):
-            has_body = int(request.META.get("CONTENT_LENGTH") or 0) > 0 or "HTTP_TRANSFER_ENCODING" in request.META
+            has_body = (
+                int(request.META.get("CONTENT_LENGTH") or 0) > 0
+                or "HTTP_TRANSFER_ENCODING" in request.META
+            )
             ctype = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
             if (has_body or request.method != "DELETE") and ctype not in self.ALLOWED:
                 from controlplane.lib.errors import json_error
 
                 return json_error(
-                    415, "unsupported_media_type",
+                    415,
+                    "unsupported_media_type",
                     f"Unsupported media type {ctype or '(none)'!r}: send application/json"
                     " (multipart/form-data for uploads).",
                 )

@@ -21,7 +21,9 @@ def enqueue_on_commit(task: Any, *args: Any, **kwargs: Any) -> None:
         try:
             task.apply_async(args=args, kwargs=kwargs, retry=False)
         except Exception:  # broker down: the periodic pass picks the work up
-            logger.warning("could not enqueue %s; the periodic pass will do it", task.name, exc_info=True)
+            logger.warning(
+                "could not enqueue %s; the periodic pass will do it", task.name, exc_info=True
+            )
 
     transaction.on_commit(_send)
 
@@ -34,6 +36,8 @@ def send_on_commit(task_name: str, *args: Any) -> None:
         try:
             app.send_task(task_name, args=args, retry=False, expires=60)
         except Exception:
-            logger.warning("could not enqueue %s; the periodic pass will do it", task_name, exc_info=True)
+            logger.warning(
+                "could not enqueue %s; the periodic pass will do it", task_name, exc_info=True
+            )
 
     transaction.on_commit(_send)

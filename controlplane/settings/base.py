@@ -148,7 +148,9 @@ if env_bool("CONTROLPLANE_BEHIND_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # --- uploads -------------------------------------------------------------------
-CONTROLPLANE_UPLOAD_MAX_BYTES = env_int("CONTROLPLANE_UPLOAD_MAX_BYTES", 512 * 1024 * 1024, minimum=1)
+CONTROLPLANE_UPLOAD_MAX_BYTES = env_int(
+    "CONTROLPLANE_UPLOAD_MAX_BYTES", 512 * 1024 * 1024, minimum=1
+)
 CONTROLPLANE_UPLOAD_MAX_ENTRIES = env_int("CONTROLPLANE_UPLOAD_MAX_ENTRIES", 10_000, minimum=1)
 CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES = env_int(
     "CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES", 2 * 1024 * 1024 * 1024, minimum=1
@@ -207,10 +209,18 @@ CONTROLPLANE_METRICS_INTERVAL = env_int("CONTROLPLANE_METRICS_INTERVAL", 15, min
 CONTROLPLANE_PROBE_INTERVAL = env_int("CONTROLPLANE_PROBE_INTERVAL", 300, minimum=5)
 CONTROLPLANE_PROBE_TIMEOUT = env_int("CONTROLPLANE_PROBE_TIMEOUT", 10, minimum=1, maximum=120)
 CONTROLPLANE_ALERT_INTERVAL = env_int("CONTROLPLANE_ALERT_INTERVAL", 60, minimum=5)
-CONTROLPLANE_METRICS_RAW_RETENTION_HOURS = env_int("CONTROLPLANE_METRICS_RAW_RETENTION_HOURS", 48, minimum=1)
-CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS = env_int("CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS", 35, minimum=1)
-CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS = env_int("CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS", 400, minimum=1)
-CONTROLPLANE_PREDICTION_RETENTION_DAYS = env_int("CONTROLPLANE_PREDICTION_RETENTION_DAYS", 30, minimum=1)
+CONTROLPLANE_METRICS_RAW_RETENTION_HOURS = env_int(
+    "CONTROLPLANE_METRICS_RAW_RETENTION_HOURS", 48, minimum=1
+)
+CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS = env_int(
+    "CONTROLPLANE_METRICS_MINUTE_RETENTION_DAYS", 35, minimum=1
+)
+CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS = env_int(
+    "CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS", 400, minimum=1
+)
+CONTROLPLANE_PREDICTION_RETENTION_DAYS = env_int(
+    "CONTROLPLANE_PREDICTION_RETENTION_DAYS", 30, minimum=1
+)
 # Sent as a bearer token when pulling a model server's GET /predictions (SERVING_ADMIN_TOKEN).
 CONTROLPLANE_SERVING_ADMIN_TOKEN = env_str("CONTROLPLANE_SERVING_ADMIN_TOKEN")
 # The control plane's own GET /metrics answers a bearer token or an allow-listed address;
@@ -228,7 +238,9 @@ def _networks(name: str) -> list[str]:
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError as exc:
-            raise ImproperlyConfigured(f"{name}: {value!r} is not an IP address or network") from exc
+            raise ImproperlyConfigured(
+                f"{name}: {value!r} is not an IP address or network"
+            ) from exc
     return values
 
 
@@ -328,10 +340,16 @@ LOGGING = {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]}
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["request_id"],
+        }
     },
-    "root": {"handlers": ["console"], "level": env_choice(
-        "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
+    "root": {
+        "handlers": ["console"],
+        "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
     "loggers": {
         "django.request": {"level": "ERROR"},
         "mlflow": {"level": "WARNING"},
@@ -340,11 +358,15 @@ LOGGING = {
 }
 
 # --- product settings -------------------------------------------------------------
-CONTROLPLANE_DEFAULT_RUNTIME = env_choice("CONTROLPLANE_DEFAULT_RUNTIME", "local", ("local", "docker"))
+CONTROLPLANE_DEFAULT_RUNTIME = env_choice(
+    "CONTROLPLANE_DEFAULT_RUNTIME", "local", ("local", "docker")
+)
 CONTROLPLANE_ADMIN_PASSWORD = env_str("CONTROLPLANE_ADMIN_PASSWORD")
 CONTROLPLANE_TOKEN_DEFAULT_DAYS = env_int("CONTROLPLANE_TOKEN_DEFAULT_DAYS", 90, minimum=1)
 CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")
-CONTROLPLANE_DOCKER_BASE_IMAGE = env_str("CONTROLPLANE_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm")
+CONTROLPLANE_DOCKER_BASE_IMAGE = env_str(
+    "CONTROLPLANE_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm"
+)
 CONTROLPLANE_DOCKER_NETWORK = env_choice("CONTROLPLANE_DOCKER_NETWORK", "host", ("host", "bridge"))
 CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
 CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)

@@ -6,124 +6,311 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('registry', '0001_initial'),
+        ("registry", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Deployment',
+            name="Deployment",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=63, unique=True)),
-                ('target_version', models.PositiveIntegerField(blank=True, help_text='a fixed version, or empty', null=True)),
-                ('target_alias', models.CharField(blank=True, help_text='an alias to follow, or empty', max_length=255)),
-                ('followed_version', models.PositiveIntegerField(blank=True, help_text="the alias's version last rolled out (so a rollback sticks)", null=True)),
-                ('runtime', models.CharField(max_length=16)),
-                ('replicas', models.PositiveSmallIntegerField(default=1)),
-                ('cpu', models.FloatField(blank=True, help_text='CPU limit in cores', null=True)),
-                ('memory_mb', models.PositiveIntegerField(blank=True, null=True)),
-                ('env', models.JSONField(blank=True, default=dict)),
-                ('port', models.PositiveIntegerField(help_text="the stable endpoint's port on 127.0.0.1", unique=True)),
-                ('router_pid', models.CharField(blank=True, help_text='runtime id of the router process', max_length=64)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('deploying', 'Deploying'), ('ready', 'Ready'), ('degraded', 'Degraded'), ('failed', 'Failed'), ('stopped', 'Stopped')], db_index=True, default='pending', max_length=16)),
-                ('status_message', models.TextField(blank=True)),
-                ('phase', models.CharField(blank=True, help_text='rollout progress shown in the UI', max_length=64)),
-                ('stopped', models.BooleanField(default=False, help_text='desired: nothing runs')),
-                ('deleted', models.BooleanField(default=False, help_text='desired: stop everything, then remove')),
-                ('progress_deadline_s', models.PositiveIntegerField(default=120)),
-                ('lease_until', models.DateTimeField(blank=True, null=True)),
-                ('lease_owner', models.CharField(blank=True, max_length=64)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('model', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='deployments', to='registry.registeredmodel')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.SlugField(max_length=63, unique=True)),
+                (
+                    "target_version",
+                    models.PositiveIntegerField(
+                        blank=True, help_text="a fixed version, or empty", null=True
+                    ),
+                ),
+                (
+                    "target_alias",
+                    models.CharField(
+                        blank=True, help_text="an alias to follow, or empty", max_length=255
+                    ),
+                ),
+                (
+                    "followed_version",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="the alias's version last rolled out (so a rollback sticks)",
+                        null=True,
+                    ),
+                ),
+                ("runtime", models.CharField(max_length=16)),
+                ("replicas", models.PositiveSmallIntegerField(default=1)),
+                ("cpu", models.FloatField(blank=True, help_text="CPU limit in cores", null=True)),
+                ("memory_mb", models.PositiveIntegerField(blank=True, null=True)),
+                ("env", models.JSONField(blank=True, default=dict)),
+                (
+                    "port",
+                    models.PositiveIntegerField(
+                        help_text="the stable endpoint's port on 127.0.0.1", unique=True
+                    ),
+                ),
+                (
+                    "router_pid",
+                    models.CharField(
+                        blank=True, help_text="runtime id of the router process", max_length=64
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("deploying", "Deploying"),
+                            ("ready", "Ready"),
+                            ("degraded", "Degraded"),
+                            ("failed", "Failed"),
+                            ("stopped", "Stopped"),
+                        ],
+                        db_index=True,
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("status_message", models.TextField(blank=True)),
+                (
+                    "phase",
+                    models.CharField(
+                        blank=True, help_text="rollout progress shown in the UI", max_length=64
+                    ),
+                ),
+                ("stopped", models.BooleanField(default=False, help_text="desired: nothing runs")),
+                (
+                    "deleted",
+                    models.BooleanField(
+                        default=False, help_text="desired: stop everything, then remove"
+                    ),
+                ),
+                ("progress_deadline_s", models.PositiveIntegerField(default=120)),
+                ("lease_until", models.DateTimeField(blank=True, null=True)),
+                ("lease_owner", models.CharField(blank=True, max_length=64)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="deployments",
+                        to="registry.registeredmodel",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='Revision',
+            name="Revision",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('number', models.PositiveIntegerField()),
-                ('spec', models.JSONField(help_text='runtime, replicas, resources, env at the time of the revision')),
-                ('model_sha256', models.CharField(blank=True, max_length=64)),
-                ('model_dir', models.CharField(blank=True, max_length=1024)),
-                ('reason', models.CharField(max_length=500)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('rolling_out', 'Rolling out'), ('live', 'Live'), ('superseded', 'Superseded'), ('failed', 'Failed')], default='pending', max_length=16)),
-                ('failure', models.TextField(blank=True)),
-                ('rollout_started_at', models.DateTimeField(blank=True, null=True)),
-                ('live_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('deployment', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='revisions', to='deployments.deployment')),
-                ('model_version', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='registry.modelversion')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("number", models.PositiveIntegerField()),
+                (
+                    "spec",
+                    models.JSONField(
+                        help_text="runtime, replicas, resources, env at the time of the revision"
+                    ),
+                ),
+                ("model_sha256", models.CharField(blank=True, max_length=64)),
+                ("model_dir", models.CharField(blank=True, max_length=1024)),
+                ("reason", models.CharField(max_length=500)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("rolling_out", "Rolling out"),
+                            ("live", "Live"),
+                            ("superseded", "Superseded"),
+                            ("failed", "Failed"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("failure", models.TextField(blank=True)),
+                ("rollout_started_at", models.DateTimeField(blank=True, null=True)),
+                ("live_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "deployment",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="revisions",
+                        to="deployments.deployment",
+                    ),
+                ),
+                (
+                    "model_version",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="registry.modelversion",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['deployment', '-number'],
+                "ordering": ["deployment", "-number"],
             },
         ),
         migrations.CreateModel(
-            name='Instance',
+            name="Instance",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('ordinal', models.PositiveSmallIntegerField()),
-                ('runtime', models.CharField(max_length=16)),
-                ('runtime_id', models.CharField(max_length=128)),
-                ('port', models.PositiveIntegerField()),
-                ('state', models.CharField(choices=[('starting', 'Starting'), ('ready', 'Ready'), ('unhealthy', 'Unhealthy'), ('crashed', 'Crashed'), ('stopping', 'Stopping')], default='starting', max_length=16)),
-                ('healthy_streak', models.PositiveSmallIntegerField(default=0)),
-                ('restarts', models.PositiveIntegerField(default=0)),
-                ('last_error', models.TextField(blank=True)),
-                ('started_at', models.DateTimeField(auto_now_add=True)),
-                ('last_probe_at', models.DateTimeField(blank=True, null=True)),
-                ('deployment', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='instances', to='deployments.deployment')),
-                ('revision', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='instances', to='deployments.revision')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("ordinal", models.PositiveSmallIntegerField()),
+                ("runtime", models.CharField(max_length=16)),
+                ("runtime_id", models.CharField(max_length=128)),
+                ("port", models.PositiveIntegerField()),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("starting", "Starting"),
+                            ("ready", "Ready"),
+                            ("unhealthy", "Unhealthy"),
+                            ("crashed", "Crashed"),
+                            ("stopping", "Stopping"),
+                        ],
+                        default="starting",
+                        max_length=16,
+                    ),
+                ),
+                ("healthy_streak", models.PositiveSmallIntegerField(default=0)),
+                ("restarts", models.PositiveIntegerField(default=0)),
+                ("last_error", models.TextField(blank=True)),
+                ("started_at", models.DateTimeField(auto_now_add=True)),
+                ("last_probe_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "deployment",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="instances",
+                        to="deployments.deployment",
+                    ),
+                ),
+                (
+                    "revision",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="instances",
+                        to="deployments.revision",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['deployment', 'revision', 'ordinal'],
+                "ordering": ["deployment", "revision", "ordinal"],
             },
         ),
         migrations.CreateModel(
-            name='DeploymentEvent',
+            name="DeploymentEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(db_index=True, max_length=32)),
-                ('message', models.TextField()),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('deployment', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='deployments.deployment')),
-                ('revision', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deployments.revision')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kind", models.CharField(db_index=True, max_length=32)),
+                ("message", models.TextField()),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                (
+                    "deployment",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="events",
+                        to="deployments.deployment",
+                    ),
+                ),
+                (
+                    "revision",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to="deployments.revision",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddField(
-            model_name='deployment',
-            name='desired_revision',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deployments.revision'),
+            model_name="deployment",
+            name="desired_revision",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="deployments.revision",
+            ),
         ),
         migrations.AddField(
-            model_name='deployment',
-            name='serving_revision',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='deployments.revision'),
+            model_name="deployment",
+            name="serving_revision",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="deployments.revision",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='revision',
-            constraint=models.UniqueConstraint(fields=('deployment', 'number'), name='unique_revision_number'),
+            model_name="revision",
+            constraint=models.UniqueConstraint(
+                fields=("deployment", "number"), name="unique_revision_number"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='instance',
-            constraint=models.UniqueConstraint(fields=('revision', 'ordinal'), name='unique_instance_ordinal'),
+            model_name="instance",
+            constraint=models.UniqueConstraint(
+                fields=("revision", "ordinal"), name="unique_instance_ordinal"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='instance',
-            constraint=models.UniqueConstraint(fields=('port',), name='unique_instance_port'),
+            model_name="instance",
+            constraint=models.UniqueConstraint(fields=("port",), name="unique_instance_port"),
         ),
     ]

@@ -4,15 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('deployments', '0001_initial'),
+        ("deployments", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='revision',
-            name='superseded_at',
-            field=models.DateTimeField(blank=True, help_text='when traffic left it; its instances stay warm for the rollback window', null=True),
+            model_name="revision",
+            name="superseded_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="when traffic left it; its instances stay warm for the rollback window",
+                null=True,
+            ),
         ),
     ]

@@ -11,7 +11,15 @@ from django.conf import settings
 from ..serving_token import serving_admin_token
 from .base import InstanceSpec, InstanceStatus, Runtime, RuntimeError_
 
-__all__ = ["InstanceSpec", "InstanceStatus", "Runtime", "RuntimeError_", "get_runtime", "install_id", "RUNTIMES"]
+__all__ = [
+    "InstanceSpec",
+    "InstanceStatus",
+    "Runtime",
+    "RuntimeError_",
+    "get_runtime",
+    "install_id",
+    "RUNTIMES",
+]
 
 RUNTIMES = ("local", "docker")
 
@@ -37,7 +45,9 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
         from .local import LocalRuntime
 
         return LocalRuntime(
-            state_dir=Path(data_dir) / "instances", owner=owner, code_root=settings.BASE_DIR,
+            state_dir=Path(data_dir) / "instances",
+            owner=owner,
+            code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
         )
     if name == "docker":

@@ -22,7 +22,12 @@ class LocalRuntime:
     name = "local"
 
     def __init__(
-        self, *, state_dir: Path, owner: str, code_root: Path, admin_token: Callable[[str], str],
+        self,
+        *,
+        state_dir: Path,
+        owner: str,
+        code_root: Path,
+        admin_token: Callable[[str], str],
         python: str | None = None,
     ) -> None:
         """``admin_token`` maps a deployment name to the token its servers' admin endpoints
@@ -59,23 +64,37 @@ class LocalRuntime:
             SERVING_ADMIN_TOKEN=self.admin_token(spec.deployment),
         )
         argv = [
-            self.python, "-m", "serving",
-            "--model-dir", spec.model_dir,
-            "--name", spec.model_name,
-            "--version", spec.model_version,
-            "--host", spec.host,
-            "--port", str(spec.port),
-            "--max-batch-size", str(spec.max_batch_size),
-            "--max-batch-delay-ms", str(spec.max_batch_delay_ms),
+            self.python,
+            "-m",
+            "serving",
+            "--model-dir",
+            spec.model_dir,
+            "--name",
+            spec.model_name,
+            "--version",
+            spec.model_version,
+            "--host",
+            spec.host,
+            "--port",
+            str(spec.port),
+            "--max-batch-size",
+            str(spec.max_batch_size),
+            "--max-batch-delay-ms",
+            str(spec.max_batch_delay_ms),
         ]
         try:
-            runtime_id = process.spawn(argv, env=env, log_path=self._log_path(spec.instance_name), cwd=self.code_root)
+            runtime_id = process.spawn(
+                argv, env=env, log_path=self._log_path(spec.instance_name), cwd=self.code_root
+            )
         except OSError as exc:
             raise RuntimeError_(f"cannot start the model server: {exc}") from exc
         return InstanceStatus(
             runtime_id=f"{runtime_id}:{spec.instance_name}",
-            deployment=spec.deployment, revision=spec.revision, ordinal=spec.ordinal,
-            address=f"{spec.host}:{spec.port}", running=True,
+            deployment=spec.deployment,
+            revision=spec.revision,
+            ordinal=spec.ordinal,
+            address=f"{spec.host}:{spec.port}",
+            running=True,
         )
 
     def stop(self, runtime_id: str, *, timeout: float = 10.0) -> None:

@@ -86,8 +86,14 @@ def spawn(argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path) ->
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
         proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
         )
     # Popen objects are not kept: the process is tracked by identity, and a
     # finished child is reaped by inspect()/terminate().

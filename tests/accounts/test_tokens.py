@@ -18,7 +18,16 @@ pytestmark = pytest.mark.django_db
 
 def test_create_api_token_prints_the_token_last_and_stores_only_a_digest(user):
     out = StringIO()
-    call_command("create_api_token", "alice", "--scope", "read", "--expires-in", "7", stdout=out, stderr=StringIO())
+    call_command(
+        "create_api_token",
+        "alice",
+        "--scope",
+        "read",
+        "--expires-in",
+        "7",
+        stdout=out,
+        stderr=StringIO(),
+    )
     plaintext = out.getvalue().strip().splitlines()[-1]
     assert plaintext.startswith("mlcp_")
     token = ApiToken.objects.get(user=user)
@@ -34,7 +43,9 @@ def test_create_api_token_refuses_unknown_users_and_scopes(user):
     with pytest.raises(CommandError, match="no user"):
         call_command("create_api_token", "nobody", stdout=StringIO(), stderr=StringIO())
     with pytest.raises(CommandError, match="unknown scope"):
-        call_command("create_api_token", "alice", "--scope", "root", stdout=StringIO(), stderr=StringIO())
+        call_command(
+            "create_api_token", "alice", "--scope", "root", stdout=StringIO(), stderr=StringIO()
+        )
     assert ApiToken.objects.count() == 0
 
 
@@ -65,10 +76,18 @@ def test_a_tampered_secret_with_a_valid_key_id_is_refused(client, user, token_fo
 def test_revoked_and_expired_tokens_are_refused(client, user, token_for):
     revoked = token_for(user)
     api_token_revoke(token_id=ApiToken.objects.get().pk, actor=user)
-    assert client.get("/api/v1/models", headers={"Authorization": f"Bearer {revoked}"}).status_code == 401
+    assert (
+        client.get("/api/v1/models", headers={"Authorization": f"Bearer {revoked}"}).status_code
+        == 401
+    )
     expired = token_for(user, expires_in_days=1)
-    ApiToken.objects.filter(revoked_at__isnull=True).update(expires_at=timezone.now() - timedelta(seconds=1))
-    assert client.get("/api/v1/models", headers={"Authorization": f"Bearer {expired}"}).status_code == 401
+    ApiToken.objects.filter(revoked_at__isnull=True).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert (
+        client.get("/api/v1/models", headers={"Authorization": f"Bearer {expired}"}).status_code
+        == 401
+    )
     assert AuditEvent.objects.filter(action="token.revoke").count() == 1
 
 
@@ -76,7 +95,10 @@ def test_tokens_of_inactive_users_are_refused(client, user, token_for):
     plaintext = token_for(user)
     user.is_active = False
     user.save()
-    assert client.get("/api/v1/models", headers={"Authorization": f"Bearer {plaintext}"}).status_code == 401
+    assert (
+        client.get("/api/v1/models", headers={"Authorization": f"Bearer {plaintext}"}).status_code
+        == 401
+    )
 
 
 def test_a_read_only_token_cannot_write(api_as, user, model_name):

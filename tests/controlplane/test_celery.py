@@ -22,15 +22,23 @@ def test_tasks_enqueued_on_commit_run_on_a_real_worker(model_name, logged_run):
     import mlflow
 
     mlflow.register_model(logged_run["source"], model_name)
-    with start_worker(app, queues=[settings.CELERY_TASK_DEFAULT_QUEUE], perform_ping_check=False,
-                      pool="solo", shutdown_timeout=30):
+    with start_worker(
+        app,
+        queues=[settings.CELERY_TASK_DEFAULT_QUEUE],
+        perform_ping_check=False,
+        pool="solo",
+        shutdown_timeout=30,
+    ):
         with transaction.atomic():
             enqueue_on_commit(registry_sync)
             # Not sent before the commit.
             time.sleep(0.5)
             assert not RegisteredModel.objects.filter(name=model_name).exists()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not RegisteredModel.objects.filter(name=model_name).exists():
+        while (
+            time.monotonic() < deadline
+            and not RegisteredModel.objects.filter(name=model_name).exists()
+        ):
             time.sleep(0.2)
     assert RegisteredModel.objects.filter(name=model_name).exists()
 

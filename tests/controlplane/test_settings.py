@@ -15,7 +15,9 @@ from controlplane.lib.env import database_from_url, env_bool, env_int
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("raw", "value"), [("true", True), ("0", False), ("Yes", True), ("off", False)])
+@pytest.mark.parametrize(
+    ("raw", "value"), [("true", True), ("0", False), ("Yes", True), ("off", False)]
+)
 def test_booleans_parse(monkeypatch, raw, value):
     monkeypatch.setenv("X_FLAG", raw)
     assert env_bool("X_FLAG", not value) is value
@@ -45,7 +47,12 @@ def test_secrets_can_come_from_files(monkeypatch, tmp_path):
 def test_database_urls():
     pg = database_from_url("postgres://u:p%40ss@db.example:5433/cp?sslmode=require")
     assert (pg["ENGINE"], pg["NAME"], pg["USER"], pg["PASSWORD"], pg["HOST"], pg["PORT"]) == (
-        "django.db.backends.postgresql", "cp", "u", "p@ss", "db.example", "5433",
+        "django.db.backends.postgresql",
+        "cp",
+        "u",
+        "p@ss",
+        "db.example",
+        "5433",
     )
     assert pg["OPTIONS"] == {"sslmode": "require"}
     assert database_from_url("sqlite:////var/x.db")["NAME"] == "/var/x.db"
@@ -63,10 +70,19 @@ def test_database_urls():
     ],
 )
 def test_bad_configuration_stops_start_up_with_a_clear_message(tmp_path, var, value, message):
-    env = {**os.environ, "CONTROLPLANE_DATA_DIR": str(tmp_path), var: value,
-           "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"}
+    env = {
+        **os.environ,
+        "CONTROLPLANE_DATA_DIR": str(tmp_path),
+        var: value,
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+    }
     proc = subprocess.run(
-        [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert message in proc.stderr
@@ -81,4 +97,6 @@ def test_healthz_is_public_and_reports_ok(client, db):
 
 def test_request_ids_are_echoed(client, db):
     assert client.get("/healthz", headers={"X-Request-Id": "abc-123"})["X-Request-Id"] == "abc-123"
-    assert client.get("/healthz", headers={"X-Request-Id": "bad id\n"})["X-Request-Id"] != "bad id\n"
+    assert (
+        client.get("/healthz", headers={"X-Request-Id": "bad id\n"})["X-Request-Id"] != "bad id\n"
+    )

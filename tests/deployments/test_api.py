@@ -49,15 +49,26 @@ def test_deploying_an_unknown_model_is_404(api):
 
 
 def test_duplicate_names_are_409(api, model):
-    assert api.post("/api/v1/deployments", {"name": "dup", "model": model, "version": "1"}).status_code == 202
+    assert (
+        api.post("/api/v1/deployments", {"name": "dup", "model": model, "version": "1"}).status_code
+        == 202
+    )
     resp = api.post("/api/v1/deployments", {"name": "dup", "model": model, "version": "2"})
     assert resp.status_code == 409
     assert Revision.objects.count() == 1
 
 
 def test_create_returns_the_contract_fields(api, model):
-    body = api.post("/api/v1/deployments", {"name": "shape", "model": model, "version": "2", "replicas": 2,
-                                            "resources": {"cpu": 0.5, "memory_mb": 512}}).json()
+    body = api.post(
+        "/api/v1/deployments",
+        {
+            "name": "shape",
+            "model": model,
+            "version": "2",
+            "replicas": 2,
+            "resources": {"cpu": 0.5, "memory_mb": 512},
+        },
+    ).json()
     assert body["status"] == "pending" and body["revision"] == 1 and body["version"] == "2"
     assert body["model_version"] == "2" and body["replicas"] == 2
     assert body["resources"] == {"cpu": 0.5, "memory_mb": 512}
@@ -70,7 +81,9 @@ def test_update_without_changes_makes_no_revision(api, model):
     api.patch("/api/v1/deployments/same", {"version": "1"})
     assert Revision.objects.filter(deployment__name="same").count() == 1
     api.patch("/api/v1/deployments/same", {"replicas": 3})
-    assert list(Revision.objects.filter(deployment__name="same").values_list("spec__replicas", flat=True)) == [3, 1]
+    assert list(
+        Revision.objects.filter(deployment__name="same").values_list("spec__replicas", flat=True)
+    ) == [3, 1]
 
 
 def test_rollback_without_a_good_earlier_revision_is_409(api, model):
@@ -90,15 +103,20 @@ def test_deployed_versions_cannot_be_deleted(api, model):
 
 def test_deploy_scope_is_required(api_as, user, model):
     resp = api_as(user, ["read", "registry:write"]).post(
-        "/api/v1/deployments", {"name": "noscope", "model": model, "version": "1"})
+        "/api/v1/deployments", {"name": "noscope", "model": model, "version": "1"}
+    )
     assert resp.status_code == 403
     assert api_as(user, ["read"]).get("/api/v1/deployments").status_code == 200
 
 
 def test_wait_parameter_is_validated(api, model):
-    resp = api.post("/api/v1/deployments?wait=forever", {"name": "w", "model": model, "version": "1"})
+    resp = api.post(
+        "/api/v1/deployments?wait=forever", {"name": "w", "model": model, "version": "1"}
+    )
     assert resp.status_code == 400
-    resp = api.post("/api/v1/deployments?wait=ready&timeout=-1", {"name": "w", "model": model, "version": "1"})
+    resp = api.post(
+        "/api/v1/deployments?wait=ready&timeout=-1", {"name": "w", "model": model, "version": "1"}
+    )
     assert resp.status_code == 400
     assert Deployment.objects.count() == 0
     assert api.get("/api/v1/deployments/w/logs?tail=0").status_code in (400, 404)
@@ -106,7 +124,9 @@ def test_wait_parameter_is_validated(api, model):
 
 def test_list_queries_do_not_grow_with_rows(api, model, django_assert_max_num_queries):
     for i in range(5):
-        api.post("/api/v1/deployments", {"name": f"d{i}", "model": model, "version": "1", "replicas": 2})
+        api.post(
+            "/api/v1/deployments", {"name": f"d{i}", "model": model, "version": "1", "replicas": 2}
+        )
     with django_assert_max_num_queries(8):
         body = api.get("/api/v1/deployments").json()
     assert body["count"] == 5

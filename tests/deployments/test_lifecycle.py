@@ -29,8 +29,11 @@ ROW = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.
 
 
 def predict(endpoint: str, payload=ROW) -> tuple[dict, str]:
-    req = urllib.request.Request(f"{endpoint}/invocations", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{endpoint}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read()), resp.headers["X-Model-Version"]
 
@@ -40,9 +43,18 @@ def serving_image(sklearn_model_dir):
     """Build (or find) the serving image for the test model once, up front, so a
     first build (minutes on a new machine) does not eat into rollout deadlines."""
 
-    get_runtime("docker").prepare(InstanceSpec(
-        deployment="prebuild", revision=0, ordinal=0, model_name="m", model_version="1",
-        model_dir=str(sklearn_model_dir), model_sha256="", port=0))
+    get_runtime("docker").prepare(
+        InstanceSpec(
+            deployment="prebuild",
+            revision=0,
+            ordinal=0,
+            model_name="m",
+            model_version="1",
+            model_dir=str(sklearn_model_dir),
+            model_sha256="",
+            port=0,
+        )
+    )
 
 
 @pytest.fixture(params=["local", "docker"])
@@ -70,7 +82,9 @@ def owned(runtime_name: str) -> list:
     return get_runtime(runtime_name).list_owned()
 
 
-def test_create_serves_the_model_at_a_stable_endpoint(api, create, runtime_name, registered, sklearn_model_dir):
+def test_create_serves_the_model_at_a_stable_endpoint(
+    api, create, runtime_name, registered, sklearn_model_dir
+):
     import mlflow.pyfunc
     import pandas as pd
 
@@ -80,11 +94,14 @@ def test_create_serves_the_model_at_a_stable_endpoint(api, create, runtime_name,
     d = converge("churn")
     out, version = predict(d.endpoint)
     expected = mlflow.pyfunc.load_model(str(sklearn_model_dir)).predict(
-        pd.DataFrame(ROW["dataframe_split"]["data"], columns=ROW["dataframe_split"]["columns"]))
+        pd.DataFrame(ROW["dataframe_split"]["data"], columns=ROW["dataframe_split"]["columns"])
+    )
     assert out["predictions"] == [int(x) for x in expected]
     assert version == "1"
     got = api.get("/api/v1/deployments/churn").json()
-    assert got["status"] == "ready" and got["model_version"] == "1" and got["endpoint"] == d.endpoint
+    assert (
+        got["status"] == "ready" and got["model_version"] == "1" and got["endpoint"] == d.endpoint
+    )
     assert [i["state"] for i in got["instances"]] == ["ready"]
     revision = Revision.objects.get(deployment=d, number=1)
     assert revision.state == "live" and len(revision.model_sha256) == 64
@@ -103,7 +120,8 @@ def admin_get(address: str, token: str | None) -> tuple[int, dict]:
 
 
 def test_instances_open_their_prediction_log_to_the_deployments_token_only(
-        api, create, runtime_name, registered, settings, caplog):
+    api, create, runtime_name, registered, settings, caplog
+):
     from deployments import runtimes
     from deployments.serving_token import serving_admin_token
     from monitoring.models import Prediction, PullState
@@ -160,13 +178,21 @@ def test_update_and_rollback_fail_no_request_under_load(api, create, runtime_nam
         time.sleep(0.5)
         resp = api.patch("/api/v1/deployments/svc", {"version": "2"})
         assert resp.status_code == 202 and resp.json()["revision"] == 2
-        converge("svc", until=lambda x: x.serving_revision and x.serving_revision.number == 2
-                 and x.status == "ready")
+        converge(
+            "svc",
+            until=lambda x: (
+                x.serving_revision and x.serving_revision.number == 2 and x.status == "ready"
+            ),
+        )
         time.sleep(0.5)
         resp = api.post("/api/v1/deployments/svc/rollback", {})
         assert resp.status_code == 202 and resp.json()["revision"] == 1
-        converge("svc", until=lambda x: x.serving_revision and x.serving_revision.number == 1
-                 and x.status == "ready")
+        converge(
+            "svc",
+            until=lambda x: (
+                x.serving_revision and x.serving_revision.number == 1 and x.status == "ready"
+            ),
+        )
         time.sleep(0.5)
     assert load.failures == []
     assert load.ok > 50
@@ -180,7 +206,9 @@ def test_update_and_rollback_fail_no_request_under_load(api, create, runtime_nam
     for inst in Instance.objects.filter(deployment=d).select_related("revision"):
         by_revision.setdefault(inst.revision.number, []).append(inst.address)
     assert sorted(by_revision) == [1, 2]
-    routed = json.loads(urllib.request.urlopen(f"{d.endpoint}/__router/health", timeout=5).read())["backends"]
+    routed = json.loads(urllib.request.urlopen(f"{d.endpoint}/__router/health", timeout=5).read())[
+        "backends"
+    ]
     assert sorted(routed) == sorted(by_revision[1])
     kinds = list(DeploymentEvent.objects.filter(deployment=d).values_list("kind", flat=True))
     assert "rollback" in kinds and kinds.count("traffic") == 3
@@ -199,7 +227,10 @@ def test_a_crashed_instance_is_restarted_by_the_reconciler(api, create, runtime_
 
         docker.from_env().containers.get(inst.runtime_id).kill()  # stays down: a manual kill
     time.sleep(0.2)
-    d = converge("crashy", until=lambda x: x.status == "ready" and Instance.objects.get(deployment=x).restarts == 1)
+    d = converge(
+        "crashy",
+        until=lambda x: x.status == "ready" and Instance.objects.get(deployment=x).restarts == 1,
+    )
     again = Instance.objects.get(deployment=d)
     assert again.runtime_id != inst.runtime_id
     assert predict(d.endpoint)[1] == "1"
@@ -212,16 +243,26 @@ def test_instances_are_adopted_after_a_control_plane_restart(api, create, runtim
     name = registered(1)
     create(name="adopt", model=name, version="1")
     d = converge("adopt")
-    before = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
+    before = (
+        d.router_pid,
+        list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)),
+    )
     runtimes._build.cache_clear()  # a new control plane process: no memory of what it started
     d = converge("adopt")
-    after = (d.router_pid, list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)))
+    after = (
+        d.router_pid,
+        list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)),
+    )
     assert after == before
     assert len(owned(runtime_name)) == 1  # one server: nothing duplicated
-    assert len(process.find_labelled(install_id())) == (2 if runtime_name == "local" else 1)  # + one router
+    assert len(process.find_labelled(install_id())) == (
+        2 if runtime_name == "local" else 1
+    )  # + one router
 
 
-def test_a_broken_revision_is_rolled_back_automatically(api, create, runtime_name, registered, tmp_path, sklearn_model_dir):
+def test_a_broken_revision_is_rolled_back_automatically(
+    api, create, runtime_name, registered, tmp_path, sklearn_model_dir
+):
     from tests.conftest import zip_dir
 
     broken = tmp_path / "broken"
@@ -234,7 +275,11 @@ def test_a_broken_revision_is_rolled_back_automatically(api, create, runtime_nam
     converge("fragile")
     Deployment.objects.filter(name="fragile").update(progress_deadline_s=8)
     api.patch("/api/v1/deployments/fragile", {"version": "2"})
-    d = converge("fragile", until=lambda x: x.desired_revision.number == 1 and x.status == "ready", timeout=90)
+    d = converge(
+        "fragile",
+        until=lambda x: x.desired_revision.number == 1 and x.status == "ready",
+        timeout=90,
+    )
     failed = Revision.objects.get(deployment=d, number=2)
     assert failed.state == "failed" and failed.failure
     assert predict(d.endpoint)[1] == "1"
@@ -250,12 +295,20 @@ def test_a_deployment_follows_its_alias(api, create, runtime_name, registered):
     d = converge("follower")
     assert predict(d.endpoint)[1] == "1"
     api.post(f"/api/v1/models/{name}/aliases/production", {"version": "2", "reason": "better"})
-    d = converge("follower", until=lambda x: x.serving_revision.model_version.version == 2 and x.status == "ready")
+    d = converge(
+        "follower",
+        until=lambda x: x.serving_revision.model_version.version == 2 and x.status == "ready",
+    )
     assert predict(d.endpoint)[1] == "2"
     api.post(f"/api/v1/models/{name}/aliases/production", {"version": "1", "reason": "regression"})
-    d = converge("follower", until=lambda x: x.serving_revision.model_version.version == 1 and x.status == "ready")
+    d = converge(
+        "follower",
+        until=lambda x: x.serving_revision.model_version.version == 1 and x.status == "ready",
+    )
     assert predict(d.endpoint)[1] == "1"
-    reasons = list(Revision.objects.filter(deployment=d).order_by("number").values_list("reason", flat=True))
+    reasons = list(
+        Revision.objects.filter(deployment=d).order_by("number").values_list("reason", flat=True)
+    )
     assert reasons[1:] == ["alias production moved to v2", "alias production moved to v1"]
 
 
@@ -315,6 +368,8 @@ def test_logs_and_revisions_are_listed(api, create, runtime_name, registered):
     converge("logged", until=lambda x: x.serving_revision.number == 2 and x.status == "ready")
     revisions = api.get("/api/v1/deployments/logged/revisions").json()["results"]
     assert [(r["number"], r["model_version"], r["state"]) for r in revisions] == [
-        (2, "2", "live"), (1, "1", "superseded")]
+        (2, "2", "live"),
+        (1, "1", "superseded"),
+    ]
     logs = api.get("/api/v1/deployments/logged/logs?tail=20").json()["instances"]
     assert len(logs) == 1 and "ready" in logs[0]["logs"]  # no rollback window: r1 was stopped

@@ -18,7 +18,9 @@ def create_model(api, name, **extra):
 
 
 def register(api, name, source):
-    resp = api.post(f"/api/v1/models/{name}/versions", {"source": source, "description": "from a run"})
+    resp = api.post(
+        f"/api/v1/models/{name}/versions", {"source": source, "description": "from a run"}
+    )
     assert resp.status_code == 201, resp.content
     return resp.json()
 
@@ -93,7 +95,9 @@ def test_sources_outside_mlflow_uris_are_refused(api, model_name, source):
 
 def test_a_missing_run_is_a_400_not_a_500(api, model_name):
     create_model(api, model_name)
-    resp = api.post(f"/api/v1/models/{model_name}/versions", {"source": "runs:/0123456789abcdef/model"})
+    resp = api.post(
+        f"/api/v1/models/{model_name}/versions", {"source": "runs:/0123456789abcdef/model"}
+    )
     assert resp.status_code == 400
     assert ModelVersion.objects.filter(model__name=model_name).count() == 0
 
@@ -107,9 +111,14 @@ def test_promotion_moves_the_mlflow_alias_and_records_history(api, model_name, l
     create_model(api, model_name)
     register(api, model_name, logged_run["source"])
     register(api, model_name, logged_run["source"])
-    resp = api.post(f"/api/v1/models/{model_name}/aliases/staging", {"version": "1", "reason": "passes offline eval"})
+    resp = api.post(
+        f"/api/v1/models/{model_name}/aliases/staging",
+        {"version": "1", "reason": "passes offline eval"},
+    )
     assert resp.status_code == 201, resp.content
-    resp = api.post(f"/api/v1/models/{model_name}/aliases/staging", {"version": "2", "reason": "better recall"})
+    resp = api.post(
+        f"/api/v1/models/{model_name}/aliases/staging", {"version": "2", "reason": "better recall"}
+    )
     assert resp.status_code == 201
     assert resp.json()["from"] == "1" and resp.json()["to"] == "2"
     assert get_store().client.get_registered_model(model_name).aliases == {"staging": 2}
@@ -119,13 +128,18 @@ def test_promotion_moves_the_mlflow_alias_and_records_history(api, model_name, l
         ("staging", "1", "2", "better recall", "alice"),
         ("staging", None, "1", "passes offline eval", "alice"),
     ]
-    assert AuditEvent.objects.filter(action="alias.set", object_id=f"{model_name}@staging").count() == 2
+    assert (
+        AuditEvent.objects.filter(action="alias.set", object_id=f"{model_name}@staging").count()
+        == 2
+    )
 
 
 def test_promotion_requires_a_reason(api, model_name, logged_run):
     create_model(api, model_name)
     register(api, model_name, logged_run["source"])
-    resp = api.post(f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "  "})
+    resp = api.post(
+        f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "  "}
+    )
     assert resp.status_code == 400
     assert AliasMove.objects.count() == 0
     assert get_store().client.get_registered_model(model_name).aliases == {}
@@ -146,11 +160,15 @@ def test_promoting_an_unknown_version_is_404(api, model_name):
     assert resp.status_code == 404
 
 
-def test_approval_gate_turns_a_promotion_into_a_request(api, api_as, model_name, logged_run, approver, user):
+def test_approval_gate_turns_a_promotion_into_a_request(
+    api, api_as, model_name, logged_run, approver, user
+):
     create_model(api, model_name)
     register(api, model_name, logged_run["source"])
     ApprovalPolicy.objects.create(alias="production")
-    resp = api.post(f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "ship it"})
+    resp = api.post(
+        f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "ship it"}
+    )
     assert resp.status_code == 202
     request_id = resp.json()["id"]
     assert get_store().client.get_registered_model(model_name).aliases == {}
@@ -172,7 +190,9 @@ def test_approval_gate_turns_a_promotion_into_a_request(api, api_as, model_name,
     assert history[0]["approved_by"] == "bob" and history[0]["actor"] == "alice"
     assert AuditEvent.objects.filter(action="promotion.approve").count() == 1
     # Deciding twice is a conflict.
-    assert as_approver.post(f"/api/v1/promotion-requests/{request_id}/reject", {}).status_code == 409
+    assert (
+        as_approver.post(f"/api/v1/promotion-requests/{request_id}/reject", {}).status_code == 409
+    )
 
 
 def test_non_approvers_cannot_decide(api, api_as, model_name, logged_run, other_user):
@@ -194,7 +214,9 @@ def test_rejection_leaves_the_alias_alone(api, api_as, model_name, logged_run, a
     request_id = api.post(
         f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "r"}
     ).json()["id"]
-    resp = api_as(approver).post(f"/api/v1/promotion-requests/{request_id}/reject", {"comment": "no"})
+    resp = api_as(approver).post(
+        f"/api/v1/promotion-requests/{request_id}/reject", {"comment": "no"}
+    )
     assert resp.json()["status"] == "rejected"
     assert get_store().client.get_registered_model(model_name).aliases == {}
     assert AliasMove.objects.count() == 0
@@ -205,9 +227,17 @@ def test_version_with_an_alias_cannot_be_deleted_or_archived(api, model_name, lo
     register(api, model_name, logged_run["source"])
     api.post(f"/api/v1/models/{model_name}/aliases/staging", {"version": "1", "reason": "r"})
     assert api.delete(f"/api/v1/models/{model_name}/versions/1").status_code == 409
-    assert api.patch(f"/api/v1/models/{model_name}/versions/1", {"status": "archived"}).status_code == 409
+    assert (
+        api.patch(f"/api/v1/models/{model_name}/versions/1", {"status": "archived"}).status_code
+        == 409
+    )
     api.delete(f"/api/v1/models/{model_name}/aliases/staging", {"reason": "retire"})
-    assert api.patch(f"/api/v1/models/{model_name}/versions/1", {"status": "archived"}).json()["status"] == "archived"
+    assert (
+        api.patch(f"/api/v1/models/{model_name}/versions/1", {"status": "archived"}).json()[
+            "status"
+        ]
+        == "archived"
+    )
     resp = api.post(f"/api/v1/models/{model_name}/aliases/staging", {"version": "1", "reason": "r"})
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "version_archived"
     assert api.delete(f"/api/v1/models/{model_name}/versions/1").status_code == 204
@@ -218,7 +248,9 @@ def test_compare_shows_what_differs(api, model_name, logged_run):
     create_model(api, model_name)
     register(api, model_name, logged_run["source"])
     register(api, model_name, logged_run["source"])
-    ModelVersion.objects.filter(model__name=model_name, version=2).update(metrics={"accuracy": 0.95, "f1": 0.91})
+    ModelVersion.objects.filter(model__name=model_name, version=2).update(
+        metrics={"accuracy": 0.95, "f1": 0.91}
+    )
     body = api.get(f"/api/v1/models/{model_name}/compare?versions=1,2").json()
     rows = {r["key"]: r for r in body["metrics"]}
     assert rows["accuracy"] == {"key": "accuracy", "values": [0.93, 0.95], "differs": True}
@@ -228,9 +260,13 @@ def test_compare_shows_what_differs(api, model_name, logged_run):
     assert api.get(f"/api/v1/models/{model_name}/compare?versions=1,9").status_code == 404
 
 
-def test_model_list_searches_and_paginates_with_constant_queries(api, django_assert_max_num_queries, logged_run):
+def test_model_list_searches_and_paginates_with_constant_queries(
+    api, django_assert_max_num_queries, logged_run
+):
     for i in range(6):
-        create_model(api, f"search-{i}-{logged_run['run_id'][:6]}", tags={"team": "a" if i % 2 else "b"})
+        create_model(
+            api, f"search-{i}-{logged_run['run_id'][:6]}", tags={"team": "a" if i % 2 else "b"}
+        )
     with django_assert_max_num_queries(6):
         body = api.get("/api/v1/models?search=search-&page_size=4").json()
     assert body["count"] == 6 and len(body["results"]) == 4 and body["next"]

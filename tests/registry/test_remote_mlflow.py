@@ -22,11 +22,24 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'db.sqlite'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc)
@@ -36,7 +49,9 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def test_upload_promote_and_sync_against_a_real_mlflow_server(api, model_name, model_zip, mlflow_server):
+def test_upload_promote_and_sync_against_a_real_mlflow_server(
+    api, model_name, model_zip, mlflow_server
+):
     with override_settings(MLFLOW_TRACKING_URI=mlflow_server):
         store = get_store()
         assert store.tracking_uri == mlflow_server
@@ -44,11 +59,15 @@ def test_upload_promote_and_sync_against_a_real_mlflow_server(api, model_name, m
         resp = api.upload(f"/api/v1/models/{model_name}/versions", model_zip)
         assert resp.status_code == 201, resp.content
         assert resp.json()["source"].startswith("mlflow-artifacts:/")
-        resp = api.post(f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "remote"})
+        resp = api.post(
+            f"/api/v1/models/{model_name}/aliases/production", {"version": "1", "reason": "remote"}
+        )
         assert resp.status_code == 201
         aliases = store.client.get_registered_model(model_name).aliases
         assert {k: int(v) for k, v in aliases.items()} == {"production": 1}
         # The server holds the files: they download over HTTP.
-        files = store.download_version(model_name, 1, Path(os.environ["CONTROLPLANE_DATA_DIR"]) / "dl-remote")
+        files = store.download_version(
+            model_name, 1, Path(os.environ["CONTROLPLANE_DATA_DIR"]) / "dl-remote"
+        )
         assert (files / "MLmodel").exists()
     assert get_store().tracking_uri != mlflow_server

@@ -22,22 +22,33 @@ pytestmark = pytest.mark.django_db
 def test_state_changing_api_calls_must_be_json(client, user, token_for, content_type, model_name):
     headers = {"Authorization": f"Bearer {token_for(user)}"}
     body = f'{{"name": "{model_name}"}}'
-    resp = client.generic("POST", "/api/v1/models", body, content_type=content_type, headers=headers)
+    resp = client.generic(
+        "POST", "/api/v1/models", body, content_type=content_type, headers=headers
+    )
     assert resp.status_code == 415
     assert resp.json()["error"]["code"] == "unsupported_media_type"
     assert not RegisteredModel.objects.filter(name=model_name).exists()
 
 
 def test_json_with_a_charset_is_accepted(client, user, token_for, model_name):
-    resp = client.generic("POST", "/api/v1/models", f'{{"name": "{model_name}"}}',
-                          content_type="application/json; charset=utf-8",
-                          headers={"Authorization": f"Bearer {token_for(user)}"})
+    resp = client.generic(
+        "POST",
+        "/api/v1/models",
+        f'{{"name": "{model_name}"}}',
+        content_type="application/json; charset=utf-8",
+        headers={"Authorization": f"Bearer {token_for(user)}"},
+    )
     assert resp.status_code == 201
 
 
 def test_an_empty_post_without_content_type_is_refused(client, user, token_for):
-    resp = client.generic("POST", "/api/v1/promotion-requests/1/approve", "",
-                          content_type="", headers={"Authorization": f"Bearer {token_for(user)}"})
+    resp = client.generic(
+        "POST",
+        "/api/v1/promotion-requests/1/approve",
+        "",
+        content_type="",
+        headers={"Authorization": f"Bearer {token_for(user)}"},
+    )
     assert resp.status_code == 415
 
 
@@ -76,16 +87,32 @@ def test_check_deploy_is_clean_with_production_settings(tmp_path):
         "CONTROLPLANE_TLS": "true",
         "CONTROLPLANE_SSL_REDIRECT": "true",
     }
-    proc = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "no issues" in proc.stdout
 
 
 def test_check_deploy_flags_an_insecure_setup(tmp_path):
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
-           "CONTROLPLANE_DATA_DIR": str(tmp_path), "DEBUG": "true"}
-    proc = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "controlplane.settings.base",
+        "CONTROLPLANE_DATA_DIR": str(tmp_path),
+        "DEBUG": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "DEBUG" in proc.stderr + proc.stdout

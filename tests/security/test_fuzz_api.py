@@ -24,10 +24,14 @@ def seeded(django_user_model, token_for, model_zip, model_name):
     admin = django_user_model.objects.create_superuser("fuzzer", password="pw-fuzzer-123")
     import io
 
-    model_version_register(model_name=model_name, archive=io.BytesIO(model_zip), actor=admin, create_model=True)
+    model_version_register(
+        model_name=model_name, archive=io.BytesIO(model_zip), actor=admin, create_model=True
+    )
     from deployments.services import deployment_create
 
-    deployment_create(name="fuzz-dep", model_name=model_name, version="1", runtime="local", actor=admin)
+    deployment_create(
+        name="fuzz-dep", model_name=model_name, version="1", runtime="local", actor=admin
+    )
     return {"token": token_for(admin), "model": model_name, "deployment": "fuzz-dep"}
 
 
@@ -43,8 +47,13 @@ def test_no_input_makes_the_api_fail_with_a_server_error(live_server, seeded):
     assert len(operations) >= 20  # the whole API, not a corner of it
 
     def fuzz(operation, mode):
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case):
             if mode == GenerationMode.POSITIVE and case.path_parameters:
@@ -52,10 +61,14 @@ def test_no_input_makes_the_api_fail_with_a_server_error(live_server, seeded):
                 for key in case.path_parameters:
                     if key == "name":
                         is_deployment = case.path.startswith("/api/v1/deployments")
-                        case.path_parameters[key] = seeded["deployment" if is_deployment else "model"]
+                        case.path_parameters[key] = seeded[
+                            "deployment" if is_deployment else "model"
+                        ]
                     elif key in known:
                         case.path_parameters[key] = known[key]
-            response = case.call(base_url=live_server.url, headers=headers, session=session, timeout=60)
+            response = case.call(
+                base_url=live_server.url, headers=headers, session=session, timeout=60
+            )
             if response.status_code >= 500:
                 server_errors.append(
                     f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}"

@@ -158,7 +158,11 @@ class Proc:
         # Its own process group: with --workers N the server forks, and teardown
         # must take the workers down with it.
         self.proc = subprocess.Popen(
-            self.args, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            self.args,
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self

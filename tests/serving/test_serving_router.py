@@ -92,7 +92,9 @@ def test_swapping_backends_under_load_then_stopping_the_old_one_fails_no_request
     assert all(version == "2" for t, _, version in results if t > stopped)
 
 
-def test_a_refused_request_is_retried_on_another_backend_even_under_concurrency(fleet, start_router):
+def test_a_refused_request_is_retried_on_another_backend_even_under_concurrency(
+    fleet, start_router
+):
     # One backend is down (a crashed server the control plane has not noticed yet): every
     # request must still be answered by the other one. The round-robin position is shared by
     # concurrent requests, so "the next backend" alone can be the dead one on every retry.

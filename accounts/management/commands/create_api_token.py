@@ -17,7 +17,9 @@ class Command(BaseCommand):
             dest="scopes",
             help=f"repeatable; one of {', '.join(ALL_SCOPES)} (default: all)",
         )
-        parser.add_argument("--expires-in", type=int, dest="expires_in", help="days until it expires")
+        parser.add_argument(
+            "--expires-in", type=int, dest="expires_in", help="days until it expires"
+        )
         parser.add_argument("--name", default="cli", help="a label for the token")
 
     def handle(self, *args, username, scopes, expires_in, name, **options):

@@ -18,6 +18,10 @@ class Command(BaseCommand):
         user = User.objects.create_superuser("admin", email="", password=password)
         user.user_permissions.add(Permission.objects.get(codename="approve_promotion"))
         if settings.CONTROLPLANE_ADMIN_PASSWORD:
-            self.stdout.write("created user 'admin' with the password from CONTROLPLANE_ADMIN_PASSWORD")
+            self.stdout.write(
+                "created user 'admin' with the password from CONTROLPLANE_ADMIN_PASSWORD"
+            )
         else:
-            self.stdout.write(f"created user 'admin' with password: {password}  (shown once; change it in the admin)")
+            self.stdout.write(
+                f"created user 'admin' with password: {password}  (shown once; change it in the admin)"
+            )
