@@ -237,6 +237,9 @@ def _pass(deployment_id: int) -> bool:
                 if crashes >= CRASH_LIMIT
                 else f"r{desired.number} not ready within its progress deadline ({d.progress_deadline_s}s)"
             )
+            last_error = next((i.last_error for i in wanted if i.last_error), "")
+            if last_error:
+                why += f"; last: {last_error}"
             _fail_revision(d, desired, serving, why)
             return False
 
@@ -327,6 +330,16 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
         event_record(d, "drained", f"stopped {len(old)} instance(s) of earlier revisions")
 
 
+def _last_log_line(runtime, runtime_id: str) -> str:
+    """The last line a crashed server wrote (its exception, usually): what a user needs to
+    see in the crash event and the failed revision's reason."""
+    try:
+        lines = [line.strip() for line in runtime.logs(runtime_id, tail=20).splitlines()]
+    except RuntimeError_:
+        return ""
+    return next((line for line in reversed(lines) if line), "")[:300]
+
+
 def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
     """Refresh one instance: crashed → restart; running → probe."""
     runtime = get_runtime(inst.runtime)
@@ -353,6 +366,9 @@ def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
         inst.state = Instance.State.CRASHED
         inst.healthy_streak = 0
         inst.last_error = "exited" if status is None else f"exited with {status.exit_code}"
+        last_words = _last_log_line(runtime, inst.runtime_id)
+        if last_words:
+            inst.last_error = f"{inst.last_error}: {last_words}"[:500]
         inst.save(update_fields=["restarts", "state", "healthy_streak", "last_error"])
         event_record(d, "crash", f"instance {inst} {inst.last_error}; restarting", inst.revision)
         try:

@@ -1,14 +1,17 @@
 """The local runtime: model servers as processes on this host (the embedded default).
 
-Limits: the local runtime does not enforce CPU or memory limits (use the
-docker runtime for that); restarts of crashed processes are done by the
-reconciler.
+Limits are what an unprivileged process can set on its child without cgroups, per server
+process: ``memory_mb`` as its RLIMIT_DATA, ``cpu`` as a CPU affinity of whole cores (see
+_memory_rlimits and _cpu_set). Restarts of crashed processes are done by the reconciler.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import resource
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +19,45 @@ from . import process
 from .base import InstanceSpec, InstanceStatus, RuntimeError_
 
 _PASS_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "MLFLOW_DISABLE_TELEMETRY")
+_MIB = 1024 * 1024
+
+
+def _memory_rlimits(memory_mb: int | None) -> dict[int, int]:
+    """``memory_mb`` as the server's RLIMIT_DATA (soft = hard), never above this process's
+    own hard limit (an unprivileged process cannot raise it)."""
+    # RLIMIT_DATA, not RLIMIT_AS. Since Linux 4.7 RLIMIT_DATA caps every private writable
+    # mapping (heap, anonymous mmap, thread stacks): memory the process can make its own.
+    # RLIMIT_AS caps the address space, which also holds what costs no private memory: shared
+    # libraries' code and read-only data (130 MB for numpy, scipy, sklearn and mlflow, shared
+    # with every process mapping them; and a model file a loader mmaps) and PROT_NONE
+    # reservations (glibc reserves 64 MB per malloc arena, up to 8 arenas per core). Measured
+    # with the tests' sklearn model on 2 cores (RSS 145 MB, VmData 252 MB, VmSize 425 MB): it
+    # serves under RLIMIT_DATA from 256 MB (176 MB pinned to one core) but under RLIMIT_AS only
+    # from 448 MB (352 MB); both make it exit within a second at 48 and 64 MB. Neither is RSS
+    # (Linux ignores RLIMIT_RSS): numpy's and scipy's OpenBLAS each reserve a 32 MB buffer and
+    # an 8 MB stack per core they use, so a limit needs headroom over RSS, more on a many-core
+    # host without a cpu limit. Cost of RLIMIT_DATA: a limit somewhat below what the server
+    # needs can leave scipy's OpenBLAS retrying a failed allocation forever (128-176 MB on
+    # 2 cores, 96-112 MB on one) instead of exiting; the revision then fails at its progress
+    # deadline rather than as a crash loop.
+    if memory_mb is None:
+        return {}
+    limit = memory_mb * _MIB
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    return {resource.RLIMIT_DATA: limit}
+
+
+def _cpu_set(cpu: float | None, port: int) -> frozenset[int] | None:
+    """``cpu`` cores as a CPU affinity of whole cores: ceil(cpu), at least 1, at most the cores
+    this process may use. A fractional quota (Docker's ``nano_cpus``) needs a cgroup."""
+    if cpu is None:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    count = min(max(math.ceil(cpu), 1), len(allowed))
+    first = port % len(allowed)  # spread instances over the cores instead of all on the first
+    return frozenset(allowed[(first + i) % len(allowed)] for i in range(count))
 
 
 class LocalRuntime:
@@ -82,9 +124,14 @@ class LocalRuntime:
             "--max-batch-delay-ms",
             str(spec.max_batch_delay_ms),
         ]
+        rlimits, cpus = _memory_rlimits(spec.memory_mb), _cpu_set(spec.cpu, spec.port)
+        log_path = self._log_path(spec.instance_name)
+        if rlimits or cpus:
+            env.update(_limit_labels(rlimits, cpus))
+            _log_limits(log_path, rlimits, cpus)
         try:
             runtime_id = process.spawn(
-                argv, env=env, log_path=self._log_path(spec.instance_name), cwd=self.code_root
+                argv, env=env, log_path=log_path, cwd=self.code_root, rlimits=rlimits, cpus=cpus
             )
         except OSError as exc:
             raise RuntimeError_(f"cannot start the model server: {exc}") from exc
@@ -115,6 +162,7 @@ class LocalRuntime:
             ordinal=int(labels.get("CONTROLPLANE_ORDINAL", "0") or 0),
             address=f"127.0.0.1:{labels.get('CONTROLPLANE_PORT', '0')}",
             running=info.alive,
+            exit_code=info.exit_code,
         )
 
     def list_owned(self) -> list[InstanceStatus]:
@@ -129,3 +177,33 @@ class LocalRuntime:
         if not name or "/" in name or name.startswith("."):
             return ""
         return process.tail(self._log_path(name), tail)
+
+
+def _limit_labels(rlimits: dict[int, int], cpus: frozenset[int] | None) -> dict[str, str]:
+    """The limits a server runs under, with its other labels (``/proc/<pid>/environ``)."""
+    labels = {}
+    if resource.RLIMIT_DATA in rlimits:
+        labels["CONTROLPLANE_MEMORY_MB"] = str(rlimits[resource.RLIMIT_DATA] // _MIB)
+    if cpus:
+        labels["CONTROLPLANE_CPUS"] = ",".join(str(c) for c in sorted(cpus))
+    return labels
+
+
+def _log_limits(log_path: Path, rlimits: dict[int, int], cpus: frozenset[int] | None) -> None:
+    """A line in the server's log (``GET .../logs``) ahead of its own output, so that a server
+    killed by its memory limit at startup is read as such."""
+    parts = []
+    if resource.RLIMIT_DATA in rlimits:
+        parts.append(f"memory {rlimits[resource.RLIMIT_DATA] // _MIB} MB (RLIMIT_DATA)")
+    if cpus:
+        parts.append(f"CPU cores {','.join(str(c) for c in sorted(cpus))}")
+    hint = (
+        "; a server that exits at startup on a failed allocation (MemoryError, 'Cannot allocate"
+        " memory', OpenBLAS, 'can't start new thread') needs a larger resources.memory_mb"
+        if resource.RLIMIT_DATA in rlimits
+        else ""
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"{stamp} INFO [controlplane] starting under limits: {', '.join(parts)}{hint}\n")

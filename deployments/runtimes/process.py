@@ -9,9 +9,11 @@ processes carry ``CONTROLPLANE_*`` environment labels, readable in
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ class ProcInfo:
     starttime: str
     labels: dict[str, str]
     alive: bool
+    exit_code: int | None = None  # of a finished child of this process (negative: signal)
 
 
 def _stat(pid: int) -> tuple[str, str] | None:
@@ -48,11 +51,13 @@ def _environ(pid: int) -> dict[str, str]:
     return env
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int) -> int | None:
+    """Collect a finished child of this process: its exit code, None if not our child."""
     try:
-        os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        pass
+        return None
+    return os.waitstatus_to_exitcode(status) if done == pid else None
 
 
 def identity(pid: int) -> str:
@@ -76,28 +81,60 @@ def inspect(runtime_id: str) -> ProcInfo | None:
     if stat is None or stat[1] != start:
         return None  # gone, or the pid was reused by another process
     if stat[0] in ("Z", "X"):
-        _reap(pid)
-        return ProcInfo(pid=pid, starttime=start, labels={}, alive=False)
+        return ProcInfo(pid=pid, starttime=start, labels={}, alive=False, exit_code=_reap(pid))
     return ProcInfo(pid=pid, starttime=start, labels=_environ(pid), alive=True)
 
 
-def spawn(argv: list[str], *, env: dict[str, str], log_path: Path, cwd: Path) -> str:
-    """Start a detached process (own session: it outlives its parent) and return its id."""
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    log_path: Path,
+    cwd: Path,
+    rlimits: dict[int, int] | None = None,
+    cpus: frozenset[int] | None = None,
+) -> str:
+    """Start a detached process (own session: it outlives its parent) and return its id.
+    Raises OSError if it cannot be started.
+
+    ``rlimits`` (``resource.RLIMIT_*`` -> limit, soft and hard) and ``cpus`` (the CPU
+    affinity) are set in the child between fork and exec: the program never runs unconfined,
+    and cannot raise them again (the hard limit is the limit)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                # Only when there is something to set: without preexec_fn, Popen keeps its
+                # fast path that runs no Python code in the child.
+                preexec_fn=_confine(rlimits or {}, cpus) if rlimits or cpus else None,
+            )
+        except subprocess.SubprocessError as exc:  # raised by the child's confine()
+            raise OSError(f"cannot set its resource limits or CPU affinity: {exc}") from exc
     # Popen objects are not kept: the process is tracked by identity, and a
     # finished child is reaped by inspect()/terminate().
     return identity(proc.pid)
+
+
+def _confine(rlimits: dict[int, int], cpus: frozenset[int] | None) -> Callable[[], None]:
+    """The child's side of spawn(). It runs between fork and exec, where another thread of
+    the parent (the reconciler's lease heartbeat) may have held a lock at the fork: so only
+    two system calls on values computed in the parent; no imports, no logging."""
+
+    def confine() -> None:
+        for which, limit in rlimits.items():
+            resource.setrlimit(which, (limit, limit))
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return confine
 
 
 def terminate(runtime_id: str, *, timeout: float) -> None:
