@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from django import forms
@@ -25,6 +23,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from controlplane.lib.errors import ApplicationError
+from controlplane.lib.views import error_pages
 from registry.models import ModelVersion
 from registry.selectors import registered_model_list
 
@@ -71,18 +70,8 @@ PAYLOAD_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _ui(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Render a domain error raised while reading (unknown deployment...) as an
-    HTML error page with its status code."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except ApplicationError as exc:
-            return render(request, "deployments/error.html", {"error": exc}, status=exc.status_code)
-
-    return wrapper
+# A domain error raised while reading becomes an error page with its status code.
+_ui = error_pages("deployments/error.html")
 
 
 def _detail_url(name: str) -> str:

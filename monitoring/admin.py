@@ -41,20 +41,7 @@ class AlertRuleAdminForm(forms.ModelForm):
 
     class Meta:
         model = AlertRule
-        fields = [
-            "name",
-            "deployment",
-            "metric",
-            "model_version",
-            "window_s",
-            "comparison",
-            "threshold",
-            "min_samples",
-            "enabled",
-            "webhook_url",
-            "email_to",
-            "rollback_on_fire",
-        ]
+        fields = ["deployment", *services.RULE_FIELDS]
 
     def clean(self):
         data = super().clean()

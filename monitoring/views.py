@@ -7,9 +7,6 @@ import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Callable
-from functools import wraps
-from typing import Any
 
 from django import forms
 from django.conf import settings
@@ -21,6 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from controlplane.lib.errors import ApplicationError
 from controlplane.lib.middleware import client_address
+from controlplane.lib.views import error_pages
 from deployments.selectors import deployment_list
 
 from . import catalog, charts, selectors, services
@@ -31,17 +29,8 @@ from .staticfiles import PLOTLY_JS, PLOTLY_VERSION
 RANGES = {"1h": (3600, 60), "24h": (86400, 300), "7d": (7 * 86400, 1800), "30d": (30 * 86400, 7200)}
 
 
-def _ui(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """A domain error while reading becomes an error page with its status code."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except ApplicationError as exc:
-            return render(request, "registry/error.html", {"error": exc}, status=exc.status_code)
-
-    return wrapper
+# A domain error raised while reading becomes an error page with its status code.
+_ui = error_pages("registry/error.html")
 
 
 @login_required

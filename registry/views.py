@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from django import forms
@@ -24,6 +22,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from controlplane.lib.errors import ApplicationError
+from controlplane.lib.views import error_pages
 
 from . import selectors, services
 from .models import ModelVersion, PromotionRequest
@@ -36,18 +35,8 @@ _EXAMPLE_MAX_CHARS = 20_000
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _ui(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Render a domain error raised while reading (unknown model, bad version
-    number...) as an HTML error page with its status code."""
-
-    @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except ApplicationError as exc:
-            return render(request, "registry/error.html", {"error": exc}, status=exc.status_code)
-
-    return wrapper
+# A domain error raised while reading becomes an error page with its status code.
+_ui = error_pages("registry/error.html")
 
 
 def _page(request: HttpRequest, items, per_page: int = PAGE_SIZE) -> Page:
