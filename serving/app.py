@@ -67,7 +67,8 @@ class App:
         self.closing = False
         self.model: LoadedModel | None = None
         self.ready = False
-        self.batcher: Batcher | None = None
+        # one batcher per prediction method: a batch is predicted by one method
+        self.batchers: dict[str | None, Batcher] = {}
         self.metrics = Metrics(settings.name, settings.version)
         self.log = PredictionLog(settings.log_buffer, settings.name, settings.version)
         self.metrics.log_dropped = lambda: self.log.dropped
@@ -96,14 +97,6 @@ class App:
         self.model = model
         if model.schema is not None:
             self.log.input_names = model.schema.names
-            self.batcher = Batcher(
-                self.loop,
-                model.predict,
-                max_rows=self.settings.max_batch_size,
-                max_delay_s=self.settings.max_batch_delay_ms / 1000,
-                incoming=lambda: self.receiving,
-                on_batch=self.metrics.batch_size.observe,
-            )
         # The libraries just imported leave ~10^5-10^6 long-lived objects; moving them out of the
         # collector's sight keeps full collections (and their pauses) short. No collection
         # first: it would delay readiness by ~0.1 s to free a few dozen objects.
@@ -244,6 +237,20 @@ class App:
             raise not_ready()
         return self.model
 
+    def _batcher(self, method: str | None) -> Batcher:
+        batcher = self.batchers.get(method)
+        if batcher is None:
+            model = self.model
+            batcher = self.batchers[method] = Batcher(
+                self.loop,
+                lambda rows: model.predict(rows, method),
+                max_rows=self.settings.max_batch_size,
+                max_delay_s=self.settings.max_batch_delay_ms / 1000,
+                incoming=lambda: self.receiving,
+                on_batch=self.metrics.batch_size.observe,
+            )
+        return batcher
+
     def predict(
         self,
         req: Request,
@@ -252,8 +259,11 @@ class App:
         endpoint: str,
         rows: Rows,
         render: Callable[[Outputs], bytes],
+        method: str | None = None,
     ) -> None:
-        """Queue rows for the batcher; answer with render(outputs) when they are predicted."""
+        """Queue rows for the method's batcher; answer with render(outputs) when predicted.
+
+        method: resolved by `LoadedModel.resolve_method` (None: the model's own predict)."""
 
         def done(outputs: Outputs | None, error: BaseException | None) -> None:
             try:
@@ -268,7 +278,7 @@ class App:
             self.send(req, conn, rid, endpoint, 200, body)
             self._record(req, rid, endpoint, outputs, rows)
 
-        self.batcher.submit(Pending(rows, done))
+        self._batcher(method).submit(Pending(rows, done))
 
     def _record(
         self, req: Request, rid: bytes, endpoint: str, outputs: Outputs, inputs: Any
@@ -280,11 +290,20 @@ class App:
         self.log.add(rid.decode("latin-1"), time.time(), endpoint, latency_ms, outputs, inputs)
 
     def _predict_generic(
-        self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str, payload: Any, mime: str
+        self,
+        req: Request,
+        conn: HttpConnection,
+        rid: bytes,
+        endpoint: str,
+        payload: Any,
+        mime: str,
+        method: str | None = None,
     ) -> None:
         model = self._model()
+        if method is None:
+            method = model.resolve_method(None)
         try:
-            outputs, data = model.predict_generic(payload, mime)
+            outputs, data = model.predict_generic(payload, mime, method)
         except ServingError:
             raise
         except Exception as exc:
@@ -337,12 +356,15 @@ class App:
             rows = model.schema.from_csv(text)
         else:
             payload = _parse_json(req.body)
+            params = payload.get("params") if isinstance(payload, dict) else None
+            method = model.resolve_method(_predict_method(params, "params"))
             if model.schema is None:
                 if not isinstance(payload, dict):
                     raise bad_request("bad_payload", "the body must be a JSON object")
-                return self._predict_generic(req, conn, rid, endpoint, payload, mime)
+                return self._predict_generic(req, conn, rid, endpoint, payload, mime, method)
             rows = parse_scoring_json(model.schema, payload)
-        self.predict(req, conn, rid, endpoint, rows, _render_mlflow)
+            return self.predict(req, conn, rid, endpoint, rows, _render_mlflow, method)
+        self.predict(req, conn, rid, endpoint, rows, _render_mlflow, model.resolve_method(None))
 
     def v1_predict(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
         mime = self._content_type(req)
@@ -375,7 +397,7 @@ class App:
             if keys[0] == "instances"
             else model.schema.from_inputs(value)
         )
-        self.predict(req, conn, rid, endpoint, rows, _render_mlflow)
+        self.predict(req, conn, rid, endpoint, rows, _render_mlflow, model.resolve_method(None))
 
     def v2_infer(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
         mime = self._content_type(req)
@@ -399,6 +421,7 @@ class App:
                 "unsupported_signature",
                 "this model has no tabular signature; use /invocations",
             )
+        method = model.resolve_method(_predict_method(payload.get("parameters"), "parameters"))
         rows = model.schema.from_v2(payload["inputs"])
         request_id = payload.get("id")
         response_id = request_id if isinstance(request_id, str) else rid.decode("latin-1")
@@ -418,7 +441,7 @@ class App:
                 }
             )
 
-        self.predict(req, conn, rid, endpoint, rows, render)
+        self.predict(req, conn, rid, endpoint, rows, render, method)
 
     # --- status endpoints --------------------------------------------------------------------
 
@@ -511,6 +534,10 @@ class App:
                 "platform": f"mlflow_{model.flavor}",
                 "inputs": inputs,
                 "outputs": outputs,
+                "parameters": {
+                    "predict_methods": model.supported_methods(),
+                    "default_predict_method": model.default_method,
+                },
             }
         )
         self.send(req, conn, rid, endpoint, 200, body)
@@ -536,6 +563,15 @@ def _v2_type(mlflow_type: str) -> str:
     if dtype is None or dtype is object:
         return "BYTES"
     return v2_datatype(np.dtype(dtype))
+
+
+def _predict_method(params: Any, field: str) -> Any:
+    """The `predict_method` of a request's params (MLflow) or parameters (OIP v2), or None."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise bad_request("bad_payload", f"{field!r} must be a JSON object")
+    return params.get("predict_method")
 
 
 def _render_mlflow(outputs: Outputs) -> bytes:

@@ -37,6 +37,8 @@ class Settings:
     admin_token: str | None = None
     shutdown_timeout_s: float = 30.0
     log_level: str = "INFO"
+    # What a request that names no `predict_method` gets; None: the model's own predict.
+    predict_method: str | None = None
 
     def to_env(self) -> dict[str, str]:
         """The same settings as environment variables (how the supervisor starts workers)."""
@@ -59,6 +61,8 @@ class Settings:
             env["SERVING_PREDICTION_LOG_DIR"] = str(self.prediction_log_dir)
         if self.admin_token is not None:
             env["SERVING_ADMIN_TOKEN"] = self.admin_token
+        if self.predict_method is not None:
+            env["SERVING_PREDICT_METHOD"] = self.predict_method
         return env
 
 
@@ -94,6 +98,12 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "seconds to finish in-flight requests after SIGTERM (default 30)",
     ),
     ("--log-level", "SERVING_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    (
+        "--predict-method",
+        "SERVING_PREDICT_METHOD",
+        "prediction method of requests that name none: predict, predict_proba, "
+        "predict_log_proba, decision_function (default: the model's own predict)",
+    ),
 ]
 
 
@@ -202,6 +212,12 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise SettingsError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
 
+    predict_method = raw.get("--predict-method", "").strip() or None
+    if predict_method is not None and not (
+        predict_method.isidentifier() and len(predict_method) <= 100
+    ):
+        raise SettingsError(f"--predict-method must be a method name, got {predict_method!r}")
+
     return Settings(
         model_dir=model_dir,
         name=raw["--name"].strip(),
@@ -228,4 +244,5 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
             "--shutdown-timeout", raw.get("--shutdown-timeout", "30"), minimum=0
         ),
         log_level=log_level,
+        predict_method=predict_method,
     )

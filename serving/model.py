@@ -36,6 +36,12 @@ logger = logging.getLogger("serving.model")
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
+# The prediction methods a request may choose with `predict_method`, where the model has them.
+PREDICT_METHODS = ("predict", "predict_proba", "predict_log_proba", "decision_function")
+# Loaders whose raw model is the user's own PythonModel: its methods take (context, input), and a
+# choice of method reaches it only through its own params schema.
+_CUSTOM_LOADERS = ("mlflow.pyfunc.model",)
+
 _V2_DATATYPES = {
     "b": "BOOL",
     "i1": "INT8",
@@ -174,16 +180,37 @@ class Outputs:
         return tensors
 
 
-# How a loaded model predicts: the fast path (or None), the reference path, and whether the
-# fast path answers as the reference does by construction (no comparison at warm-up).
-_Paths = tuple[Callable[[Rows], Any] | None, Callable[[Rows], Outputs], bool]
+class Method:
+    """One way a loaded model predicts: its fast path (or None), its reference path (predict on
+    the DataFrame MLflow would build), and whether the fast path answers as the reference does by
+    construction (no comparison at warm-up)."""
+
+    __slots__ = ("fast", "reference", "exact")
+
+    def __init__(
+        self,
+        fast: Callable[[Rows], Any] | None,
+        reference: Callable[[Rows], Outputs],
+        exact: bool = False,
+    ) -> None:
+        self.fast = fast
+        self.reference = reference
+        self.exact = exact
+
+
+class UnsupportedMethod(ValueError):
+    """The prediction method asked for is not one this model has."""
 
 
 class LoadedModel:
-    """A model ready to predict, with its input schema and (maybe) a fast path.
+    """A model ready to predict, with its input schema and (maybe) a fast path per method.
 
     `loader` says how it was loaded: "sklearn-skops", "sklearn-pickle", "sklearn-cloudpickle"
     or "onnx" without MLflow (`serving.flavors`), else "pyfunc" (`mlflow.pyfunc.load_model`).
+
+    `methods` maps a prediction method to how it runs; the key None is what the model's own
+    pyfunc `predict` answers (for scikit-learn, the MLmodel's `predict_fn`; for an ONNX model,
+    every output). `default_method` is what a request that names none gets.
     """
 
     def __init__(self, model_dir: Path) -> None:
@@ -199,11 +226,10 @@ class LoadedModel:
         self.mode = "tabular" if self.schema is not None else "generic"
         self.pyfunc: Any = None
         self.input_schema: Any = None  # MLflow's Schema, for the generic path
-        self.fast: Callable[[Rows], Any] | None = None
-        # predict on the DataFrame MLflow would build: pyfunc.predict or what it calls
-        self._reference: Callable[[Rows], Outputs] = self._pyfunc_reference
-        # the fast path answers as the reference does by construction: no check at warm-up
-        self._fast_is_exact = False
+        self.methods: dict[str | None, Method] = {None: Method(None, self._pyfunc_reference)}
+        self.default_method: str | None = None
+        # generic path: the params schema declares `predict_method`, so MLflow hands it over
+        self._method_param = False
         direct = self._load_direct() if self.schema is not None else None
         if direct is not None:
             self.loader = direct.loader
@@ -212,27 +238,61 @@ class LoadedModel:
             self._load_pyfunc()
         self.load_seconds = time.perf_counter() - started
 
+    @property
+    def fast(self) -> Callable[[Rows], Any] | None:
+        """The fast path of what a request that names no method gets."""
+        return self.methods[self.default_method].fast
+
+    # --- prediction methods ------------------------------------------------------------------
+
+    def supported_methods(self) -> list[str]:
+        return [m for m in PREDICT_METHODS if m in self.methods] + sorted(
+            m for m in self.methods if m is not None and m not in PREDICT_METHODS
+        )
+
+    def resolve_method(self, requested: Any) -> str | None:
+        """The method a request asked for (None: the default); a 400 if the model lacks it."""
+        if requested is None:
+            return self.default_method
+        if not isinstance(requested, str):
+            raise bad_request("invalid_predict_method", "predict_method must be a string")
+        if requested in self.methods or self._method_param:
+            return requested
+        raise bad_request("unsupported_predict_method", self._unsupported(requested))
+
+    def set_default_method(self, method: str | None) -> None:
+        """The server's default (SERVING_PREDICT_METHOD); UnsupportedMethod if the model lacks it."""
+        if method is not None and method not in self.methods and not self._method_param:
+            raise UnsupportedMethod(self._unsupported(method))
+        self.default_method = method
+
+    def _unsupported(self, method: str) -> str:
+        return (
+            f"predict_method {method!r} is not supported by this model; "
+            f"supported: {', '.join(self.supported_methods())}"
+        )
+
     # --- loading -----------------------------------------------------------------------------
 
     def _load_direct(self) -> flavors.Direct | None:
         """Load without MLflow if `serving.flavors` can; set the fast and reference paths."""
         try:
-            direct, paths = None, None
+            direct, methods = None, None
             if self.file.loader_module == "mlflow.sklearn":
                 numeric = self.schema.matrix_dtype is not None
                 direct = flavors.load_sklearn(self.file, numeric=numeric)
-                paths = self._sklearn_paths(direct) if direct is not None else None
+                methods = self._sklearn_methods(direct) if direct is not None else None
             elif self.file.loader_module == "mlflow.onnx":
                 direct = flavors.load_onnx(self.file)
-                paths = self._onnx_paths(direct) if direct is not None else None
+                methods = self._onnx_methods(direct.raw) if direct is not None else None
         except Exception:
             logger.warning(
                 "cannot load the model without MLflow; using mlflow.pyfunc", exc_info=True
             )
             return None
-        if paths is None:
+        if methods is None:
             return None
-        self.fast, self._reference, self._fast_is_exact = paths
+        self.methods = methods
         return direct
 
     def _load_pyfunc(self) -> None:
@@ -240,36 +300,93 @@ class LoadedModel:
 
         self.pyfunc = mlflow.pyfunc.load_model(str(self.model_dir))
         self.input_schema = self.pyfunc.metadata.get_input_schema()
+        loader = self.file.loader_module
         if self.schema is None:
+            params = self.pyfunc.metadata.get_params_schema()
+            names = {p.name for p in params.params} if params is not None else set()
+            self._method_param = "predict_method" in names
+            # Only names here: `predict_generic` calls pyfunc.predict for "predict", the raw
+            # model's method of that name for the others.
+            self.methods["predict"] = self.methods[None]
+            raw = self._raw_model() if loader not in _CUSTOM_LOADERS else None
+            for name in PREDICT_METHODS[1:]:
+                if raw is not None and callable(getattr(raw, name, None)):
+                    self.methods[name] = self.methods[None]
             return
         try:
-            if self.file.loader_module == "mlflow.sklearn":
-                pyfunc_conf = self.file.pyfunc
+            if loader == "mlflow.sklearn":
                 estimator = self.pyfunc.get_raw_model()
-                fn = getattr(estimator, pyfunc_conf.get("predict_fn", "predict"))
-                self.fast = self._sklearn_fast(estimator, fn)
-            elif self.file.loader_module == "mlflow.onnx":
-                self.fast = self._onnx_fast(self.pyfunc.get_raw_model())
+                default = self.file.pyfunc.get("predict_fn", "predict")
+                for name in _sklearn_names(estimator, default):
+                    fn = getattr(estimator, name)
+                    method = Method(self._sklearn_fast(estimator, fn), self._frame_reference(fn))
+                    if name == default:
+                        method.reference = self._pyfunc_reference
+                        self.methods[None] = method
+                    self.methods[name] = method
+            elif loader == "mlflow.onnx":
+                methods = self._onnx_methods(self.pyfunc.get_raw_model())
+                if methods is not None:
+                    self.methods = methods
+            elif loader not in _CUSTOM_LOADERS:
+                # Other flavors (XGBoost, LightGBM...): `predict` is MLflow's pyfunc; the other
+                # methods are the raw model's own, on the DataFrame MLflow would build.
+                self.methods["predict"] = self.methods[None]
+                raw = self._raw_model()
+                for name in PREDICT_METHODS[1:]:
+                    fn = getattr(raw, name, None) if raw is not None else None
+                    if callable(fn):
+                        self.methods[name] = Method(None, self._frame_reference(fn))
         except Exception:
             logger.warning("no fast path for this model; using pyfunc", exc_info=True)
 
-    def _sklearn_paths(self, direct: flavors.Direct) -> _Paths:
-        estimator = direct.raw
-        fn = getattr(estimator, self.file.pyfunc.get("predict_fn", "predict"))
+    def _raw_model(self) -> Any:
+        try:
+            return self.pyfunc.get_raw_model()
+        except Exception:  # flavors without a raw model
+            return None
 
+    def _frame_reference(self, fn: Callable) -> Callable[[Rows], Outputs]:
         def reference(rows: Rows) -> Outputs:
-            # what mlflow.sklearn's pyfunc calls once MLflow enforced the schema (as `_frame`)
-            return Outputs.of(fn(self._frame(rows)), rows.n)
+            data = rows.matrix if self.schema.positional else self._frame(rows)
+            return Outputs.of(fn(data), rows.n)
 
-        if self.schema.matrix_dtype is None:
-            return None, reference, False
-        return self._sklearn_fast(estimator, fn), reference, direct.sklearn_only
+        return reference
 
-    def _onnx_paths(self, direct: flavors.Direct) -> _Paths | None:
-        fast = self._onnx_fast(direct.raw)
+    def _sklearn_methods(self, direct: flavors.Direct) -> dict[str | None, Method]:
+        estimator = direct.raw
+        default = self.file.pyfunc.get("predict_fn", "predict")
+        methods: dict[str | None, Method] = {}
+        for name in _sklearn_names(estimator, default):
+            fn = getattr(estimator, name)
+
+            def reference(rows: Rows, fn: Callable = fn) -> Outputs:
+                # what mlflow.sklearn's pyfunc calls once MLflow enforced the schema
+                return Outputs.of(fn(self._frame(rows)), rows.n)
+
+            if self.schema.matrix_dtype is None:
+                method = Method(None, reference)
+            else:
+                method = Method(self._sklearn_fast(estimator, fn), reference, direct.sklearn_only)
+            methods[name] = method
+            if name == default:
+                methods[None] = method
+        return methods
+
+    def _onnx_methods(self, session: Any) -> dict[str | None, Method] | None:
+        fast = self._onnx_fast(session)
         if fast is None:
             return None  # several inputs: left to MLflow's DataFrame handling
-        return fast, lambda rows: _outputs(fast(rows), rows.n), True
+        everything = Method(fast, lambda rows: _outputs(fast(rows), rows.n), True)
+        methods: dict[str | None, Method] = {None: everything}
+        classifier = _onnx_classifier_outputs(session.get_outputs())
+        if classifier is None:
+            methods["predict"] = everything
+            return methods
+        for name, output in zip(("predict", "predict_proba"), classifier, strict=True):
+            only = self._onnx_fast(session, [output])
+            methods[name] = Method(only, lambda rows, only=only: _outputs(only(rows), rows.n), True)
+        return methods
 
     # --- fast paths --------------------------------------------------------------------------
 
@@ -285,27 +402,23 @@ class LoadedModel:
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
         return lambda rows: fn(rows.matrix)
 
-    def _onnx_fast(self, session: Any) -> Callable[[Rows], Any] | None:
+    def _onnx_fast(
+        self, session: Any, output_names: list[str] | None = None
+    ) -> Callable[[Rows], Any] | None:
         inputs = session.get_inputs()
         if len(inputs) != 1 or self.schema.matrix_dtype is None:
             return None
         input_name = inputs[0].name
         to_float32 = inputs[0].type == "tensor(float)"
-        output_names = [o.name for o in session.get_outputs()]
+        if output_names is None:
+            output_names = [o.name for o in session.get_outputs()]
 
         def predict(rows: Rows) -> Any:
             matrix = rows.matrix
             if to_float32 and matrix.dtype == np.float64:
                 matrix = matrix.astype(np.float32)
             results = session.run(output_names, {input_name: matrix})
-            # The same shape MLflow's ONNX pyfunc gives a DataFrame input: each output
-            # flattened to one column.
-            return {
-                "__frame__": {
-                    name: np.asarray(r).reshape(-1)
-                    for name, r in zip(output_names, results, strict=False)
-                }
-            }
+            return {"__frame__": dict(zip(output_names, results, strict=True))}
 
         return predict
 
@@ -330,17 +443,24 @@ class LoadedModel:
         data = rows.matrix if self.schema.positional else self._frame(rows)
         return Outputs.of(self.pyfunc.predict(data), rows.n)
 
-    def predict_reference(self, rows: Rows) -> Outputs:
+    def predict_reference(self, rows: Rows, method: str | None = None) -> Outputs:
         """What MLflow's own `pyfunc.predict` answers (through it, or through what it calls)."""
-        return self._reference(rows)
+        return self.methods[method].reference(rows)
 
-    def predict(self, rows: Rows) -> Outputs:
-        if self.fast is None:
-            return self.predict_reference(rows)
-        return _outputs(self.fast(rows), rows.n)
+    def predict(self, rows: Rows, method: str | None = None) -> Outputs:
+        """method: a key of `methods` (resolved by `resolve_method`)."""
+        paths = self.methods[method]
+        if paths.fast is None:
+            return paths.reference(rows)
+        return _outputs(paths.fast(rows), rows.n)
 
-    def predict_generic(self, payload: Any, content_type: str) -> tuple[Outputs, Any]:
-        """Any pyfunc model: MLflow's own parsing and predict; returns outputs and the input."""
+    def predict_generic(
+        self, payload: Any, content_type: str, method: str | None = None
+    ) -> tuple[Outputs, Any]:
+        """Any pyfunc model: MLflow's own parsing and predict; returns outputs and the input.
+
+        method: resolved by `resolve_method`; a model whose params schema declares
+        `predict_method` gets it as that param, others the raw model's method of that name."""
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc import scoring_server
 
@@ -357,8 +477,21 @@ class LoadedModel:
                 )
         except MlflowException as exc:
             raise bad_request("invalid_input", exc.message) from None
+        raw_method = None
+        if self._method_param:
+            if method is not None:
+                params = {**(params or {}), "predict_method": method}
+        elif params and "predict_method" in params:
+            params = {k: v for k, v in params.items() if k != "predict_method"}
+        if method not in (None, "predict") and not self._method_param:
+            raw_method = getattr(self.pyfunc.get_raw_model(), method)
         try:
-            raw = self.pyfunc.predict(data, params=params) if params else self.pyfunc.predict(data)
+            if raw_method is not None:
+                raw = raw_method(data)
+            elif params:
+                raw = self.pyfunc.predict(data, params=params)
+            else:
+                raw = self.pyfunc.predict(data)
         except MlflowException as exc:
             if "schema" in exc.message.lower():
                 raise bad_request("schema_mismatch", exc.message) from None
@@ -377,37 +510,87 @@ class LoadedModel:
             return None
 
     def check_fast_path(self, rows: Rows) -> None:
-        """Keep the fast path only if it answers exactly like the reference on these rows."""
-        if self.fast is None:
-            return
-        if self._fast_is_exact:
+        """Keep each method's fast path only if it answers exactly like its reference on these
+        rows (or, when it does by construction, if it runs)."""
+        checked: set[int] = set()
+        for name, paths in self.methods.items():
+            if paths.fast is None or id(paths) in checked:
+                continue
+            checked.add(id(paths))
+            label = name or "the default method"
+            if paths.exact:
+                try:
+                    _outputs(paths.fast(rows), rows.n)
+                except Exception:
+                    logger.warning(
+                        "fast path of %s failed on the input example; not using it",
+                        label,
+                        exc_info=True,
+                    )
+                    paths.fast = None
+                continue
             try:
-                self.predict(rows)
+                reference = paths.reference(rows)
             except Exception:
-                logger.warning("fast path failed on the input example; not using it", exc_info=True)
-                self.fast = None
-            return
-        reference = self.predict_reference(rows)
-        try:
-            fast = self.predict(rows)
-            same = dumps(fast.predictions()) == dumps(reference.predictions())
-        except Exception:
-            logger.warning("fast path failed on the input example", exc_info=True)
-            same = False
-        if not same:
-            logger.warning(
-                "fast path disagrees with the reference on the input example; not using it"
-            )
-            self.fast = None
+                # the reference itself fails on the example (e.g. a method this estimator
+                # refuses at predict time): leave the method to answer as it does
+                logger.warning("%s failed on the input example", label, exc_info=True)
+                paths.fast = None
+                continue
+            try:
+                fast = _outputs(paths.fast(rows), rows.n)
+                same = dumps(fast.predictions()) == dumps(reference.predictions())
+            except Exception:
+                logger.warning("fast path of %s failed on the input example", label, exc_info=True)
+                same = False
+            if not same:
+                logger.warning(
+                    "fast path of %s disagrees with the reference on the input example; "
+                    "not using it",
+                    label,
+                )
+                paths.fast = None
+
+
+def _sklearn_names(estimator: Any, default: str) -> list[str]:
+    """The methods of a scikit-learn estimator a request may ask for, its pyfunc default first."""
+    names = [default]
+    for name in PREDICT_METHODS:
+        # hasattr is False for methods scikit-learn marks unavailable (`available_if`), such as
+        # predict_proba of an SVC fitted without probability=True
+        if name != default and callable(getattr(estimator, name, None)):
+            names.append(name)
+    return names
+
+
+def _onnx_classifier_outputs(outputs: list[Any]) -> tuple[str, str] | None:
+    """(label, probabilities) output names of an ONNX classifier, as skl2onnx and onnxmltools
+    export them (with or without ZipMap), or None."""
+    if len(outputs) != 2:
+        return None
+    label, proba = outputs
+    if label.type not in ("tensor(int64)", "tensor(int32)", "tensor(string)"):
+        return None
+    if proba.type in ("tensor(float)", "tensor(double)") or proba.type.startswith("seq(map("):
+        return label.name, proba.name
+    return None
 
 
 def _outputs(raw: Any, n: int) -> Outputs:
-    """Outputs of a fast path: as `Outputs.of`, or the columns of an ONNX model's frame."""
+    """Outputs of a fast path: as `Outputs.of`, or the columns of an ONNX model's outputs.
+
+    An output of n values (shape (n,) or (n, 1)) is one column, as MLflow's ONNX pyfunc flattens
+    it; one of shape (n, k, ...) is a column of per-row values (probabilities, logits)."""
     if isinstance(raw, dict) and "__frame__" in raw:
-        frame = raw["__frame__"]
-        lengths = {len(v) for v in frame.values()}
-        if lengths != {n}:
-            raise ValueError(f"model outputs have lengths {sorted(lengths)} for {n} rows")
+        frame = {}
+        for name, value in raw["__frame__"].items():
+            arr = np.asarray(value)
+            if arr.size == n and arr.ndim >= 1:
+                arr = arr.reshape(-1)
+            elif arr.ndim < 2 or arr.shape[0] != n:
+                shapes = [list(np.shape(v)) for v in raw["__frame__"].values()]
+                raise ValueError(f"model outputs have shapes {shapes} for {n} rows")
+            frame[name] = arr
         return Outputs("frame", frame, n)
     return Outputs.of(raw, n)
 

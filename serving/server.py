@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from serving.config import Settings, SettingsError, load_settings
 
@@ -19,12 +22,51 @@ logger = logging.getLogger("serving")
 EXIT_BAD_SETTINGS = 2
 EXIT_MODEL_FAILED = 3
 
+# The last line a server that cannot start writes to stderr, for the runtime that started it:
+# `SERVING-FATAL {"type": ..., "message": ..., "phase": "args" | "load" | "warmup"}`.
+FATAL_PREFIX = "SERVING-FATAL "
+# Where a worker also writes its record, for the supervisor to repeat as its own last line.
+_FATAL_FILE_ENV = "SERVING_FATAL_FILE"
+_FATAL_MESSAGE_CHARS = 4000
+
+
+class StartupError(Exception):
+    """The server cannot start: the phase it failed in and the exception that says why."""
+
+    def __init__(self, phase: str, error: BaseException) -> None:
+        super().__init__(f"{phase}: {type(error).__name__}: {error}")
+        self.phase = phase
+        self.error = error
+
+    def record(self) -> str:
+        return fatal_record(self.phase, type(self.error).__name__, str(self.error))
+
+
+def fatal_record(phase: str, error_type: str, message: str) -> str:
+    body = {"type": error_type, "message": message[:_FATAL_MESSAGE_CHARS], "phase": phase}
+    return FATAL_PREFIX + json.dumps(body, ensure_ascii=True)
+
+
+def _write_fatal(record: str) -> None:
+    """The record as the process's last line of output (and in the supervisor's file)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    print(record, file=sys.stderr, flush=True)
+    path = os.environ.get(_FATAL_FILE_ENV)
+    if path:
+        try:
+            Path(path).write_text(record)
+        except OSError:
+            pass
+
 
 def main(argv: Sequence[str]) -> int:
     try:
         settings = load_settings(argv, os.environ)
     except SettingsError as exc:
         print(f"python -m serving: error: {exc}", file=sys.stderr)
+        _write_fatal(fatal_record("args", "SettingsError", str(exc)))
         return EXIT_BAD_SETTINGS
     # Never send usage data anywhere from a serving process.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -50,13 +92,24 @@ def run_worker(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - uvloop is in requirements.txt
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    failed: list[StartupError] = []
     try:
-        return loop.run_until_complete(_serve(settings, loop))
+        code = loop.run_until_complete(_serve(settings, loop, failed))
+    except Exception as exc:
+        logger.exception("the server failed to start")
+        failed.append(StartupError("load", exc))
+        code = EXIT_MODEL_FAILED
     finally:
         loop.close()
+    if failed:
+        _write_fatal(failed[0].record())
+    return code
 
 
-async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
+async def _serve(
+    settings: Settings, loop: asyncio.AbstractEventLoop, failed: list[StartupError]
+) -> int:
+    """Serve until SIGTERM; a model that cannot load or warm up is appended to `failed`."""
     from serving.app import App
     from serving.httpserver import HttpConnection, make_reuseport_socket
     from serving.predlog import FileSink
@@ -90,8 +143,9 @@ async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
     if loading in done:
         try:
             model, seconds = loading.result()
-        except Exception:
-            logger.exception("the model failed to load or warm up")
+        except StartupError as exc:
+            logger.error("the model failed to %s", exc.phase, exc_info=exc.error)
+            failed.append(exc)
             exit_code = EXIT_MODEL_FAILED
             stop.set()
         else:
@@ -148,14 +202,33 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Fut
 
 
 def _load_and_warm_up(settings: Settings):  # -> tuple[LoadedModel, float]
-    """Load the model and predict its input example (in a thread: the loop keeps serving)."""
+    """Load the model and predict its input example (in a thread: the loop keeps serving);
+    a failure is a StartupError naming the phase."""
+    started = time.perf_counter()
+    try:
+        from serving.model import LoadedModel, UnsupportedMethod
+
+        model = LoadedModel(settings.model_dir)
+    except Exception as exc:
+        raise StartupError("load", exc) from exc
+    try:
+        model.set_default_method(settings.predict_method)
+    except UnsupportedMethod as exc:
+        raise StartupError("args", exc) from exc
+    try:
+        _warm_up(model)
+    except Exception as exc:
+        raise StartupError("warmup", exc) from exc
+    return model, time.perf_counter() - started
+
+
+def _warm_up(model) -> None:
+    """Predict the input example with the default method (and check the fast paths on it)."""
     import numpy as np
 
     from serving.inputs import Rows
-    from serving.model import LoadedModel, parse_scoring_json
+    from serving.model import parse_scoring_json
 
-    started = time.perf_counter()
-    model = LoadedModel(settings.model_dir)
     example = model.serving_example()
     if model.schema is not None:
         if example is not None:
@@ -168,12 +241,11 @@ def _load_and_warm_up(settings: Settings):  # -> tuple[LoadedModel, float]
             logger.warning("the model has no input example; ready without a warm-up prediction")
         if rows is not None:
             model.check_fast_path(rows)
-            model.predict(rows)
+            model.predict(rows, model.default_method)
     elif example is not None:
-        model.predict_generic(example, "application/json")
+        model.predict_generic(example, "application/json", model.default_method)
     else:
         logger.warning("the model has no input example; ready without a warm-up prediction")
-    return model, time.perf_counter() - started
 
 
 # --- supervisor of several workers ----------------------------------------------------------
@@ -199,9 +271,12 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    fatal_dir = Path(tempfile.mkdtemp(prefix="serving-fatal-"))
+
     def spawn(index: int) -> subprocess.Popen:
         env = {**os.environ, **settings.to_env()}
         env.update(SERVING_PORT=str(port), SERVING_WORKERS="1", SERVING_WORKER_INDEX=str(index))
+        env[_FATAL_FILE_ENV] = str(fatal_dir / f"worker-{index}")
         return subprocess.Popen([sys.executable, "-m", "serving"], env=env)
 
     workers = {i: spawn(i) for i in range(settings.workers)}
@@ -210,6 +285,7 @@ def supervise(settings: Settings) -> int:
         settings.workers, settings.host, port, [p.pid for p in workers.values()],
     )  # fmt: skip
     exit_code = 0
+    failed_worker: int | None = None
     while not stopping:
         time.sleep(0.1)
         for index, proc in list(workers.items()):
@@ -220,6 +296,7 @@ def supervise(settings: Settings) -> int:
                 logger.error("worker %d could not load the model; stopping", index)
                 stopping = True
                 exit_code = EXIT_MODEL_FAILED
+                failed_worker = index
                 break
             logger.error("worker %d (pid %d) exited with %s; restarting it", index, proc.pid, code)
             time.sleep(1)
@@ -233,4 +310,15 @@ def supervise(settings: Settings) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     reserved.close()
+    record = None
+    if failed_worker is not None:
+        try:
+            record = (fatal_dir / f"worker-{failed_worker}").read_text()
+        except OSError:
+            record = fatal_record("load", "WorkerFailed", "a worker could not load the model")
+    for path in fatal_dir.iterdir():
+        path.unlink()
+    fatal_dir.rmdir()
+    if record is not None:
+        _write_fatal(record)
     return exit_code
