@@ -400,7 +400,9 @@ class LoadedModel:
         # Fitted on a DataFrame but fed the same columns as a matrix: the values are the same,
         # only scikit-learn's "X does not have valid feature names" warning differs.
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        return lambda rows: fn(rows.matrix)
+        # In column-major order, as numpy holds a DataFrame's values: BLAS then sums in the same
+        # order, so probabilities and scores equal the DataFrame's to the last bit.
+        return lambda rows: fn(np.asfortranarray(rows.matrix))
 
     def _onnx_fast(
         self, session: Any, output_names: list[str] | None = None
