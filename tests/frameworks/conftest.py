@@ -1,0 +1,132 @@
+"""The framework matrix: each framework's model trained and saved in a venv that has the
+framework (built once per session with uv, from the shared venv's interpreter), then served by
+the control plane, which does not have it.
+
+The venvs find packages as the environment builder does (`deployments.environments.
+index_options`: the host's pip configuration, so torch comes from the wheelhouse on disk).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+TRAINERS = Path(__file__).resolve().parent / "trainers.py"
+
+# What each framework's training venv installs besides MLflow, numpy, pandas and scipy
+# (MLflow infers an ndarray's signature with scipy). torch only
+# ever pinned: an unpinned torch resolves to a multi-GB CUDA build.
+FRAMEWORKS: dict[str, list[str]] = {
+    "xgboost": ["xgboost", "scikit-learn"],
+    "lightgbm": ["lightgbm", "scikit-learn", "skops"],
+    "pytorch": ["torch==2.13.0"],
+    "statsmodels": ["statsmodels"],
+    "tensorflow": ["tensorflow-cpu"],
+}
+# Trained in the control plane's own venv: it has what they need (environment "auto" reuses it).
+SHARED = ("sklearn", "onnx", "pyfunc")
+
+
+def _uv() -> list[str]:
+    return [sys.executable, "-m", "uv"]
+
+
+def build_venv(framework: str, root: Path) -> Path:
+    """root/<framework>/bin/python with the framework, MLflow (skinny), numpy and pandas."""
+    from deployments.environments import index_options
+
+    venv = root / framework
+    python = venv / "bin" / "python"
+    if python.exists() and (venv / ".complete").exists():
+        return python
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    common = ["--no-config", "--color", "never", "--no-progress", "--quiet"]
+    subprocess.run(
+        [*_uv(), "venv", str(venv), "--python", sys.executable, "--no-project", *common],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    mlflow = importlib.metadata.version("mlflow-skinny")
+    requirements = [f"mlflow-skinny=={mlflow}", "numpy", "pandas", "scipy", *FRAMEWORKS[framework]]
+    done = subprocess.run(
+        [
+            *_uv(),
+            "pip",
+            "install",
+            "--python",
+            str(python),
+            *index_options().uv_args(),
+            *common,
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot build the {framework} venv:\n{done.stderr[-3000:]}")
+    (venv / ".complete").write_text("")
+    return python
+
+
+class Trained:
+    """One framework's saved model and what the framework itself predicts on the test rows."""
+
+    def __init__(self, framework: str, out: Path, seconds: float) -> None:
+        self.framework = framework
+        self.model_dir = out / "model"
+        doc = json.loads((out / "expected.json").read_text())
+        self.columns: list[str] | None = doc["columns"]
+        self.dtype: str = doc["dtype"]
+        self.rows: list[list[float]] = doc["rows"]
+        self.expected: dict[str, dict] = doc["expected"]
+        self.seconds = seconds
+
+
+def train(framework: str, venvs: Path, out_root: Path) -> Trained:
+    started = time.monotonic()
+    python = sys.executable if framework in SHARED else str(build_venv(framework, venvs))
+    out = out_root / framework
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [python, str(TRAINERS), framework, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"training {framework} failed:\n{done.stderr[-4000:]}")
+    return Trained(framework, out, time.monotonic() - started)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Trained | BaseException]:
+    """Every framework's model, trained in parallel once per session (failures kept per
+    framework, so one framework that cannot install fails only its own tests)."""
+    venvs = tmp_path_factory.mktemp("framework-venvs")
+    out_root = tmp_path_factory.mktemp("framework-models")
+    names = [*SHARED, *FRAMEWORKS]
+    results: dict[str, Trained | BaseException] = {}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(train, name, venvs, out_root) for name in names}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:  # reported by that framework's test
+                results[name] = exc
+    return results

@@ -1,0 +1,166 @@
+"""The framework matrix end to end: each framework's model, saved with MLflow's own flavor API in
+a venv that has the framework, registered through the API, deployed on the `local` runtime with
+default settings (environment "auto": the frameworks the control plane lacks get an environment
+built from the model's requirements), and called on every protocol through the deployment's
+endpoint. Every answer must equal what the framework's own predict gave on the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import zip_dir
+from tests.deployments.conftest import _kill_owned_processes, converge  # noqa: F401
+from tests.frameworks.conftest import FRAMEWORKS, SHARED, Trained
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+# What each protocol answered, per framework, for the session's summary (and the report).
+RESULTS: dict[str, dict[str, str]] = {}
+
+
+def call(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def column(predictions):
+    """/invocations and v1 answer a single-output ONNX method as records of one column."""
+    if predictions and all(isinstance(p, dict) and len(p) == 1 for p in predictions):
+        (key,) = predictions[0]
+        return [p[key] for p in predictions]
+    return predictions
+
+
+def requests_for(t: Trained, model: str, method: str | None) -> dict[str, tuple[str, dict]]:
+    """(path, body) per protocol; method None: the deployment's default."""
+    if t.columns is not None:
+        invocations = {"dataframe_split": {"columns": t.columns, "data": t.rows}}
+    else:
+        invocations = {"inputs": t.rows}
+    matrix = np.asarray(t.rows, dtype=t.dtype)
+    tensor = {
+        "name": "input",
+        "shape": list(matrix.shape),
+        "datatype": "FP32" if matrix.dtype == np.float32 else "FP64",
+        "data": matrix.ravel().tolist(),
+    }
+    v2: dict = {"inputs": [tensor]}
+    out = {}
+    if method is not None:
+        invocations["params"] = {"predict_method": method}
+        v2["parameters"] = {"predict_method": method}
+    else:
+        out["v1"] = (f"/v1/models/{model}:predict", {"instances": t.rows})
+    out["invocations"] = ("/invocations", invocations)
+    out["v2"] = (f"/v2/models/{model}/infer", v2)
+    return out
+
+
+def check(protocol: str, status: int, body: dict, expected: dict) -> str | None:
+    """None if the answer is the framework's own, else what differs."""
+    if status != 200:
+        return f"HTTP {status}: {json.dumps(body)[:300]}"
+    value = np.asarray(expected["value"])
+    if protocol == "v2":
+        outputs = body["outputs"]
+        if len(outputs) != 1:
+            return f"{len(outputs)} output tensors"
+        got = outputs[0]
+        if got["shape"] != list(value.shape):
+            return f"shape {got['shape']} != {list(value.shape)}"
+        if got["data"] != value.ravel().tolist():
+            return f"data {got['data'][:4]}... != {value.ravel().tolist()[:4]}..."
+        return None
+    got = column(body["predictions"])
+    if got != value.tolist():
+        return f"{str(got)[:200]} != {str(value.tolist())[:200]}"
+    return None
+
+
+@pytest.mark.parametrize("framework", [*SHARED, *FRAMEWORKS])
+def test_a_framework_model_deployed_with_default_settings_answers_like_the_framework(
+    framework, trained, api, model_name
+):
+    t = trained[framework]
+    if isinstance(t, BaseException):
+        RESULTS[framework] = {"train": f"FAILED: {str(t)[-300:]}"}
+        raise t
+    assert api.post("/api/v1/models", {"name": model_name}).status_code == 201
+    resp = api.upload(f"/api/v1/models/{model_name}/versions", zip_dir(t.model_dir))
+    assert resp.status_code == 201, resp.content
+    name = f"fw-{framework}"
+    resp = api.post(
+        "/api/v1/deployments",
+        {"name": name, "model": model_name, "version": "1", "runtime": "local"},
+    )
+    assert resp.status_code in (201, 202), resp.content
+    d = converge(name, timeout=900)
+
+    events = [e["message"] for e in api.get(f"/api/v1/deployments/{name}/events").json()]
+    environment = " | ".join(m for m in events if m.startswith("environment"))
+    if framework in SHARED:
+        assert "has all" in environment, events
+    else:
+        assert "lacks" in environment, events
+        top = FRAMEWORKS[framework][0].split("==")[0]
+        assert top in environment, events
+
+    results: dict[str, str] = {}
+    # ONNX: no method is every output (tested in tests/serving); each method is one output
+    methods: list[str | None] = [] if framework == "onnx" else [None]
+    methods += list(t.expected)
+    for method in methods:
+        expected = t.expected[method or "predict"]
+        for protocol, (path, body) in requests_for(t, model_name, method).items():
+            status, answer = call(d.endpoint + path, body)
+            problem = check(protocol, status, answer, expected)
+            results[f"{protocol}:{method or 'default'}"] = "ok" if problem is None else problem
+    RESULTS[framework] = results
+    failed = {k: v for k, v in results.items() if v != "ok"}
+    assert not failed, f"{framework}: {json.dumps(failed, indent=1)}"
+
+
+def test_a_deployment_level_predict_method_is_every_protocols_default(trained, api, model_name):
+    t = trained["xgboost"]
+    if isinstance(t, BaseException):
+        raise t
+    assert api.post("/api/v1/models", {"name": model_name}).status_code == 201
+    resp = api.upload(f"/api/v1/models/{model_name}/versions", zip_dir(t.model_dir))
+    assert resp.status_code == 201, resp.content
+    resp = api.post(
+        "/api/v1/deployments",
+        {
+            "name": "fw-proba",
+            "model": model_name,
+            "version": "1",
+            "runtime": "local",
+            "predict_method": "predict_proba",
+        },
+    )
+    assert resp.status_code in (201, 202), resp.content
+    d = converge("fw-proba", timeout=900)
+    for protocol, (path, body) in requests_for(t, model_name, None).items():
+        status, answer = call(d.endpoint + path, body)
+        assert check(protocol, status, answer, t.expected["predict_proba"]) is None, protocol
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    yield
+    lines = ["", "framework matrix (protocol:method -> result):"]
+    for framework, results in RESULTS.items():
+        for key, value in results.items():
+            lines.append(f"  {framework:12} {key:32} {value}")
+    print("\n".join(lines))
