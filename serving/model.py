@@ -339,6 +339,7 @@ class LoadedModel:
                         self.methods[name] = Method(None, self._frame_reference(fn))
         except Exception:
             logger.warning("no fast path for this model; using pyfunc", exc_info=True)
+        self.methods.setdefault("predict", self.methods[None])
 
     def _raw_model(self) -> Any:
         try:
