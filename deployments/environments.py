@@ -637,6 +637,39 @@ class EnvironmentBuilder:
             what="installing the model's requirements (pip install)",
         )
 
+    def compile(self, requirements: Iterable[str], *, python: str | None = None) -> list[str]:
+        """What a build of ``requirements`` would install (``name==version``), resolved with
+        the same indexes and strategy, without installing anything (uv only)."""
+        if not self.uv:
+            raise EnvironmentFailure("resolving without installing needs uv")
+        with tempfile.TemporaryDirectory(prefix=".compile-", dir=self._scratch()) as tmp:
+            path = Path(tmp, "requirements.in")
+            path.write_text("\n".join(requirements) + "\n")
+            out = self._run(
+                [
+                    self.uv,
+                    "pip",
+                    "compile",
+                    str(path),
+                    "--python-version",
+                    python or current_python(),
+                    "--no-header",
+                    "--no-annotate",
+                    "--no-config",
+                    "--color",
+                    "never",
+                    "--quiet",
+                    *self.index.uv_args(),
+                ],
+                what="resolving the requirements (uv pip compile)",
+                env=self.index.uv_env(),
+            )
+        return [line.strip() for line in out.splitlines() if "==" in line]
+
+    def _scratch(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
     def _freeze(self, venv: Path) -> list[str]:
         script = (
             "import importlib.metadata as m, json; print(json.dumps(sorted("
