@@ -527,3 +527,34 @@ def test_a_local_instance_spec_defaults_to_the_shared_interpreter(sklearn_model_
         port=0,
     )
     assert runtime.interpreter(spec) == (runtime.python, "shared")
+
+
+def test_the_ui_creates_with_an_environment_and_shows_it_with_the_phase(
+    client_logged_in, registered, sklearn_model_dir
+):
+    model = registered(name="env-ui", payload=zip_dir(sklearn_model_dir))
+    form = {
+        "name": "env-ui",
+        "model": model,
+        "version": "1",
+        "alias": "",
+        "runtime": "local",
+        "replicas": "1",
+        "environment": "isolated",
+        "predict_method": "predict",
+    }
+    page = client_logged_in.get("/deployments/new")
+    assert b'name="environment"' in page.content and b'name="predict_method"' in page.content
+    bad = client_logged_in.post("/deployments/new", {**form, "environment": "conda"})
+    assert bad.status_code == 400 and not Deployment.objects.filter(name="env-ui").exists()
+    resp = client_logged_in.post("/deployments/new", form)
+    assert resp.status_code == 302, resp.content
+    d = Deployment.objects.get(name="env-ui")
+    assert (d.environment, d.predict_method) == ("isolated", "predict")
+    assert d.desired_revision.spec["environment"] == "isolated"
+    Deployment.objects.filter(pk=d.pk).update(
+        phase="preparing environment", phase_started_at=d.created_at
+    )
+    detail = client_logged_in.get("/deployments/env-ui/").content.decode()
+    assert "preparing environment" in detail and 'id="dep-phase-elapsed"' in detail
+    assert "isolated" in detail and "<code>predict</code>" in detail
