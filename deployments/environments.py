@@ -45,7 +45,7 @@ from deployments.runtimes.base import Progress, RuntimeError_
 logger = logging.getLogger(__name__)
 
 # Bump when the way an environment is made changes: every key changes with it.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 SERVING_REQUIREMENTS = Path(__file__).resolve().parents[1] / "serving" / "requirements.txt"
 ENVIRONMENT_CHOICES = ("auto", "isolated", "shared")
 DEFAULT_ENVIRONMENT = "auto"
@@ -607,6 +607,9 @@ class EnvironmentBuilder:
                 str(venv / "bin" / "python"),
                 "--requirements",
                 str(requirements),
+                # Servers may run as a user who cannot write __pycache__ here: without
+                # bytecode compiled now, every start would compile every module again.
+                "--compile-bytecode",
                 *self.index.uv_args(),
                 *common,
             ],
