@@ -42,7 +42,7 @@ from deployments import environments  # noqa: E402
 from deployments.runtimes.base import InstanceSpec  # noqa: E402
 from deployments.runtimes.local import LocalRuntime  # noqa: E402
 
-TRAIN = r'''
+TRAIN = r"""
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -56,22 +56,22 @@ rng = np.random.default_rng(0)
 X = pd.DataFrame(rng.normal(size=(400, 8)).astype("float32"), columns=[f"f{i}" for i in range(8)])
 y = (X["f0"] + X["f1"] - X["f2"] > 0).astype("int64")
 rows = X.iloc[:3]
-expected = {}
-if "sklearn" in which:
+expected = json.loads((out / "expected.json").read_text())["expected"] if (out / "expected.json").exists() else {}
+if "sklearn" in which and not (out / "sklearn").exists():
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
     m = LogisticRegression(max_iter=500).fit(X, y)
     mlflow.sklearn.save_model(m, str(out / "sklearn"), signature=infer_signature(X, m.predict(X)),
                               input_example=rows)
     expected["sklearn"] = m.predict(rows).tolist()
-if "xgboost" in which:
+if "xgboost" in which and not (out / "xgboost").exists():
     import mlflow.xgboost
     import xgboost as xgb
     m = xgb.XGBClassifier(n_estimators=20, max_depth=3).fit(X, y)
     mlflow.xgboost.save_model(m, str(out / "xgboost"), signature=infer_signature(X, m.predict(X)),
                               input_example=rows)
     expected["xgboost"] = m.predict(rows).tolist()
-if "pytorch" in which:
+if "pytorch" in which and not (out / "pytorch").exists():
     import mlflow.pytorch
     import torch
     torch.manual_seed(0)
@@ -79,12 +79,13 @@ if "pytorch" in which:
     net.eval()
     with torch.no_grad():
         pred = net(torch.tensor(X.values)).numpy()
-    mlflow.pytorch.save_model(net, str(out / "pytorch"), signature=infer_signature(X, pred),
-                              input_example=rows)
+    mlflow.pytorch.save_model(net, str(out / "pytorch"),
+                              signature=infer_signature(X.values, pred),
+                              input_example=rows.values)
     with torch.no_grad():
         expected["pytorch"] = net(torch.tensor(rows.values)).numpy().tolist()
 (out / "expected.json").write_text(json.dumps({"rows": rows.values.tolist(), "expected": expected}))
-'''
+"""
 
 
 def free_port() -> int:
@@ -108,8 +109,11 @@ def wait_ping(port: int, proc: subprocess.Popen | None, timeout: float) -> float
     raise TimeoutError(f"no /ping 200 on {port} within {timeout}s")
 
 
-def first_prediction(port: int, rows: list, columns: list[str]) -> tuple[float, object]:
-    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+def first_prediction(port: int, rows: list, columns: list[str] | None) -> tuple[float, object]:
+    payload = (
+        {"dataframe_split": {"columns": columns, "data": rows}} if columns else {"inputs": rows}
+    )
+    body = json.dumps(payload).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations",
         data=body,
@@ -126,7 +130,9 @@ def close(expected, got) -> bool:
     if isinstance(got, list) and got and isinstance(got[0], dict):
         got = [list(r.values()) for r in got]
     a, b = flat(expected), flat(got)
-    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-5 for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        abs(float(x) - float(y)) < 1e-5 for x, y in zip(a, b, strict=True)
+    )
 
 
 def uv_env(index: environments.IndexOptions) -> dict[str, str]:
@@ -207,8 +213,21 @@ def run_mlflow(model_dir: Path, env_root: Path, index, rows, columns, expected) 
         log = open(env_root.parent / f"mlflow-{model_dir.name}-{label}.log", "w")
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [mlflow_bin, "models", "serve", "-m", str(model_dir), "--env-manager", "uv",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            [
+                mlflow_bin,
+                "models",
+                "serve",
+                "-m",
+                str(model_dir),
+                "--env-manager",
+                "uv",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                "1",
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -228,9 +247,18 @@ def run_mlflow(model_dir: Path, env_root: Path, index, rows, columns, expected) 
                 proc.wait()
             log.close()
     freeze = subprocess.run(
-        [sys.executable, "-m", "uv", "pip", "freeze", "--python",
-         str(next(env_root.glob("virtualenv_envs/*/bin/python")))],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "uv",
+            "pip",
+            "freeze",
+            "--python",
+            str(next(env_root.glob("virtualenv_envs/*/bin/python"))),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.splitlines()
     out["nvidia"] = [p for p in freeze if p.lower().startswith("nvidia")]
     out["torch"] = [p for p in freeze if p.lower().startswith("torch==")]
@@ -252,8 +280,14 @@ def main() -> None:
     import sklearn
     import skops
 
-    trainer_reqs = [f"mlflow-skinny=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
-                    f"skops=={skops.__version__}", "pandas", "numpy", "cloudpickle"]
+    trainer_reqs = [
+        f"mlflow-skinny=={mlflow.__version__}",
+        f"scikit-learn=={sklearn.__version__}",
+        f"skops=={skops.__version__}",
+        "pandas",
+        "numpy",
+        "cloudpickle",
+    ]
     if "xgboost" in which:
         trainer_reqs.append("xgboost<3.4")  # 3.4 needs Python 3.12
     if "pytorch" in which:
@@ -265,34 +299,47 @@ def main() -> None:
     )
     print(f"trainer env: {len(trainer.packages)} packages in {trainer.seconds:.1f} s", flush=True)
     models = work / "models"
-    subprocess.run([str(trainer.python), "-c", TRAIN, str(models), ",".join(which)], check=True,
-                   env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    subprocess.run(
+        [str(trainer.python), "-c", TRAIN, str(models), ",".join(which)],
+        check=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     data = json.loads((models / "expected.json").read_text())
-    rows, columns = data["rows"], [f"f{i}" for i in range(8)]
+    rows = data["rows"]
 
     table = []
     for name in which:
         model_dir = models / name
+        columns = None if name == "pytorch" else [f"f{i}" for i in range(8)]  # a tensor model
         reqs = (model_dir / "requirements.txt").read_text().split()
         print(f"\n{name}: requirements {reqs}", flush=True)
-        ours = run_ours(model_dir, work / f"envs-{name}", index, rows, columns, data["expected"][name])
+        ours = run_ours(
+            model_dir, work / f"envs-{name}", index, rows, columns, data["expected"][name]
+        )
         print(f"  ours   {ours}", flush=True)
-        theirs = run_mlflow(model_dir, work / f"mlflow-{name}", index, rows, columns,
-                            data["expected"][name])
+        theirs = run_mlflow(
+            model_dir, work / f"mlflow-{name}", index, rows, columns, data["expected"][name]
+        )
         print(f"  mlflow {theirs}", flush=True)
         table.append((name, ours, theirs))
 
-    print("\n| model | ours: cold env build | ours: warm deploy -> ready | ours: first prediction "
-          "| mlflow uv: cold serve -> ready | mlflow uv: warm serve -> ready | mlflow: first "
-          "prediction | exact (ours, mlflow) |")
+    print(
+        "\n| model | ours: cold env build | ours: warm deploy -> ready | ours: first prediction "
+        "| mlflow uv: cold serve -> ready | mlflow uv: warm serve -> ready | mlflow: first "
+        "prediction | exact (ours, mlflow) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, o, t in table:
-        print(f"| {name} ({o['packages']} packages) | {o['cold_build']:.1f} s | {o['warm_ready']:.2f} s "
-              f"| {o['first_prediction_ms']:.0f} ms | {t['cold_ready']:.1f} s | {t['warm_ready']:.2f} s "
-              f"| {t['warm_prediction_ms']:.0f} ms | {o['exact']}, {t['cold_exact'] and t['warm_exact']} |")
+        print(
+            f"| {name} ({o['packages']} packages) | {o['cold_build']:.1f} s | {o['warm_ready']:.2f} s "
+            f"| {o['first_prediction_ms']:.0f} ms | {t['cold_ready']:.1f} s | {t['warm_ready']:.2f} s "
+            f"| {t['warm_prediction_ms']:.0f} ms | {o['exact']}, {t['cold_exact'] and t['warm_exact']} |"
+        )
     for name, o, t in table:
         if o["torch"] or t["torch"]:
-            print(f"{name}: ours {o['torch']} nvidia {o['nvidia']}; mlflow {t['torch']} nvidia {t['nvidia']}")
+            print(
+                f"{name}: ours {o['torch']} nvidia {o['nvidia']}; mlflow {t['torch']} nvidia {t['nvidia']}"
+            )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

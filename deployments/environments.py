@@ -474,10 +474,15 @@ class EnvironmentBuilder:
         key = resolved.key
         python = self.complete(key)
         if python is None:
-            with self._lock(key):
-                python = self.complete(key)  # built by another thread or process meanwhile
-                if python is None:
-                    return self._build(resolved, progress)
+            try:
+                with self._lock(key):
+                    python = self.complete(key)  # built by another thread or process meanwhile
+                    if python is None:
+                        return self._build(resolved, progress)
+            except OSError as exc:  # a full disk, a read-only data dir: say so, do not crash
+                raise EnvironmentFailure(
+                    f"building environment {key[:12]} under {self.root}: {exc}"
+                ) from exc
         self.touch(key)
         return BuiltEnvironment(key=key, path=self.path(key), python=python, built=False)
 
