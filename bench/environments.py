@@ -61,8 +61,13 @@ if "sklearn" in which and not (out / "sklearn").exists():
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
     m = LogisticRegression(max_iter=500).fit(X, y)
+    import sklearn, skops
+    # Pinned as the tests' model is: inferred, they would pick up torch from this process.
     mlflow.sklearn.save_model(m, str(out / "sklearn"), signature=infer_signature(X, m.predict(X)),
-                              input_example=rows)
+                              input_example=rows,
+                              pip_requirements=[f"mlflow=={mlflow.__version__}",
+                                                f"scikit-learn=={sklearn.__version__}",
+                                                f"skops=={skops.__version__}"])
     expected["sklearn"] = m.predict(rows).tolist()
 if "xgboost" in which and not (out / "xgboost").exists():
     import mlflow.xgboost
@@ -254,7 +259,7 @@ def run_mlflow(model_dir: Path, env_root: Path, index, rows, columns, expected) 
             "pip",
             "freeze",
             "--python",
-            str(next(env_root.glob("virtualenv_envs/*/bin/python"))),
+            str(next(env_root.glob("*/bin/python"))),
         ],
         capture_output=True,
         text=True,
