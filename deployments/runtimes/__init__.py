@@ -18,6 +18,7 @@ __all__ = [
     "RuntimeError_",
     "get_runtime",
     "install_id",
+    "instance_address",
     "RUNTIMES",
 ]
 
@@ -49,6 +50,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             owner=owner,
             code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
+            data_dir=Path(data_dir),
         )
     if name == "docker":
         from .docker import DockerRuntime
@@ -62,6 +64,15 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             admin_token=serving_admin_token,
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def instance_address(runtime: str, port: int) -> str:
+    """Where the instance of ``runtime`` given ``port`` answers: ``127.0.0.1:PORT``, or
+    ``unix:/path`` for a sandboxed local server or a docker container without a network."""
+    try:
+        return get_runtime(runtime).address(port)
+    except RuntimeError_:
+        return f"127.0.0.1:{port}"
 
 
 def get_runtime(name: str) -> Runtime:

@@ -161,6 +161,9 @@ class DockerRuntime:
 
     # --- the Runtime protocol --------------------------------------------------------------
 
+    def address(self, port: int) -> str:
+        return f"127.0.0.1:{port}"
+
     def prepare(self, spec: InstanceSpec) -> None:
         """Build (or find) the serving image, before the rollout's progress deadline starts."""
         _check_model_dir(spec.model_dir)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import process
+from . import process, sandbox
 from .base import InstanceSpec, InstanceStatus, RuntimeError_
 
 _PASS_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "MLFLOW_DISABLE_TELEMETRY")
@@ -71,14 +71,27 @@ class LocalRuntime:
         code_root: Path,
         admin_token: Callable[[str], str],
         python: str | None = None,
+        data_dir: Path | None = None,
+        sandboxed: bool | None = None,
     ) -> None:
         """``admin_token`` maps a deployment name to the token its servers' admin endpoints
-        require (deployments/serving_token.py); this module stays free of Django."""
+        require (deployments/serving_token.py); this module stays free of Django.
+        ``sandboxed`` (default: whenever this process is root) starts every server in the
+        sandbox of sandbox.py, listening on a Unix socket under ``data_dir``/sockets."""
         self.state_dir = Path(state_dir)
         self.owner = owner
         self.code_root = Path(code_root)
         self.admin_token = admin_token
         self.python = python or sys.executable
+        self.data_dir = Path(data_dir) if data_dir is not None else self.state_dir.parent
+        self.sockets_dir = self.data_dir / "sockets"
+        self.sandboxed = sandbox.available() if sandboxed is None else sandboxed
+
+    def address(self, port: int) -> str:
+        """Where the instance given ``port`` answers: its socket when sandboxed."""
+        if self.sandboxed:
+            return f"unix:{sandbox.socket_path(self.sockets_dir, port)}"
+        return f"127.0.0.1:{port}"
 
     def _log_path(self, instance_name: str) -> Path:
         return self.state_dir / "logs" / f"{instance_name}.log"
@@ -115,10 +128,7 @@ class LocalRuntime:
             spec.model_name,
             "--version",
             spec.model_version,
-            "--host",
-            spec.host,
-            "--port",
-            str(spec.port),
+            *self._listen_args(spec),
             "--max-batch-size",
             str(spec.max_batch_size),
             "--max-batch-delay-ms",
@@ -129,6 +139,7 @@ class LocalRuntime:
         if rlimits or cpus:
             env.update(_limit_labels(rlimits, cpus))
             _log_limits(log_path, rlimits, cpus)
+        argv, env = self._confine(spec, argv, env)
         try:
             runtime_id = process.spawn(
                 argv, env=env, log_path=log_path, cwd=self.code_root, rlimits=rlimits, cpus=cpus
@@ -140,9 +151,47 @@ class LocalRuntime:
             deployment=spec.deployment,
             revision=spec.revision,
             ordinal=spec.ordinal,
-            address=f"{spec.host}:{spec.port}",
+            address=self.address(spec.port) if self.sandboxed else f"{spec.host}:{spec.port}",
             running=True,
         )
+
+    def _listen_args(self, spec: InstanceSpec) -> list[str]:
+        if self.sandboxed:
+            return ["--unix-socket", str(sandbox.socket_path(self.sockets_dir, spec.port))]
+        return ["--host", spec.host, "--port", str(spec.port)]
+
+    def _confine(
+        self, spec: InstanceSpec, argv: list[str], env: dict[str, str]
+    ) -> tuple[list[str], dict[str, str]]:
+        """``argv`` wrapped in the sandbox launcher (sandbox.py), when sandboxed."""
+        if not self.sandboxed:
+            return argv, env
+        uid = sandbox.uid_for(spec.port)
+        try:
+            directory = sandbox.prepare_socket_dir(self.sockets_dir, spec.port, uid=uid, gid=uid)
+        except OSError as exc:
+            raise RuntimeError_(f"cannot prepare the server's socket directory: {exc}") from exc
+        config = sandbox.plan(
+            python=argv[0],
+            code_root=self.code_root,
+            model_dir=Path(spec.model_dir),
+            data_dir=self.data_dir,
+            socket_dir=directory,
+            uid=uid,
+            gid=uid,
+            cwd=self.code_root,
+        )
+        env = {
+            **env,
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",
+            "USER": "controlplane-serving",
+            "LOGNAME": "controlplane-serving",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "CONTROLPLANE_SOCKET": str(sandbox.socket_path(self.sockets_dir, spec.port)),
+            "CONTROLPLANE_UID": str(uid),
+        }
+        return sandbox.wrap(argv, config), env
 
     def stop(self, runtime_id: str, *, timeout: float = 10.0) -> None:
         process.terminate(runtime_id, timeout=timeout)
@@ -160,7 +209,11 @@ class LocalRuntime:
             deployment=labels.get("CONTROLPLANE_DEPLOYMENT", ""),
             revision=int(labels.get("CONTROLPLANE_REVISION", "0") or 0),
             ordinal=int(labels.get("CONTROLPLANE_ORDINAL", "0") or 0),
-            address=f"127.0.0.1:{labels.get('CONTROLPLANE_PORT', '0')}",
+            address=(
+                f"unix:{labels['CONTROLPLANE_SOCKET']}"
+                if labels.get("CONTROLPLANE_SOCKET")
+                else f"127.0.0.1:{labels.get('CONTROLPLANE_PORT', '0')}"
+            ),
             running=info.alive,
             exit_code=info.exit_code,
         )
