@@ -19,6 +19,7 @@ __all__ = [
     "get_runtime",
     "install_id",
     "instance_address",
+    "isolation_warning",
     "RUNTIMES",
 ]
 
@@ -51,6 +52,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
             data_dir=Path(data_dir),
+            refuse_pickle=settings.CONTROLPLANE_LOCAL_REFUSE_PICKLE,
         )
     if name == "docker":
         from .docker import DockerRuntime
@@ -60,6 +62,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             image_prefix="controlplane-serving",
             network_mode=settings.CONTROLPLANE_DOCKER_NETWORK,
             cache_dir=Path(data_dir) / "docker",
+            sockets_dir=Path(data_dir) / "sockets",
             owner=owner,
             admin_token=serving_admin_token,
         )
@@ -73,6 +76,15 @@ def instance_address(runtime: str, port: int) -> str:
         return get_runtime(runtime).address(port)
     except RuntimeError_:
         return f"127.0.0.1:{port}"
+
+
+def isolation_warning(runtime: str) -> str:
+    """Why model servers of ``runtime`` are not isolated from the control plane, or ""."""
+    from . import sandbox
+
+    if runtime == "local" and not sandbox.available():
+        return sandbox.status()
+    return ""
 
 
 def get_runtime(name: str) -> Runtime:

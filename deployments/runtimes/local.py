@@ -73,6 +73,7 @@ class LocalRuntime:
         python: str | None = None,
         data_dir: Path | None = None,
         sandboxed: bool | None = None,
+        refuse_pickle: bool = False,
     ) -> None:
         """``admin_token`` maps a deployment name to the token its servers' admin endpoints
         require (deployments/serving_token.py); this module stays free of Django.
@@ -86,6 +87,7 @@ class LocalRuntime:
         self.data_dir = Path(data_dir) if data_dir is not None else self.state_dir.parent
         self.sockets_dir = self.data_dir / "sockets"
         self.sandboxed = sandbox.available() if sandboxed is None else sandboxed
+        self.refuse_pickle = refuse_pickle
 
     def address(self, port: int) -> str:
         """Where the instance given ``port`` answers: its socket when sandboxed."""
@@ -98,6 +100,19 @@ class LocalRuntime:
 
     def prepare(self, spec: InstanceSpec) -> None:
         """Nothing to build: the server runs from this checkout's code."""
+        self._refuse_untrusted(spec)
+
+    def _refuse_untrusted(self, spec: InstanceSpec) -> None:
+        """CONTROLPLANE_LOCAL_REFUSE_PICKLE: no pickle where nothing sandboxes the server."""
+        if self.refuse_pickle and not self.sandboxed:
+            found = sandbox.pickle_formats(Path(spec.model_dir))
+            if found:
+                raise RuntimeError_(
+                    "this model loads by unpickling, which runs its code unsandboxed as the "
+                    f"control plane's user ({'; '.join(found)}), and "
+                    "CONTROLPLANE_LOCAL_REFUSE_PICKLE is set: use the docker runtime or a "
+                    "skops/ONNX model"
+                )
 
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         if not Path(spec.model_dir, "MLmodel").exists():

@@ -106,6 +106,37 @@ def remove_socket_dir(sockets_root: Path, port: int) -> None:
         pass
 
 
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".cloudpickle", ".joblib", ".pt", ".pth")
+
+
+def pickle_formats(model_dir: Path) -> list[str]:
+    """What in an MLflow model is loaded by unpickling (runs code), or []: sklearn's pickle
+    and cloudpickle formats, a cloudpickled custom pyfunc, pytorch, and pickle-named files."""
+    import yaml
+
+    found = []
+    try:
+        mlmodel = yaml.safe_load((Path(model_dir) / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"MLmodel unreadable: {exc}"]
+    flavors = mlmodel.get("flavors") or {}
+    sklearn = flavors.get("sklearn") or {}
+    if sklearn.get("serialization_format", "pickle") in ("pickle", "cloudpickle") and sklearn:
+        found.append(
+            f"sklearn serialization_format {sklearn.get('serialization_format', 'pickle')}"
+        )
+    pyfunc = flavors.get("python_function") or {}
+    if pyfunc.get("python_model") or pyfunc.get("cloudpickle_version"):
+        found.append("a cloudpickled custom pyfunc (python_model)")
+    if "pytorch" in flavors:
+        found.append("pytorch (torch.save pickles)")
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.suffix.lower() in _PICKLE_SUFFIXES and path.is_file():
+            found.append(f"file {path.relative_to(model_dir)}")
+            break
+    return found
+
+
 def _prefix(python: str) -> list[Path]:
     """The directories an interpreter runs from: its venv (``bin/..``) and, through the
     symlink a venv's python is, the base installation it belongs to."""

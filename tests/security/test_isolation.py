@@ -88,7 +88,9 @@ def targets():
     os.chmod(secret, 0o600)
     tcp = [f"127.0.0.1:{web.port}", f"127.0.0.1:{mlflow_server.port}"]
     tcp += ["127.0.0.1:5432", "127.0.0.1:6379"]
-    unix = [p for p in ("/run/postgresql/.s.PGSQL.5432", "/var/run/docker.sock") if Path(p).exists()]
+    unix = [
+        p for p in ("/run/postgresql/.s.PGSQL.5432", "/var/run/docker.sock") if Path(p).exists()
+    ]
     env = {
         "PROBE_FILES": "|".join([str(secret), str(database)]),
         "PROBE_WRITE": str(database),
@@ -180,3 +182,49 @@ def test_a_hostile_model_on_the_docker_runtime_reaches_nothing(api, probe_zip, t
     assert_all_denied(reports, targets, own_model="hostile-docker")
     inst = Instance.objects.get(deployment__name="hostile-docker")
     assert inst.address.startswith("unix:"), inst.address
+
+
+@pytest.fixture
+def unprivileged(monkeypatch, settings):
+    """The control plane as a non-root user would run it: no sandbox for local servers."""
+    from deployments import runtimes
+
+    monkeypatch.setattr(sandbox, "available", lambda: False)
+    runtimes._build.cache_clear()
+    yield settings
+    runtimes._build.cache_clear()
+
+
+def test_without_root_the_deployment_page_says_model_code_is_not_isolated(
+    api, client_logged_in, model_zip, unprivileged
+):
+    assert api.post("/api/v1/models", {"name": "plain"}).status_code == 201
+    assert api.upload("/api/v1/models/plain/versions", model_zip).status_code == 201
+    resp = api.post(
+        "/api/v1/deployments",
+        {"name": "plain", "model": "plain", "version": "1", "runtime": "local"},
+    )
+    assert resp.status_code in (201, 202), resp.content
+    page = client_logged_in.get("/deployments/plain/").content.decode()
+    assert 'id="dep-isolation"' in page and "not root" in page
+
+
+def test_refuse_pickle_fails_a_pickled_model_on_an_unsandboxed_local_runtime(
+    api, probe_zip, model_zip, unprivileged
+):
+    unprivileged.CONTROLPLANE_LOCAL_REFUSE_PICKLE = True
+    for name, payload in (("pickled", probe_zip), ("skops", model_zip)):
+        assert api.post("/api/v1/models", {"name": name}).status_code == 201
+        assert api.upload(f"/api/v1/models/{name}/versions", payload).status_code == 201
+        resp = api.post(
+            "/api/v1/deployments", {"name": name, "model": name, "version": "1", "runtime": "local"}
+        )
+        assert resp.status_code in (201, 202), resp.content
+    d = converge("pickled", until=lambda d: d.status == "failed")
+    assert "CONTROLPLANE_LOCAL_REFUSE_PICKLE" in d.status_message
+    assert "cloudpickled custom pyfunc" in d.status_message
+    assert not Instance.objects.filter(deployment=d).exists()
+    # a model that loads without unpickling (skops) still deploys, unsandboxed
+    d = converge("skops")
+    inst = Instance.objects.get(deployment=d)
+    assert inst.address == f"127.0.0.1:{inst.port}"
