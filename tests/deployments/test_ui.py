@@ -293,7 +293,11 @@ def test_the_page_shows_revisions_endpoint_instances_and_events(client_logged_in
         "traffic moved to r2 from r1" in page
         and f"revision 2: {model} v2 (update: version 2)" in page
     )
-    assert f"127.0.0.1:{d.port + 1000}" in page and "r2 #0" in page  # the instance
+    inst = Instance.objects.get(deployment=d)  # 127.0.0.1:PORT, or unix:/path when sandboxed
+    assert inst.address.endswith(f"{d.port + 1000}/serving.sock") or inst.address.endswith(
+        f":{d.port + 1000}"
+    )
+    assert inst.address in page and "r2 #0" in page  # the instance
     assert 'href="/deployments/web/rollback?revision=1"' in page  # roll back to r1 from its row
     assert 'href="/deployments/web/rollback?revision=2"' not in page  # r2 is current
     assert "Stop…" in page and "Start…" not in page

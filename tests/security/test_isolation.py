@@ -22,7 +22,7 @@ from django.conf import settings
 from deployments.models import Instance
 from deployments.runtimes import sandbox
 from tests.conftest import zip_dir
-from tests.deployments.conftest import converge
+from tests.deployments.conftest import _kill_owned_processes, converge  # noqa: F401 (autouse)
 from tests.deployments.docker_support import require_base_image, require_docker
 from tests.security import isolation_probe
 
@@ -128,6 +128,8 @@ def deploy(api, name: str, payload: bytes, *, runtime: str, env: dict) -> str:
 
 
 def assert_all_denied(reports: list[dict], env: dict, *, own_model: str) -> None:
+    for r in reports:  # the measured report (pytest -s), for the README's threat model
+        print(f"  {'REACHED' if r['ok'] else 'denied '} {r['what']}: {r['detail'][:120]}")
     expected = {"uid"}
     expected |= {f"read {p}" for p in env["PROBE_FILES"].split("|")}
     expected |= {f"connect {t}" for t in env["PROBE_TCP"].split("|")}
