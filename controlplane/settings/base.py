@@ -340,6 +340,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.apply_retention",
         "schedule": 3600.0,
     },
+    "deployments-environments-cleanup": {
+        "task": "deployments.tasks.environments_cleanup",
+        "schedule": 3600.0,
+        "options": {"expires": 3600},
+    },
 }
 
 # --- logging -----------------------------------------------------------------------
@@ -391,3 +396,28 @@ CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, 
 # rollout, so a rollback is a traffic switch instead of a cold start. 0 stops them at once.
 CONTROLPLANE_ROLLBACK_WINDOW = env_int("CONTROLPLANE_ROLLBACK_WINDOW", 600, minimum=0)
 CONTROLPLANE_PROGRESS_DEADLINE = env_int("CONTROLPLANE_PROGRESS_DEADLINE", 120, minimum=5)
+
+# --- per-model environments (deployments/environments.py) ---------------------------------
+# "auto": the control plane's own interpreter when it has every requirement, else a built
+# environment; "isolated": always built; "shared": always the control plane's.
+CONTROLPLANE_DEFAULT_ENVIRONMENT = env_choice(
+    "CONTROLPLANE_DEFAULT_ENVIRONMENT", "auto", ("auto", "isolated", "shared")
+)
+# Environments (<data>/environments/<key>/) no revision uses are removed this long after their last use.
+CONTROLPLANE_ENV_RETENTION_DAYS = env_int("CONTROLPLANE_ENV_RETENTION_DAYS", 7, minimum=0)
+CONTROLPLANE_ENV_BUILD_TIMEOUT = env_int(
+    "CONTROLPLANE_ENV_BUILD_TIMEOUT", 900, minimum=30, maximum=7200
+)
+# Where every build (local environments, docker images) finds packages. Unset: what pip is
+# configured with on this host (PIP_* variables, pip.conf); set to empty: nothing.
+# CONTROLPLANE_PIP_INDEX_URL=none builds from CONTROLPLANE_PIP_FIND_LINKS only.
+CONTROLPLANE_PIP_INDEX_URL = env_str("CONTROLPLANE_PIP_INDEX_URL")
+CONTROLPLANE_PIP_EXTRA_INDEX_URL = env_str("CONTROLPLANE_PIP_EXTRA_INDEX_URL")  # space/comma
+CONTROLPLANE_PIP_CERT = env_str("CONTROLPLANE_PIP_CERT")  # CA bundle
+CONTROLPLANE_PIP_FIND_LINKS = env_str("CONTROLPLANE_PIP_FIND_LINKS")  # wheelhouse dirs
+CONTROLPLANE_PIP_CONSTRAINT = env_str("CONTROLPLANE_PIP_CONSTRAINT")  # constraint files
+for _name in ("CONTROLPLANE_PIP_CERT", "CONTROLPLANE_PIP_CONSTRAINT"):
+    _value = globals()[_name]
+    for _path in (_value or "").replace(",", " ").split():
+        if not Path(_path).is_file():
+            raise ImproperlyConfigured(f"{_name}: {_path} is not a file")

@@ -41,6 +41,30 @@ def install_id() -> str:
     return path.read_text().strip()
 
 
+def index_options():
+    """The package indexes every build uses (settings, else the host's pip configuration)."""
+    from ..environments import index_options as options
+
+    return options(
+        index_url=settings.CONTROLPLANE_PIP_INDEX_URL,
+        extra_index_url=settings.CONTROLPLANE_PIP_EXTRA_INDEX_URL,
+        cert=settings.CONTROLPLANE_PIP_CERT,
+        find_links=settings.CONTROLPLANE_PIP_FIND_LINKS,
+        constraint=settings.CONTROLPLANE_PIP_CONSTRAINT,
+    )
+
+
+@functools.cache
+def environment_builder(data_dir: str):
+    from ..environments import EnvironmentBuilder
+
+    return EnvironmentBuilder(
+        Path(data_dir) / "environments",
+        index=functools.cache(index_options),
+        timeout=settings.CONTROLPLANE_ENV_BUILD_TIMEOUT,
+    )
+
+
 @functools.cache
 def _build(name: str, owner: str, data_dir: str) -> Runtime:
     if name == "local":
@@ -51,6 +75,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             owner=owner,
             code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
+            environments=environment_builder(data_dir),
             data_dir=Path(data_dir),
             refuse_pickle=settings.CONTROLPLANE_LOCAL_REFUSE_PICKLE,
         )
@@ -65,6 +90,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             sockets_dir=Path(data_dir) / "sockets",
             owner=owner,
             admin_token=serving_admin_token,
+            index=functools.cache(index_options),
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 

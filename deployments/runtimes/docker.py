@@ -43,10 +43,9 @@ import docker
 import requests
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
 
-from deployments.runtimes.base import InstanceSpec, InstanceStatus, RuntimeError_
+from deployments import environments
+from deployments.runtimes.base import InstanceSpec, InstanceStatus, Progress, RuntimeError_
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +129,7 @@ class DockerRuntime:
         max_restarts: int = 5,
         pip_command: Sequence[str] = (sys.executable, "-m", "pip"),
         build_timeout: float = 1800.0,
+        index: environments.IndexOptions | Callable[[], environments.IndexOptions] | None = None,
     ) -> None:
         """No I/O here: the engine is first contacted by the first call that needs it.
 
@@ -166,6 +166,7 @@ class DockerRuntime:
         self.max_restarts = max_restarts
         self.pip_command = list(pip_command)
         self.build_timeout = build_timeout
+        self._index = index
         self.builds = 0  # images this object built (reuse leaves it unchanged)
         self._client_obj: docker.DockerClient | None = None
         self._lock = threading.Lock()
@@ -179,10 +180,10 @@ class DockerRuntime:
             return f"unix:{self.sockets_dir / str(port) / SOCKET_NAME}"
         return f"127.0.0.1:{port}"
 
-    def prepare(self, spec: InstanceSpec) -> None:
+    def prepare(self, spec: InstanceSpec, *, progress: Progress | None = None) -> None:
         """Build (or find) the serving image, before the rollout's progress deadline starts."""
         _check_model_dir(spec.model_dir)
-        self.ensure_image(spec)
+        self.ensure_image(spec, progress=progress)
 
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         _check_model_dir(spec.model_dir)
@@ -344,10 +345,21 @@ class DockerRuntime:
 
     # --- images ----------------------------------------------------------------------------
 
-    def ensure_image(self, spec: InstanceSpec) -> str:
+    @property
+    def index(self) -> environments.IndexOptions | None:
+        if callable(self._index):
+            self._index = self._index()
+        return self._index
+
+    def ensure_image(self, spec: InstanceSpec, *, progress: Progress | None = None) -> str:
         """The serving image for this model, built unless one with the same key exists."""
-        model_requirements = self._model_requirements(Path(spec.model_dir))
-        serving_requirements = self._serving_requirements()
+        resolved = environments.resolve(
+            spec.model_dir,
+            serving_requirements=self.serving_source / "requirements.txt",
+            skinny_mlflow=self.skinny_mlflow,
+        )
+        model_requirements = list(resolved.model_requirements)
+        serving_requirements = list(resolved.serving_requirements)
         with self._translate(f"looking up base image {self.base_image}"):
             try:
                 base_id = self._client.images.get(self.base_image).id
@@ -364,9 +376,16 @@ class DockerRuntime:
             if self._image_exists(tag):  # another thread or process built it meanwhile
                 return tag
             started = time.monotonic()
+            if progress:
+                progress(
+                    f"building image {tag}: {len(resolved.requirements)} requirements "
+                    f"({', '.join(resolved.top_level[:12])})"
+                )
             self._build(tag, key, base_id, serving_requirements, model_requirements)
             self.builds += 1
             logger.info("built %s in %.0fs", tag, time.monotonic() - started)
+            if progress:
+                progress(f"image {tag} built in {time.monotonic() - started:.1f} s")
         return tag
 
     def _build(
@@ -445,6 +464,8 @@ class DockerRuntime:
             command += ["--platform", tag]
         for name in requirement_files:
             command += ["--requirement", str(context / name)]
+        if self.index is not None:
+            command += self.index.pip_args()
         try:
             result = subprocess.run(
                 command, capture_output=True, text=True, timeout=self.build_timeout, check=False
@@ -508,40 +529,6 @@ class DockerRuntime:
             digest.update(f"file {relative.as_posix()} ".encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()
-
-    def _model_requirements(self, model_dir: Path) -> list[str]:
-        path = model_dir / "requirements.txt"
-        if not path.is_file():
-            raise RuntimeError_(f"the model at {model_dir} has no requirements.txt")
-        return self._normalize_requirements(path)
-
-    def _serving_requirements(self) -> list[str]:
-        path = self.serving_source / "requirements.txt"
-        if not path.is_file():
-            raise RuntimeError_(f"{path} is missing: the serving image cannot be built")
-        return self._normalize_requirements(path)
-
-    def _normalize_requirements(self, path: Path) -> list[str]:
-        """Requirement lines, sorted and deduplicated; mlflow becomes mlflow-skinny."""
-        lines = set()
-        for raw in path.read_text().splitlines():
-            line = raw.split(" #", 1)[0].strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                requirement = Requirement(line)
-            except InvalidRequirement:
-                raise RuntimeError_(
-                    f"{path}: {line!r} is not supported in a serving image "
-                    "(only plain requirement specifiers, no options, paths or URLs)"
-                ) from None
-            if requirement.url:
-                raise RuntimeError_(f"{path}: {line!r}: URL requirements are not supported")
-            if self.skinny_mlflow and canonicalize_name(requirement.name) == "mlflow":
-                requirement.name = "mlflow-skinny"
-                requirement.extras = set()  # mlflow's extras are for the tracking server
-            lines.add(str(requirement))
-        return sorted(lines)
 
     def _image_exists(self, tag: str) -> bool:
         with self._translate(f"looking up image {tag}"):

@@ -326,6 +326,7 @@ def test_while_deploying_the_page_shows_the_rollout_step_and_polls(client_logged
     assert re.findall(r'data-step="[^"]+" class="step-(\w+)"', steps) == [
         "done",
         "done",
+        "done",  # preparing environment
         "current",
         "todo",
         "todo",
