@@ -15,7 +15,8 @@ the server:
   (read-only) and its socket directory (read-write);
 - drops to an unprivileged uid and gid of its own (``uid_for(port)``: one per instance, so
   servers cannot signal, trace or read one another either; no passwd entry is needed), with no
-  supplementary groups, and sets ``PR_SET_NO_NEW_PRIVS`` (no setuid binary gives them back).
+  supplementary groups, and sets ``PR_SET_NO_NEW_PRIVS`` (no setuid binary gives them back)
+  and ``RLIMIT_NPROC`` (NPROC processes and threads for the instance's uid).
 
 A non-root control plane cannot do any of this: ``available()`` is False, servers run as its
 own user, and the start-up warning and the deployment page say so (``status()``).
@@ -41,6 +42,9 @@ EXIT_SANDBOX_FAILED = 126
 UID_BASE = 1_500_000_000
 SOCKET_NAME = "serving.sock"
 TMPFS_MB = 256
+# Processes and threads of one instance (its uid is its own, so RLIMIT_NPROC counts exactly
+# them): a fork bomb stops there, as the docker runtime's pids limit stops it in a container.
+NPROC = 512
 
 
 def available() -> bool:
@@ -198,6 +202,7 @@ def plan(
         "hide": [str(p) for p in hide_real],
         "bind": binds,  # path -> writable
         "tmpfs_mb": TMPFS_MB,
+        "nproc": NPROC,
     }
 
 
@@ -295,6 +300,9 @@ def launch(config: dict, argv: list[str]) -> None:
     for fd in sources.values():
         os.close(fd)
     os.chdir(config["cwd"])
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NPROC, (config["nproc"], config["nproc"]))
     os.setgroups([])
     os.setresgid(config["gid"], config["gid"], config["gid"])
     os.setresuid(config["uid"], config["uid"], config["uid"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import urllib.request
@@ -169,6 +170,9 @@ def test_a_hostile_model_on_the_local_runtime_reaches_nothing(api, probe_zip, ta
     uid = sandbox.uid_for(inst.port)
     assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status
     assert "NoNewPrivs:\t1" in status
+    assert re.search(r"^Groups:\s*$", status, re.M)
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert f"Max processes             {sandbox.NPROC}                  {sandbox.NPROC}" in limits
     assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
     # and the monitoring side still reaches it, over its socket
     from monitoring.adapters import ModelServer
