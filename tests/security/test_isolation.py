@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -188,6 +189,20 @@ def test_a_hostile_model_on_the_docker_runtime_reaches_nothing(api, probe_zip, t
     assert_all_denied(reports, targets, own_model="hostile-docker")
     inst = Instance.objects.get(deployment__name="hostile-docker")
     assert inst.address.startswith("unix:"), inst.address
+    import docker
+
+    client = docker.from_env()
+    try:
+        container = client.containers.get(inst.runtime_id)
+        assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+        # the engine's healthcheck reaches the server over its socket too
+        deadline = time.monotonic() + 60
+        while container.attrs["State"].get("Health", {}).get("Status") != "healthy":
+            assert time.monotonic() < deadline, container.attrs["State"].get("Health")
+            time.sleep(1)
+            container.reload()
+    finally:
+        client.close()
 
 
 @pytest.fixture
