@@ -558,3 +558,20 @@ def test_the_ui_creates_with_an_environment_and_shows_it_with_the_phase(
     detail = client_logged_in.get("/deployments/env-ui/").content.decode()
     assert "preparing environment" in detail and 'id="dep-phase-elapsed"' in detail
     assert "isolated" in detail and "<code>predict</code>" in detail
+
+
+def test_the_version_page_shows_the_requirements_as_deployments_resolve_them(
+    client_logged_in, registered, tabulate_model_dir, sklearn_model_dir
+):
+    from django.urls import reverse
+
+    tab = registered(name="env-page-tab", payload=zip_dir(tabulate_model_dir))
+    page = client_logged_in.get(reverse("registry:version-detail", args=[tab, 1])).content.decode()
+    assert "tabulate==0.10.0" in page and "mlflow-skinny==" in page
+    assert "lacks tabulate==0.10.0" in page
+    skl = registered(name="env-page-skl", payload=zip_dir(sklearn_model_dir))
+    page = client_logged_in.get(reverse("registry:version-detail", args=[skl, 1])).content.decode()
+    assert (
+        "runs on this control plane&#x27;s Python" in page
+        or "runs on this control plane's Python" in page
+    )
