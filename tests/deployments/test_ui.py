@@ -557,9 +557,7 @@ def test_a_deployment_created_in_the_ui_becomes_ready_and_serves(client_logged_i
     page = text(client_logged_in.get("/deployments/live/"))
     inst = Instance.objects.get(deployment=d)
     assert re.search(r'id="dep-status">Ready<', page)
-    assert (
-        inst.address in page and ">Ready</span>" in page.split('id="dep-instances"')[1]
-    )
+    assert inst.address in page and ">Ready</span>" in page.split('id="dep-instances"')[1]
     assert "traffic moved to r1" in page
     # The copyable example is a working request.
     curl = html.unescape(
