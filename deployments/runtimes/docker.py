@@ -286,6 +286,7 @@ class DockerRuntime:
             with contextlib.suppress(NotFound):
                 # The engine sends the image's stop signal (SIGTERM), then SIGKILL.
                 container.stop(timeout=max(0, math.ceil(timeout)))
+            self._keep_logs(container)
             try:
                 container.remove(force=True)
             except NotFound:
@@ -331,6 +332,32 @@ class DockerRuntime:
                 return directory, f"{SERVING_UID}:{SERVING_UID}"
         return directory, f"{os.geteuid()}:{os.getegid()}"
 
+    def instance_logs(self, instance_name: str, *, tail: int = 100) -> str:
+        """The log a stopped container left (``<deployment>-r<N>-<i>``): kept on stop, so a
+        failed revision's servers can be read after their containers are removed."""
+        if not instance_name or "/" in instance_name or instance_name.startswith("."):
+            return ""
+        try:
+            lines = (self.cache_dir / "logs" / f"{instance_name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(lines.splitlines()[-tail:])
+
+    def _keep_logs(self, container) -> None:
+        labels = container.labels
+        name = (
+            f"{labels.get(LABEL_DEPLOYMENT, '')}-r{labels.get(LABEL_REVISION, '0')}"
+            f"-{labels.get(LABEL_ORDINAL, '0')}"
+        )
+        if _NAME_UNSAFE.search(name) or name.startswith("."):
+            return
+        try:
+            raw = container.logs(stdout=True, stderr=True, tail=1000)
+            (self.cache_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (self.cache_dir / "logs" / f"{name}.log").write_bytes(raw)
+        except (DockerException, requests.RequestException, OSError) as exc:
+            logger.info("keeping the log of %s: %s", name, exc)
+
     def _check_bridge_network(self) -> None:
         # Without it the engine still starts the container, with loopback only and nothing
         # published: an instance that can never answer.
@@ -340,7 +367,7 @@ class DockerRuntime:
             except NotFound:
                 raise RuntimeError_(
                     "network mode 'bridge' needs the engine's default bridge network, and this "
-                    "engine has none (dockerd --bridge=none): use network mode 'host'"
+                    "engine has none (dockerd --bridge=none): use network mode 'none' or 'host'"
                 ) from None
 
     # --- images ----------------------------------------------------------------------------
