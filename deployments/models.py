@@ -181,7 +181,10 @@ class Instance(models.Model):
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """``127.0.0.1:PORT`` or ``unix:/path``: the runtime derives it from the port."""
+        from .runtimes import instance_address
+
+        return instance_address(self.runtime, self.port)
 
 
 class DeploymentEvent(models.Model):

@@ -31,7 +31,7 @@ from registry.selectors import registered_model_list
 from . import selectors, services
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
-from .runtimes import RUNTIMES
+from .runtimes import RUNTIMES, isolation_warning
 
 # Rollout steps in the order the reconciler goes through them (its ``phase``); the second
 # is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
@@ -381,6 +381,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "total": total,
             "curl": curl,
             "curl_is_example": curl_is_example,
+            "isolation_warning": isolation_warning(d.runtime),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from controlplane.lib.datadir import data_dir_secure
 from controlplane.lib.env import (
     database_from_url,
     env_bool,
@@ -104,6 +105,16 @@ DATABASES = {
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# 0700, its secret files 0600 (controlplane/lib/datadir.py)
+data_dir_secure(
+    DATA_DIR,
+    sqlite_path=(
+        Path(DATABASES["default"]["NAME"])
+        if DATABASES["default"]["ENGINE"].endswith("sqlite3")
+        and os.path.isabs(str(DATABASES["default"]["NAME"]))
+        else None
+    ),
+)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -372,7 +383,13 @@ CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")
 CONTROLPLANE_DOCKER_BASE_IMAGE = env_str(
     "CONTROLPLANE_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm"
 )
-CONTROLPLANE_DOCKER_NETWORK = env_choice("CONTROLPLANE_DOCKER_NETWORK", "host", ("host", "bridge"))
+# "none": containers have no network; the router reaches each through a Unix socket.
+CONTROLPLANE_DOCKER_NETWORK = env_choice(
+    "CONTROLPLANE_DOCKER_NETWORK", "none", ("none", "host", "bridge")
+)
+# Refuse pickle/cloudpickle models on the local runtime where it cannot sandbox them (the
+# control plane is not root): loading a pickle runs its code as the control plane's user.
+CONTROLPLANE_LOCAL_REFUSE_PICKLE = env_bool("CONTROLPLANE_LOCAL_REFUSE_PICKLE", False)
 CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
 CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)
 # Seconds the previous revision's instances stay running (without traffic) after a

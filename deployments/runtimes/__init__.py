@@ -18,6 +18,8 @@ __all__ = [
     "RuntimeError_",
     "get_runtime",
     "install_id",
+    "instance_address",
+    "isolation_warning",
     "RUNTIMES",
 ]
 
@@ -74,6 +76,8 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
             environments=environment_builder(data_dir),
+            data_dir=Path(data_dir),
+            refuse_pickle=settings.CONTROLPLANE_LOCAL_REFUSE_PICKLE,
         )
     if name == "docker":
         from .docker import DockerRuntime
@@ -83,11 +87,30 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             image_prefix="controlplane-serving",
             network_mode=settings.CONTROLPLANE_DOCKER_NETWORK,
             cache_dir=Path(data_dir) / "docker",
+            sockets_dir=Path(data_dir) / "sockets",
             owner=owner,
             admin_token=serving_admin_token,
             index=functools.cache(index_options),
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def instance_address(runtime: str, port: int) -> str:
+    """Where the instance of ``runtime`` given ``port`` answers: ``127.0.0.1:PORT``, or
+    ``unix:/path`` for a sandboxed local server or a docker container without a network."""
+    try:
+        return get_runtime(runtime).address(port)
+    except RuntimeError_:
+        return f"127.0.0.1:{port}"
+
+
+def isolation_warning(runtime: str) -> str:
+    """Why model servers of ``runtime`` are not isolated from the control plane, or ""."""
+    from . import sandbox
+
+    if runtime == "local" and not sandbox.available():
+        return sandbox.status()
+    return ""
 
 
 def get_runtime(name: str) -> Runtime:

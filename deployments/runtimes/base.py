@@ -61,7 +61,7 @@ class InstanceStatus:
     deployment: str
     revision: int
     ordinal: int
-    address: str  # "127.0.0.1:PORT"
+    address: str  # "127.0.0.1:PORT" or "unix:/path/to/socket"
     running: bool
     exit_code: int | None = None
     restarts: int = 0
@@ -69,6 +69,10 @@ class InstanceStatus:
 
 class Runtime(Protocol):
     name: str
+
+    def address(self, port: int) -> str:
+        """Where the instance given ``port`` answers (no I/O): ``127.0.0.1:PORT``, or
+        ``unix:/path`` where the server has no network of its own."""
 
     def prepare(self, spec: InstanceSpec, *, progress: Progress | None = None) -> None:
         """Do the slow, cacheable work before a rollout's clock starts (build the image or the

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 SERVING_SOURCE = Path(__file__).resolve().parents[2] / "serving"
 MODEL_MOUNT = "/model"
 PREDICTION_LOG_MOUNT = "/predictions"
+SOCKET_MOUNT = "/run/serving"  # network "none": the instance's socket directory
+SOCKET_NAME = "serving.sock"
 CONTAINER_PORT = 8080  # where the server listens inside the container in bridge mode
 SERVING_UID = 10001  # the image's non-root user (serving/Dockerfile, ARG SERVING_UID)
 
@@ -61,6 +63,7 @@ LABEL_REVISION = "controlplane.revision"
 LABEL_ORDINAL = "controlplane.ordinal"
 LABEL_HOST = "controlplane.host"
 LABEL_PORT = "controlplane.port"
+LABEL_SOCKET = "controlplane.socket"  # host path of the server's socket (network "none")
 LABEL_MODEL = "controlplane.model"
 LABEL_IMAGE_KEY = "controlplane.image-key"
 
@@ -70,9 +73,13 @@ _RECIPE_VERSION = "1"
 # Not copied into the image, and not part of its key: a docs edit rebuilds nothing.
 _IGNORED_SOURCES = ("__pycache__", "*.pyc", ".*", "*.md")
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+# GET /ping over the server's Unix socket (network "none") or its port; exit 1 unless 200.
 _HEALTHCHECK_CMD = (
-    "import os, urllib.request; urllib.request.urlopen("
-    "'http://127.0.0.1:%s/ping' % os.environ.get('SERVING_PORT', '8080'), timeout=2)"
+    "import os, socket, sys; p = os.environ.get('SERVING_UNIX_SOCKET'); "
+    "s = socket.socket(socket.AF_UNIX) if p else socket.socket(); s.settimeout(2); "
+    "s.connect(p or ('127.0.0.1', int(os.environ.get('SERVING_PORT', '8080')))); "
+    "s.sendall(b'GET /ping HTTP/1.0\\r\\n\\r\\n'); "
+    "sys.exit(0 if s.recv(64).split(b' ')[1:2] == [b'200'] else 1)"
 )
 _PROBE = (
     "import json, platform, sys; "
@@ -110,7 +117,8 @@ class DockerRuntime:
         admin_token: Callable[[str], str],
         base_image: str = "python:3.11-slim-bookworm",
         image_prefix: str = "controlplane-serving",
-        network_mode: str = "host",
+        network_mode: str = "none",
+        sockets_dir: str | os.PathLike[str] | None = None,
         base_url: str | None = None,
         serving_source: str | os.PathLike[str] = SERVING_SOURCE,
         skinny_mlflow: bool = True,
@@ -128,21 +136,26 @@ class DockerRuntime:
         ``owner`` is this control plane's install id (the ``controlplane.owner`` label);
         ``admin_token`` maps a deployment name to the token its servers' admin endpoints
         require (``SERVING_ADMIN_TOKEN``, see deployments/serving_token.py);
-        ``network_mode`` is "host" (the server binds spec.host:spec.port on the host's
-        network) or "bridge" (it listens on 0.0.0.0:8080 in the container, published on
-        127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
+        ``network_mode`` is "none" (no network at all: the server listens on a Unix socket in
+        ``sockets_dir``/<port>/, bind-mounted at /run/serving, which the router reaches),
+        "host" (the server binds spec.host:spec.port on the host's network: it reaches every
+        port of the host's loopback) or "bridge" (it listens on 0.0.0.0:8080 in the container,
+        published on 127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
         version where a model asks for mlflow: enough to load pyfunc models, far smaller.
         """
         if not owner or _NAME_UNSAFE.search(owner):
             raise ValueError(f"owner must be a non-empty [a-zA-Z0-9_.-] string, got {owner!r}")
-        if network_mode not in ("host", "bridge"):
-            raise ValueError(f"network_mode must be 'host' or 'bridge', got {network_mode!r}")
+        if network_mode not in ("none", "host", "bridge"):
+            raise ValueError(
+                f"network_mode must be 'none', 'host' or 'bridge', got {network_mode!r}"
+            )
         self.owner = owner
         self.cache_dir = Path(cache_dir)
         self.admin_token = admin_token
         self.base_image = base_image
         self.image_prefix = image_prefix
         self.network_mode = network_mode
+        self.sockets_dir = Path(sockets_dir) if sockets_dir else self.cache_dir / "sockets"
         self.base_url = base_url
         self.serving_source = Path(serving_source)
         self.skinny_mlflow = skinny_mlflow
@@ -162,6 +175,11 @@ class DockerRuntime:
 
     # --- the Runtime protocol --------------------------------------------------------------
 
+    def address(self, port: int) -> str:
+        if self.network_mode == "none":
+            return f"unix:{self.sockets_dir / str(port) / SOCKET_NAME}"
+        return f"127.0.0.1:{port}"
+
     def prepare(self, spec: InstanceSpec, *, progress: Progress | None = None) -> None:
         """Build (or find) the serving image, before the rollout's progress deadline starts."""
         _check_model_dir(spec.model_dir)
@@ -173,7 +191,7 @@ class DockerRuntime:
             self._check_bridge_network()
         image = self.ensure_image(spec)
         name = f"{_NAME_UNSAFE.sub('-', spec.instance_name).strip('-.')}-{secrets.token_hex(3)}"
-        if self.network_mode == "host":
+        if self.network_mode in ("host", "none"):
             listen_host, listen_port, ports = spec.host, spec.port, None
         else:
             listen_host, listen_port = "0.0.0.0", CONTAINER_PORT
@@ -193,6 +211,13 @@ class DockerRuntime:
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         mounts = [Mount(MODEL_MOUNT, spec.model_dir, type="bind", read_only=True)]
+        user = f"{SERVING_UID}:{SERVING_UID}"
+        socket_label = {}
+        if self.network_mode == "none":
+            directory, user = self._socket_dir(spec.port)
+            mounts.append(Mount(SOCKET_MOUNT, str(directory), type="bind"))
+            environment["SERVING_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+            socket_label = {LABEL_SOCKET: str(directory / SOCKET_NAME)}
         if spec.prediction_log_dir:
             _prepare_prediction_log_dir(spec.prediction_log_dir)
             mounts.append(Mount(PREDICTION_LOG_MOUNT, spec.prediction_log_dir, type="bind"))
@@ -205,6 +230,7 @@ class DockerRuntime:
             LABEL_HOST: "127.0.0.1" if self.network_mode == "bridge" else spec.host,
             LABEL_PORT: str(spec.port),
             LABEL_MODEL: f"{spec.model_name}/{spec.model_version}",
+            **socket_label,
         }
         cpu = spec.cpu if spec.cpu is not None else self.default_cpu
         memory_mb = spec.memory_mb if spec.memory_mb is not None else self.default_memory_mb
@@ -217,7 +243,7 @@ class DockerRuntime:
                 network_mode=self.network_mode,
                 ports=ports,
                 mounts=mounts,
-                user=f"{SERVING_UID}:{SERVING_UID}",
+                user=user,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true"],
                 privileged=False,
@@ -290,6 +316,22 @@ class DockerRuntime:
             raw = container.logs(stdout=True, stderr=True, tail=tail)
         return raw.decode("utf-8", errors="replace")
 
+    def _socket_dir(self, port: int) -> tuple[Path, str]:
+        """The instance's socket directory (empty, mode 0700) and the container's user: uid
+        SERVING_UID owning it where this process is root, else this process's own uid (a
+        non-root control plane cannot give a directory away; its uid is not root either)."""
+        root = self.sockets_dir
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
+        directory = root / str(port)
+        with self._translate(f"preparing the socket directory {directory}"):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(mode=0o700)
+            if os.geteuid() == 0:
+                os.chown(directory, SERVING_UID, SERVING_UID)
+                return directory, f"{SERVING_UID}:{SERVING_UID}"
+        return directory, f"{os.geteuid()}:{os.getegid()}"
+
     def instance_logs(self, instance_name: str, *, tail: int = 100) -> str:
         """The log a stopped container left (``<deployment>-r<N>-<i>``): kept on stop, so a
         failed revision's servers can be read after their containers are removed."""
@@ -325,7 +367,7 @@ class DockerRuntime:
             except NotFound:
                 raise RuntimeError_(
                     "network mode 'bridge' needs the engine's default bridge network, and this "
-                    "engine has none (dockerd --bridge=none): use network mode 'host'"
+                    "engine has none (dockerd --bridge=none): use network mode 'none' or 'host'"
                 ) from None
 
     # --- images ----------------------------------------------------------------------------
@@ -571,7 +613,11 @@ class DockerRuntime:
             deployment=labels.get(LABEL_DEPLOYMENT, ""),
             revision=int(labels.get(LABEL_REVISION, 0)),
             ordinal=int(labels.get(LABEL_ORDINAL, 0)),
-            address=f"{labels.get(LABEL_HOST, '127.0.0.1')}:{labels.get(LABEL_PORT, '0')}",
+            address=(
+                f"unix:{labels[LABEL_SOCKET]}"
+                if labels.get(LABEL_SOCKET)
+                else f"{labels.get(LABEL_HOST, '127.0.0.1')}:{labels.get(LABEL_PORT, '0')}"
+            ),
             running=running,
             exit_code=None if running else state.get("ExitCode"),
             restarts=int(attrs.get("RestartCount") or 0),
