@@ -155,9 +155,25 @@ CONTROLPLANE_UPLOAD_MAX_ENTRIES = env_int("CONTROLPLANE_UPLOAD_MAX_ENTRIES", 10_
 CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES = env_int(
     "CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES", 2 * 1024 * 1024 * 1024, minimum=1
 )
+# An entry over 1 MiB may expand at most this many times its compressed size (zip bombs).
+CONTROLPLANE_UPLOAD_MAX_RATIO = env_int("CONTROLPLANE_UPLOAD_MAX_RATIO", 200, minimum=1)
+# What one version row may hold; a model over these is refused with 400.
+CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES = env_int(
+    "CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES", 512 * 1024, minimum=1024
+)
+CONTROLPLANE_VERSION_MAX_REQUIREMENTS = env_int(
+    "CONTROLPLANE_VERSION_MAX_REQUIREMENTS", 500, minimum=1
+)
+CONTROLPLANE_VERSION_MAX_TAGS = env_int("CONTROLPLANE_VERSION_MAX_TAGS", 100, minimum=1)
+# Uploads older than this whose MLflow run is still RUNNING are swept (worker died).
+CONTROLPLANE_UPLOAD_STALE_SECONDS = env_int("CONTROLPLANE_UPLOAD_STALE_SECONDS", 3600, minimum=60)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
-FILE_UPLOAD_TEMP_DIR = None
+# Request bodies spooled to disk and extracted archives live here, where the sweep finds
+# what a killed worker left.
+CONTROLPLANE_UPLOAD_TMP_DIR = DATA_DIR / "tmp" / "uploads"
+CONTROLPLANE_UPLOAD_TMP_DIR.mkdir(parents=True, exist_ok=True)
+FILE_UPLOAD_TEMP_DIR = str(CONTROLPLANE_UPLOAD_TMP_DIR)
 
 # --- MLflow ----------------------------------------------------------------------
 MLFLOW_DIR = DATA_DIR / "mlflow"
@@ -324,6 +340,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": float(CONTROLPLANE_ALERT_INTERVAL),
         "options": {"expires": CONTROLPLANE_ALERT_INTERVAL * 2},
+    },
+    "registry-upload-sweep": {
+        "task": "registry.tasks.upload_leftovers_sweep",
+        "schedule": 900.0,
     },
     "monitoring-retention": {
         "task": "monitoring.tasks.apply_retention",
