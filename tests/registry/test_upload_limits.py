@@ -284,3 +284,35 @@ def test_the_sweep_is_a_periodic_task():
     app.loader.import_default_modules()
     assert entry["task"] in app.tasks
     assert entry["schedule"] <= settings.CONTROLPLANE_UPLOAD_STALE_SECONDS
+
+
+def _lie_about_size(payload: bytes, name: str, declared: int) -> bytes:
+    """Rewrite the central directory so ``name`` claims ``declared`` bytes."""
+    import struct
+
+    data = bytearray(payload)
+    pos = data.find(b"PK\x01\x02")
+    while pos != -1:
+        name_len = struct.unpack_from("<H", data, pos + 28)[0]
+        if data[pos + 46 : pos + 46 + name_len] == name.encode():
+            struct.pack_into("<I", data, pos + 24, declared)
+            return bytes(data)
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    raise AssertionError(f"{name} not in the central directory")
+
+
+def test_an_entry_longer_than_it_declares_is_read_no_further_than_declared(api, model):
+    padding = b"#" + b"x" * (8 * 1024 * 1024) + b"\n"  # 8 MiB, compresses ~1000 times
+    honest = archive({"MLmodel": MLMODEL + padding})
+    with override_settings(CONTROLPLANE_UPLOAD_MAX_RATIO=100_000):
+        assert api.upload(f"/api/v1/models/{model}/versions", honest).status_code == 413
+        lying = _lie_about_size(honest, "MLmodel", 1000)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            resp = api.upload(f"/api/v1/models/{model}/versions", lying)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    _refused(resp, 400, "MLmodel", model)
+    assert peak < 5 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
