@@ -316,3 +316,27 @@ def test_an_entry_longer_than_it_declares_is_read_no_further_than_declared(api, 
             tracemalloc.stop()
     _refused(resp, 400, "MLmodel", model)
     assert peak < 5 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_an_alias_bomb_registered_from_a_run_is_refused_and_the_version_undone(
+    api, model, tmp_path
+):
+    store = get_store()
+    experiment = store.client.get_experiment_by_name("tests-inputs")
+    if experiment is None:
+        root = Path(store.artifact_root) / "tests-inputs"
+        root.mkdir(parents=True, exist_ok=True)
+        experiment_id = store.client.create_experiment("tests-inputs", root.as_uri())
+    else:
+        experiment_id = experiment.experiment_id
+    run_id = store.client.create_run(experiment_id).info.run_id
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "MLmodel").write_bytes(_alias_bomb())
+    store.client.log_artifacts(run_id, str(tmp_path / "m"), "model")
+    store.client.set_terminated(run_id)
+
+    resp = api.post(f"/api/v1/models/{model}/versions", {"source": f"runs:/{run_id}/model"})
+    assert resp.status_code == 400, resp.content
+    assert "anchors and aliases" in resp.json()["error"]["message"]
+    assert ModelVersion.objects.filter(model__name=model).count() == 0
+    assert store.client.search_model_versions(f"name='{model}'") == []
