@@ -139,15 +139,46 @@ class Channel(Protocol):
     def send(self, target: str, *, subject: str, payload: dict, secret: str) -> Delivery: ...
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_TEREDO = ipaddress.ip_network("2001::/32")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches through a transition mechanism:
+    IPv4-mapped, IPv4-compatible, NAT64, 6to4 or Teredo (its client address)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _V4_COMPATIBLE and int(ip) > 1:  # ::a.b.c.d (not :: or ::1)
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if any(ip in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ip.sixtofour
+    if ip in _TEREDO:
+        return ip.teredo[1]
+    return None
+
+
 def _blocked(address: str) -> bool:
+    """Private, loopback, link-local, multicast, or an IPv6 form of one of those,
+    unless CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS lists it."""
     ip = ipaddress.ip_address(address)
+    inner = embedded_ipv4(ip) if ip.version == 6 else None
     allowed = [
         ipaddress.ip_network(n, strict=False)
         for n in settings.CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS
     ]
-    if any(ip in net for net in allowed):
-        return False
-    return not ip.is_global or ip.is_multicast
+    for candidate in (ip, inner):
+        if candidate is not None and any(
+            candidate.version == net.version and candidate in net for net in allowed
+        ):
+            return False
+    return any(
+        candidate is not None and (not candidate.is_global or candidate.is_multicast)
+        for candidate in (ip, inner)
+    )
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -229,9 +229,8 @@ class VersionListApi(APIView):
     def post(self, request, name):
         model = selectors.registered_model_get(name=name)
         payload = request.data
-        if hasattr(payload, "getlist") and "tags" in payload:  # multipart: tags as a JSON string
-            payload = payload.copy()
-            payload["tags"] = _json_field(payload.get("tags"), "tags")
+        if hasattr(payload, "getlist"):  # multipart: a plain dict, tags as a JSON string
+            payload = {**payload.dict(), "tags": _json_field(payload.get("tags"), "tags")}
         data = validated(self.InputSerializer, payload)
         artifact = data.get("artifact")
         mv = services.model_version_register(

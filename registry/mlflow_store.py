@@ -16,15 +16,18 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from django.conf import settings
+
+from .archives import MLMODEL_MAX_BYTES, load_yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 logger = logging.getLogger(__name__)
 
 UPLOAD_EXPERIMENT = "controlplane-uploads"
+UPLOAD_TAG = "controlplane.upload"
 _EXAMPLE_MAX_BYTES = 256 * 1024
+_REQUIREMENTS_MAX_BYTES = 256 * 1024
 _RUN_ID = r"[0-9a-fA-F]{1,64}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 _RUNS_URI = re.compile(rf"^runs:/{_RUN_ID}(/{_SEGMENT})+$")
@@ -163,31 +166,71 @@ class MlflowStore:
     def upload_version(
         self, name: str, model_dir: Path, *, description: str = "", tags: dict | None = None
     ) -> VersionMeta:
+        """Log ``model_dir`` as a run of the upload experiment and register it. If
+        anything fails, the run and its files are deleted again; a worker that dies
+        half-way leaves the run RUNNING, for ``sweep_upload_runs``."""
+        run_id = None
         try:
-            experiment = self.client.get_experiment_by_name(UPLOAD_EXPERIMENT)
-            if experiment is None:
-                location = None
-                if self.artifact_root and not self.tracking_uri.startswith(("http://", "https://")):
-                    Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
-                    location = Path(self.artifact_root).resolve().as_uri()
-                try:
-                    experiment_id = self.client.create_experiment(
-                        UPLOAD_EXPERIMENT, artifact_location=location
-                    )
-                except Exception:
-                    experiment_id = self.client.get_experiment_by_name(
-                        UPLOAD_EXPERIMENT
-                    ).experiment_id
-            else:
-                experiment_id = experiment.experiment_id
-            run = self.client.create_run(experiment_id, run_name=f"upload-{name}")
-            self.client.log_artifacts(run.info.run_id, str(model_dir), "model")
-            self.client.set_terminated(run.info.run_id)
+            experiment_id = self._upload_experiment_id(create=True)
+            run = self.client.create_run(
+                experiment_id, run_name=f"upload-{name}", tags={UPLOAD_TAG: "true"}
+            )
+            run_id = run.info.run_id
+            self.client.log_artifacts(run_id, str(model_dir), "model")
+            self.client.set_terminated(run_id)
+            return self.register_version(
+                name, f"runs:/{run_id}/model", description=description, tags=tags
+            )
+        except Exception as exc:
+            if run_id is not None:
+                self.delete_run(run_id)
+            raise _translate(exc) from exc
+
+    def _upload_experiment_id(self, *, create: bool) -> str | None:
+        experiment = self.client.get_experiment_by_name(UPLOAD_EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        if not create:
+            return None
+        location = None
+        if self.artifact_root and not self.tracking_uri.startswith(("http://", "https://")):
+            Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
+            location = Path(self.artifact_root).resolve().as_uri()
+        try:
+            return self.client.create_experiment(UPLOAD_EXPERIMENT, artifact_location=location)
+        except Exception:
+            return self.client.get_experiment_by_name(UPLOAD_EXPERIMENT).experiment_id
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run's files, then the run (best effort: logged, never raised)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            run = self.client.get_run(run_id)
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts()
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
+            logger.warning("could not delete the files of run %s: %s", run_id, exc)
+        try:
+            self.client.delete_run(run_id)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not delete run %s: %s", run_id, exc)
+
+    def stale_upload_runs(self, *, older_than_ms: int) -> list[str]:
+        """Ids of upload runs still RUNNING that started before ``older_than_ms``."""
+        try:
+            experiment_id = self._upload_experiment_id(create=False)
+            if experiment_id is None:
+                return []
+            runs = self.client.search_runs(
+                [experiment_id],
+                filter_string=(
+                    f"attributes.status = 'RUNNING' and attributes.start_time < {int(older_than_ms)}"
+                ),
+                max_results=1000,
+            )
         except Exception as exc:
             raise _translate(exc) from exc
-        return self.register_version(
-            name, f"runs:/{run.info.run_id}/model", description=description, tags=tags
-        )
+        return [r.info.run_id for r in runs if r.data.tags.get(UPLOAD_TAG) == "true"]
 
     def version_meta(self, name: str, version: int) -> VersionMeta:
         try:
@@ -199,7 +242,13 @@ class MlflowStore:
                 path = self._mlflow.artifacts.download_artifacts(
                     artifact_uri=f"models:/{name}/{version}/MLmodel", dst_path=tmp
                 )
-                mlmodel = yaml.safe_load(Path(path).read_text())
+                mlmodel = load_yaml(
+                    _read_head(Path(path), MLMODEL_MAX_BYTES + 1),
+                    max_bytes=MLMODEL_MAX_BYTES,
+                    what="MLmodel",
+                )
+            except ValueError as exc:
+                raise MlflowStoreError(f"{mv.source}: {exc}", kind="invalid") from exc
             except Exception as exc:
                 raise MlflowStoreError(
                     f"no MLmodel file at {mv.source}: not an MLflow model", kind="invalid"
@@ -216,7 +265,7 @@ class MlflowStore:
                 metrics, params = dict(run.data.metrics), dict(run.data.params)
             except Exception:
                 logger.info("run %s of %s v%s is gone; no metrics", mv.run_id, name, version)
-        return VersionMeta(
+        meta = VersionMeta(
             version=int(mv.version),
             source=mv.source,
             run_id=mv.run_id or "",
@@ -229,6 +278,8 @@ class MlflowStore:
             input_example=example,
             requirements=requirements,
         )
+        _check_bounds(meta)
+        return meta
 
     def _small_json(self, name: str, version: int, mlmodel: dict, tmp: str):
         info = mlmodel.get("saved_input_example_info") or {}
@@ -250,10 +301,15 @@ class MlflowStore:
             path = self._mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{version}/requirements.txt", dst_path=tmp
             )
-            lines = Path(path).read_text().splitlines()
+            raw = _read_head(Path(path), _REQUIREMENTS_MAX_BYTES + 1)
         except Exception:
             return []
-        return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")][:200]
+        if len(raw) > _REQUIREMENTS_MAX_BYTES:
+            raise MlflowStoreError(
+                f"requirements.txt is larger than {_REQUIREMENTS_MAX_BYTES} bytes", kind="invalid"
+            )
+        lines = raw.decode(errors="replace").splitlines()
+        return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
     def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         try:
@@ -336,6 +392,37 @@ class MlflowStore:
             return snapshots
         except Exception as exc:
             raise _translate(exc) from exc
+
+
+def _read_head(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file: enough to tell it is too large."""
+    with open(path, "rb") as fh:
+        return fh.read(limit)
+
+
+def _check_bounds(meta: VersionMeta) -> None:
+    """What one version row may hold (settings CONTROLPLANE_VERSION_MAX_*): a model
+    that exceeds them is refused, not stored truncated or stored whole."""
+    max_sig = settings.CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES
+    if meta.signature is not None and len(json.dumps(meta.signature)) > max_sig:
+        raise MlflowStoreError(
+            f"the model signature is larger than {max_sig} bytes "
+            "(CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES)",
+            kind="invalid",
+        )
+    max_req = settings.CONTROLPLANE_VERSION_MAX_REQUIREMENTS
+    if len(meta.requirements) > max_req or any(len(r) > 1000 for r in meta.requirements):
+        raise MlflowStoreError(
+            f"requirements.txt has more than {max_req} requirements "
+            "(CONTROLPLANE_VERSION_MAX_REQUIREMENTS) or a line over 1000 characters",
+            kind="invalid",
+        )
+    max_tags = settings.CONTROLPLANE_VERSION_MAX_TAGS
+    if len(meta.tags) > max_tags:
+        raise MlflowStoreError(
+            f"the version has more than {max_tags} tags (CONTROLPLANE_VERSION_MAX_TAGS)",
+            kind="invalid",
+        )
 
 
 def _quote(value: str) -> str:

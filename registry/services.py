@@ -62,6 +62,11 @@ def _validate_tags(tags: Any) -> dict[str, str]:
         raise ApplicationError(
             "tags must be an object of string keys and values", code="invalid_tags"
         )
+    if len(tags) > settings.CONTROLPLANE_VERSION_MAX_TAGS:
+        raise ApplicationError(
+            f"at most {settings.CONTROLPLANE_VERSION_MAX_TAGS} tags (CONTROLPLANE_VERSION_MAX_TAGS)",
+            code="invalid_tags",
+        )
     clean = {}
     for key, value in tags.items():
         if (
@@ -246,9 +251,13 @@ def model_version_register(
                 max_bytes=settings.CONTROLPLANE_UPLOAD_MAX_BYTES,
                 max_entries=settings.CONTROLPLANE_UPLOAD_MAX_ENTRIES,
                 max_uncompressed=settings.CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES,
+                max_ratio=settings.CONTROLPLANE_UPLOAD_MAX_RATIO,
             )
             archive.seek(0)
-            with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+            # Under the upload temp dir, so upload_leftovers_sweep finds what a killed worker left.
+            tmp_root = Path(settings.CONTROLPLANE_UPLOAD_TMP_DIR)
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="upload-", dir=tmp_root) as tmp:
                 model_dir = Path(tmp) / "model"
                 model_dir.mkdir()
                 extract_archive(archive, model_dir)
@@ -262,6 +271,63 @@ def model_version_register(
     except MlflowStoreError as exc:
         raise _mlflow_error(exc) from exc
     return _model_version_record(model=model, meta=meta, actor=actor, action="version.register")
+
+
+@dataclass
+class UploadSweepResult:
+    runs_deleted: int = 0
+    temp_entries_deleted: int = 0
+
+
+def upload_leftovers_sweep(*, older_than_seconds: int | None = None) -> UploadSweepResult:
+    """Delete what uploads whose worker died left behind: their MLflow runs still
+    RUNNING after ``older_than_seconds`` (files included) and their temp files.
+    Idempotent: a second pass finds nothing."""
+    import shutil
+    import time
+
+    age = (
+        settings.CONTROLPLANE_UPLOAD_STALE_SECONDS
+        if older_than_seconds is None
+        else older_than_seconds
+    )
+    cutoff = time.time() - age
+    result = UploadSweepResult()
+    store = get_store()
+    try:
+        stale = store.stale_upload_runs(older_than_ms=int(cutoff * 1000))
+    except MlflowStoreError as exc:
+        logger.warning("upload sweep: MLflow unavailable: %s", exc)
+        stale = []
+    for run_id in stale:
+        store.delete_run(run_id)
+        logger.info("upload sweep: deleted run %s left RUNNING by a dead upload", run_id)
+        result.runs_deleted += 1
+    tmp_root = Path(settings.CONTROLPLANE_UPLOAD_TMP_DIR)
+    if tmp_root.is_dir():
+        for entry in tmp_root.iterdir():
+            try:
+                if entry.lstat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except FileNotFoundError:
+                continue
+            result.temp_entries_deleted += 1
+    if result.runs_deleted or result.temp_entries_deleted:
+        with transaction.atomic():
+            audit_record(
+                actor=None,
+                action="upload.sweep",
+                object_type="upload",
+                object_id="-",
+                object_repr="stale uploads",
+                after={**result.__dict__, "runs": stale},
+                system="upload-sweep",
+            )
+    return result
 
 
 def _size_of(fileobj: BinaryIO) -> int:

@@ -52,7 +52,9 @@ def client_address(request) -> str | None:
 
 
 class ApiContentTypeMiddleware:
-    """State-changing API calls must say they send JSON (or a multipart upload).
+    """A method an API route does not implement is a 405, whoever asks.
+
+    State-changing API calls must say they send JSON (or a multipart upload).
 
     Browsers send ``text/plain``, form-encoded and multipart bodies cross-origin
     without a CORS preflight; refusing anything but JSON closes that door
@@ -66,6 +68,17 @@ class ApiContentTypeMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
+        if request.path.startswith("/api/"):
+            allowed = _allowed_methods(request)
+            if allowed is not None and request.method not in allowed:
+                # Before any permission or content check: the method does not exist here.
+                from controlplane.lib.errors import json_error
+
+                response = json_error(
+                    405, "method_not_allowed", f'Method "{request.method}" not allowed.'
+                )
+                response["Allow"] = ", ".join(allowed)
+                return response
         # Anonymous callers are left to the API's own 401/403 (it says less).
         caller = "HTTP_AUTHORIZATION" in request.META or request.user.is_authenticated
         if caller and request.method in self.UNSAFE and request.path.startswith("/api/"):
@@ -84,3 +97,18 @@ class ApiContentTypeMiddleware:
                     " (multipart/form-data for uploads).",
                 )
         return self.get_response(request)
+
+
+def _allowed_methods(request) -> list[str] | None:
+    """The methods the route's class-based view implements; None when the path is
+    no route (its 404 follows) or its view is a function."""
+    from django.urls import Resolver404, resolve
+
+    try:
+        match = resolve(request.path_info)
+    except Resolver404:
+        return None
+    view_class = getattr(match.func, "view_class", None)
+    if view_class is None:
+        return None
+    return [m.upper() for m in view_class.http_method_names if hasattr(view_class, m)]

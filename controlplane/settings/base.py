@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -60,6 +61,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_celery_beat",
+    "axes",
     "controlplane",
     "accounts",
     "audit",
@@ -79,6 +81,8 @@ MIDDLEWARE = [
     "controlplane.lib.middleware.ApiContentTypeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -117,9 +121,37 @@ data_dir_secure(
 )
 
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": env_int("CONTROLPLANE_PASSWORD_MIN_LENGTH", 12, minimum=8)},
+    },
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Login throttling (django-axes): after CONTROLPLANE_LOGIN_FAILURE_LIMIT wrong passwords
+# for one username from one address, that pair is locked out (429) for the cool-off.
+# API tokens never go through authenticate(): token calls are not counted nor locked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("CONTROLPLANE_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("CONTROLPLANE_LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = {
+    "username_and_ip": [["username", "ip_address"]],
+    "ip": ["ip_address"],
+    "username_or_ip": ["username", "ip_address"],
+}[
+    env_choice(
+        "CONTROLPLANE_LOGIN_LOCKOUT_BY",
+        "username_and_ip",
+        ("username_and_ip", "ip", "username_or_ip"),
+    )
+]
+AXES_RESET_ON_SUCCESS = True
+# The same address the audit log records (REMOTE_ADDR; X-Forwarded-For is client-controlled).
+AXES_CLIENT_IP_CALLABLE = "controlplane.lib.middleware.client_address"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "registry:model-list"
 LOGOUT_REDIRECT_URL = "login"
@@ -166,9 +198,25 @@ CONTROLPLANE_UPLOAD_MAX_ENTRIES = env_int("CONTROLPLANE_UPLOAD_MAX_ENTRIES", 10_
 CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES = env_int(
     "CONTROLPLANE_UPLOAD_MAX_UNCOMPRESSED_BYTES", 2 * 1024 * 1024 * 1024, minimum=1
 )
+# An entry over 1 MiB may expand at most this many times its compressed size (zip bombs).
+CONTROLPLANE_UPLOAD_MAX_RATIO = env_int("CONTROLPLANE_UPLOAD_MAX_RATIO", 200, minimum=1)
+# What one version row may hold; a model over these is refused with 400.
+CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES = env_int(
+    "CONTROLPLANE_VERSION_MAX_SIGNATURE_BYTES", 512 * 1024, minimum=1024
+)
+CONTROLPLANE_VERSION_MAX_REQUIREMENTS = env_int(
+    "CONTROLPLANE_VERSION_MAX_REQUIREMENTS", 500, minimum=1
+)
+CONTROLPLANE_VERSION_MAX_TAGS = env_int("CONTROLPLANE_VERSION_MAX_TAGS", 100, minimum=1)
+# Uploads older than this whose MLflow run is still RUNNING are swept (worker died).
+CONTROLPLANE_UPLOAD_STALE_SECONDS = env_int("CONTROLPLANE_UPLOAD_STALE_SECONDS", 3600, minimum=60)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
-FILE_UPLOAD_TEMP_DIR = None
+# Request bodies spooled to disk and extracted archives live here, where the sweep finds
+# what a killed worker left.
+CONTROLPLANE_UPLOAD_TMP_DIR = DATA_DIR / "tmp" / "uploads"
+CONTROLPLANE_UPLOAD_TMP_DIR.mkdir(parents=True, exist_ok=True)
+FILE_UPLOAD_TEMP_DIR = str(CONTROLPLANE_UPLOAD_TMP_DIR)
 
 # --- MLflow ----------------------------------------------------------------------
 MLFLOW_DIR = DATA_DIR / "mlflow"
@@ -335,6 +383,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.evaluate_alerts",
         "schedule": float(CONTROLPLANE_ALERT_INTERVAL),
         "options": {"expires": CONTROLPLANE_ALERT_INTERVAL * 2},
+    },
+    "registry-upload-sweep": {
+        "task": "registry.tasks.upload_leftovers_sweep",
+        "schedule": 900.0,
     },
     "monitoring-retention": {
         "task": "monitoring.tasks.apply_retention",
