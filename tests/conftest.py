@@ -117,7 +117,7 @@ def user(django_user_model):
 
 
 @pytest.fixture
-def admin_user(django_user_model):
+def role_admin(django_user_model):
     """Dana has the admin role (not a superuser): users, policies, the audit log."""
     dana = django_user_model.objects.create_user(username="dana", password="pw-dana-123")
     return with_roles(dana, "admin")

@@ -515,9 +515,9 @@ def test_other_users_tokens_are_not_listed_nor_revocable(client_logged_in, other
 # --- audit -------------------------------------------------------------------------------
 
 
-def test_audit_page_lists_records_and_filters_them(client_logged_in, user, admin_user, v1):
+def test_audit_page_lists_records_and_filters_them(client_logged_in, user, role_admin, v1):
     services.alias_promote(model=v1.model, alias="staging", version=1, reason="r", actor=user)
-    client_logged_in.force_login(admin_user)  # the audit log is the admin role's
+    client_logged_in.force_login(role_admin)  # the audit log is the admin role's
     body = text(client_logged_in.get("/audit/"))
     assert "version.register" in body and "alias.set" in body and "model.create" in body
     body = text(client_logged_in.get("/audit/", {"action": "alias.set"}))
@@ -527,8 +527,8 @@ def test_audit_page_lists_records_and_filters_them(client_logged_in, user, admin
     assert AuditEvent.objects.count() >= 3
 
 
-def test_audit_page_is_read_only(client, admin_user):
-    client.force_login(admin_user)
+def test_audit_page_is_read_only(client, role_admin):
+    client.force_login(role_admin)
     assert client.post("/audit/").status_code == 405
 
 
