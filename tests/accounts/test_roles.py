@@ -376,3 +376,27 @@ def test_admin_site_policy_changes_go_through_the_service_and_need_the_admin_rol
     resp = client.post("/admin/registry/approvalpolicy/add/", {"alias": "production", "model": ""})
     assert resp.status_code == 302 and ApprovalPolicy.objects.get().alias == "production"
     assert AuditEvent.objects.get(action="approval_policy.create").actor == role_admin
+
+
+# --- templates hide what a user cannot do -----------------------------------------------------
+
+
+def test_pages_show_write_actions_only_to_roles_that_may_use_them(
+    client, django_user_model, user, model_name, logged_run
+):
+    registry_services.model_version_register(
+        model_name=model_name, source=logged_run["source"], actor=user, create_model=True
+    )
+    viewer = make_user(django_user_model, "vic", "viewer")
+    client.force_login(viewer)
+    listing = client.get("/").content.decode()
+    detail = client.get(f"/models/{model_name}/versions/1/").content.decode()
+    assert "/models/new" not in listing and "/audit/" not in listing
+    assert "/promote" not in detail and "/archive" not in detail and "/delete" not in detail
+    assert "New deployment" not in client.get("/deployments/").content.decode()
+    client.force_login(user)  # model-developer and deployer
+    listing = client.get("/").content.decode()
+    detail = client.get(f"/models/{model_name}/versions/1/").content.decode()
+    assert "/models/new" in listing and "/audit/" not in listing
+    assert "/promote" in detail and "/archive" in detail and "/delete" in detail
+    assert "New deployment" in client.get("/deployments/").content.decode()
