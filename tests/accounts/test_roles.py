@@ -400,3 +400,25 @@ def test_pages_show_write_actions_only_to_roles_that_may_use_them(
     assert "/models/new" in listing and "/audit/" not in listing
     assert "/promote" in detail and "/archive" in detail and "/delete" in detail
     assert "New deployment" in client.get("/deployments/").content.decode()
+
+
+def test_viewers_see_deployment_environment_names_not_values(
+    followed, user, django_user_model, client, token_for
+):
+    from deployments import services as deployment_services
+
+    deployment_services.deployment_create(
+        name="keyed",
+        model_name=followed.name,
+        version="1",
+        runtime="local",
+        env={"API_KEY": "s3cret-value"},
+        actor=user,
+    )
+    viewer = make_user(django_user_model, "vic", "viewer")
+    seen = ApiClient(client, token_for(viewer)).get("/api/v1/deployments/keyed")
+    assert seen.status_code == 200 and seen.json()["env"] == {"API_KEY": "********"}
+    listed = ApiClient(client, token_for(viewer)).get("/api/v1/deployments").content.decode()
+    assert "s3cret-value" not in listed and "API_KEY" in listed
+    mine = ApiClient(client, token_for(user)).get("/api/v1/deployments/keyed")
+    assert mine.json()["env"] == {"API_KEY": "s3cret-value"}
