@@ -98,7 +98,7 @@ def api_token_create(
 @transaction.atomic
 def api_token_revoke(*, token_id: int, actor: AbstractBaseUser) -> ApiToken:
     token = ApiToken.objects.select_for_update().filter(pk=token_id).first()
-    if token is None or (token.user_id != actor.pk and not actor.is_superuser):
+    if token is None or (token.user_id != actor.pk and not user_can(actor, Right.MANAGE_USERS)):
         raise NotFound("token not found")
     if token.revoked_at is None:
         token.revoked_at = timezone.now()

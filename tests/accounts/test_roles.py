@@ -422,3 +422,16 @@ def test_viewers_see_deployment_environment_names_not_values(
     assert "s3cret-value" not in listed and "API_KEY" in listed
     mine = ApiClient(client, token_for(user)).get("/api/v1/deployments/keyed")
     assert mine.json()["env"] == {"API_KEY": "s3cret-value"}
+
+
+def test_the_admin_role_revokes_anyones_token_others_only_their_own(
+    django_user_model, role_admin, user
+):
+    from accounts.services import api_token_revoke
+    from controlplane.lib.errors import NotFound
+
+    token = api_token_create(user=user, name="ci").token
+    carol = make_user(django_user_model, "carol2", "deployer")
+    with pytest.raises(NotFound):
+        api_token_revoke(token_id=token.pk, actor=carol)
+    assert api_token_revoke(token_id=token.pk, actor=role_admin).revoked_at is not None
