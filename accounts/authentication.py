@@ -1,5 +1,6 @@
 from rest_framework import authentication, exceptions
 
+from .permissions import TOKEN_ATTR
 from .services import api_token_authenticate
 
 
@@ -22,6 +23,8 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         token = api_token_authenticate(parts[1])
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.")
+        # The permission helper intersects the owner's rights with this token's scopes.
+        setattr(token.user, TOKEN_ATTR, token)
         return token.user, token
 
     def authenticate_header(self, request):

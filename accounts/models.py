@@ -38,3 +38,28 @@ class ApiToken(models.Model):
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class Rights(models.Model):
+    """Not a table: the holder of the control plane's custom permissions
+    (``accounts.read``, ``accounts.deploy``...), which roles grant. The role
+    table is ``accounts.permissions.ROLES``."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        permissions = [
+            ("read", "Read models, versions, deployments, metrics and alerts"),
+            (
+                "registry_write",
+                "Register, tag, archive, delete; move aliases no deployment follows",
+            ),
+            ("deploy", "Create, update, roll back, stop deployments; move followed aliases"),
+            ("monitoring_write", "Post feedback, manage alert rules and drift references"),
+            ("manage_policies", "Create, change and delete approval policies"),
+            ("view_audit", "Read the audit log"),
+            ("manage_users", "Create users and give them roles"),
+        ]
+
+    def __str__(self) -> str:
+        return "rights"

@@ -11,9 +11,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from controlplane.lib.errors import ApplicationError, NotFound
+from controlplane.lib.errors import ApplicationError, Conflict, Forbidden, NotFound
 
 from .models import ApiToken
+from .permissions import ADMIN_ROLE, ROLES, Right, user_can, user_scopes
 from .scopes import ALL_SCOPES
 
 TOKEN_PREFIX = "mlcp_"
@@ -38,7 +39,11 @@ def api_token_create(
     expires_in_days: int | None = None,
     actor: AbstractBaseUser | None = None,
 ) -> IssuedToken:
-    scopes = sorted(set(scopes if scopes is not None else ALL_SCOPES))
+    """A token for ``user``; ``scopes`` default to every scope the user holds.
+    A scope the user's roles do not carry is refused (a token never exceeds
+    its owner, and it is intersected with the owner's rights on every request)."""
+    allowed = user_scopes(user)
+    scopes = sorted(set(scopes if scopes is not None else allowed))
     unknown = [s for s in scopes if s not in ALL_SCOPES]
     if unknown:
         raise ApplicationError(
@@ -46,7 +51,18 @@ def api_token_create(
             code="invalid_scope",
         )
     if not scopes:
-        raise ApplicationError("a token needs at least one scope", code="invalid_scope")
+        raise ApplicationError(
+            "a token needs at least one scope"
+            + ("" if allowed else f"; {user.get_username()} has no role that grants one"),
+            code="invalid_scope",
+        )
+    lacking = [s for s in scopes if s not in allowed]
+    if lacking:
+        raise Forbidden(
+            f"{user.get_username()} lacks the scope(s) {', '.join(lacking)}: a token cannot "
+            f"have more rights than its owner (allowed: {', '.join(allowed) or 'none'})",
+            code="scope_not_held",
+        )
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ApplicationError("token name must be 1 to 100 characters", code="invalid_name")
@@ -82,7 +98,7 @@ def api_token_create(
 @transaction.atomic
 def api_token_revoke(*, token_id: int, actor: AbstractBaseUser) -> ApiToken:
     token = ApiToken.objects.select_for_update().filter(pk=token_id).first()
-    if token is None or (token.user_id != actor.pk and not actor.is_superuser):
+    if token is None or (token.user_id != actor.pk and not user_can(actor, Right.MANAGE_USERS)):
         raise NotFound("token not found")
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
@@ -120,3 +136,68 @@ def api_token_authenticate(plaintext: str) -> ApiToken | None:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
     return token
+
+
+# --- users and roles ----------------------------------------------------------------------
+
+
+def _check_roles(roles: list[str]) -> list[str]:
+    roles = sorted(set(roles))
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ApplicationError(
+            f"unknown role(s): {', '.join(unknown)}; roles are: {', '.join(ROLES)}",
+            code="invalid_role",
+        )
+    if not roles:
+        raise ApplicationError(f"give at least one role: {', '.join(ROLES)}", code="invalid_role")
+    return roles
+
+
+@transaction.atomic
+def user_create(
+    *,
+    username: str,
+    password: str,
+    roles: list[str],
+    actor: AbstractBaseUser | None = None,
+) -> AbstractBaseUser:
+    """A user with ``roles`` (groups of the role table). The ``admin`` role also
+    opens the admin site (staff). The password must pass Django's validators."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
+
+    if actor is not None and not user_can(actor, Right.MANAGE_USERS):
+        raise Forbidden("creating users needs the admin role", code="not_admin")
+    roles = _check_roles(roles)
+    User = get_user_model()
+    username = (username or "").strip()
+    try:
+        User.username_validator(username)
+    except ValidationError as exc:
+        raise ApplicationError(" ".join(exc.messages), code="invalid_username") from None
+    if not username or len(username) > 150:
+        raise ApplicationError("username must be 1 to 150 characters", code="invalid_username")
+    if User.objects.filter(username=username).exists():
+        raise Conflict(f"a user named {username!r} already exists", code="user_exists")
+    candidate = User(username=username)
+    try:
+        validate_password(password, user=candidate)
+    except ValidationError as exc:
+        raise ApplicationError(" ".join(exc.messages), code="weak_password") from None
+    user = User.objects.create_user(
+        username=username, password=password, is_staff=ADMIN_ROLE in roles
+    )
+    user.groups.set(Group.objects.filter(name__in=roles))
+    audit_record(
+        actor=actor,
+        action="user.create",
+        object_type="user",
+        object_id=user.pk,
+        object_repr=username,
+        after={"username": username, "roles": roles, "staff": user.is_staff},
+        system="cli" if actor is None else None,
+    )
+    return user

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_http_methods
 from controlplane.lib.errors import ApplicationError
 
 from .models import ApiToken
+from .permissions import user_scopes
 from .scopes import ALL_SCOPES, READ
 from .services import api_token_create, api_token_revoke
 
@@ -32,6 +33,13 @@ class TokenForm(forms.Form):
         help_text="Leave empty for a token that never expires.",
     )
 
+    def __init__(self, *args, user, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        held = user_scopes(user)  # a token never gets a scope its owner lacks
+        self.fields["scopes"].choices = [
+            (scope, f"{scope} — {label}") for scope, label in ALL_SCOPES.items() if scope in held
+        ]
+
 
 def _own_tokens(user) -> list[ApiToken]:
     return list(ApiToken.objects.filter(user=user).order_by("-created_at", "-id"))
@@ -44,7 +52,7 @@ def token_list(request: HttpRequest) -> HttpResponse:
     issued = None
     status = 200
     if request.method == "POST":
-        form = TokenForm(request.POST)
+        form = TokenForm(request.POST, user=request.user)
         if form.is_valid():
             data = form.cleaned_data
             try:
@@ -58,11 +66,11 @@ def token_list(request: HttpRequest) -> HttpResponse:
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
             else:
-                form = TokenForm(initial=_initial())
+                form = TokenForm(initial=_initial(), user=request.user)
         if form.errors:
             status = 400
     else:
-        form = TokenForm(initial=_initial())
+        form = TokenForm(initial=_initial(), user=request.user)
     return render(
         request,
         "accounts/tokens.html",

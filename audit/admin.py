@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from accounts.permissions import Right, user_can
+
 from .models import AuditEvent
 
 
@@ -19,6 +21,12 @@ class AuditEventAdmin(admin.ModelAdmin):
     list_filter = ("action", "object_type")
     search_fields = ("actor_label", "object_repr", "object_id", "request_id")
     date_hierarchy = "created_at"
+
+    def has_module_permission(self, request):
+        return user_can(request.user, Right.VIEW_AUDIT)
+
+    def has_view_permission(self, request, obj=None):
+        return user_can(request.user, Right.VIEW_AUDIT)
 
     def has_add_permission(self, request):
         return False

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+
+from accounts.permissions import Right, requires
 
 from .models import AuditEvent
 from .selectors import audit_event_list
@@ -14,7 +15,7 @@ from .selectors import audit_event_list
 PAGE_SIZE = 50
 
 
-@login_required
+@requires(Right.VIEW_AUDIT)
 @require_GET
 def audit_list(request: HttpRequest) -> HttpResponse:
     action = request.GET.get("action", "").strip()[:64]

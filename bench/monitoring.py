@@ -340,6 +340,9 @@ def run() -> None:
     user = get_user_model().objects.create_user(
         "bench", password="bench-password-123", is_staff=True
     )
+    from django.contrib.auth.models import Group
+
+    user.groups.add(Group.objects.get(name="viewer"))  # reading metrics needs a role
     client = Client(HTTP_HOST="localhost")
     client.force_login(user)
     from datetime import UTC, datetime

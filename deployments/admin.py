@@ -17,6 +17,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from accounts.permissions import Right, user_can
 from controlplane.lib.errors import ApplicationError
 
 from . import services
@@ -173,7 +174,7 @@ class DeploymentAdmin(ReadOnlyAdmin):
     actions = ["roll_back", "stop", "start"]
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("deployments.change_deployment")
+        return user_can(request.user, Right.DEPLOY)
 
     @admin.display(description="target")
     def target(self, obj: Deployment) -> str:

@@ -9,6 +9,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import Right, user_can
 from accounts.scopes import DEPLOY
 from controlplane.lib.apis import paginate, validated
 from controlplane.lib.errors import ApplicationError
@@ -95,6 +96,14 @@ class DeploymentOutput(serializers.ModelSerializer):
 
     def get_predict_method(self, obj) -> str | None:
         return obj.predict_method or None
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        # Environment values may be secrets: readers without the deploy right see the names only.
+        if request is not None and not user_can(request.user, Right.DEPLOY):
+            data["env"] = {key: "********" for key in data.get("env") or {}}
+        return data
 
 
 class RevisionOutput(serializers.ModelSerializer):
@@ -244,7 +253,8 @@ class DeploymentDetailApi(APIView):
 
     @extend_schema(responses=DeploymentOutput)
     def get(self, request, name):
-        return Response(DeploymentOutput(selectors.deployment_get(name=name)).data)
+        d = selectors.deployment_get(name=name)
+        return Response(DeploymentOutput(d, context={"request": request}).data)
 
     @extend_schema(
         request=InputSerializer,

@@ -16,13 +16,13 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
+from accounts.permissions import Right, requires
 from controlplane.lib.errors import ApplicationError
 from controlplane.lib.views import error_pages
 from registry.models import ModelVersion
@@ -219,7 +219,7 @@ def _add_service_error(form: forms.Form, exc: ApplicationError, fields: dict[str
 # --- list and create ---------------------------------------------------------------------
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 def deployment_list(request: HttpRequest) -> HttpResponse:
     rows = []
@@ -294,7 +294,7 @@ CREATE_ERROR_FIELDS = {
 }
 
 
-@login_required
+@requires(Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def deployment_create(request: HttpRequest) -> HttpResponse:
@@ -344,7 +344,7 @@ def deployment_create(request: HttpRequest) -> HttpResponse:
 # --- the deployment page ---------------------------------------------------------------------
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
@@ -394,7 +394,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def deployment_logs(request: HttpRequest, name: str) -> HttpResponse:
@@ -554,14 +554,14 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def deployment_update(request: HttpRequest, name: str) -> HttpResponse:
     return _update(request, name, scale=False)
 
 
-@login_required
+@requires(Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def deployment_scale(request: HttpRequest, name: str) -> HttpResponse:
@@ -571,7 +571,7 @@ def deployment_scale(request: HttpRequest, name: str) -> HttpResponse:
 # --- rollback, stop, start, delete ---------------------------------------------------------------
 
 
-@login_required
+@requires(Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def deployment_rollback(request: HttpRequest, name: str) -> HttpResponse:
@@ -624,7 +624,7 @@ LIFECYCLE = {
 }
 
 
-@login_required
+@requires(Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def deployment_lifecycle(request: HttpRequest, name: str, action: str) -> HttpResponse:

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from accounts.permissions import Right, user_can
 from controlplane.lib.errors import ApplicationError
 
 from . import catalog, services
@@ -86,6 +87,15 @@ class AlertRuleAdmin(admin.ModelAdmin):
     )
     actions = ["evaluate_now"]
 
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return user_can(request.user, Right.MONITORING_WRITE)
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return user_can(request.user, Right.MONITORING_WRITE)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return user_can(request.user, Right.MONITORING_WRITE)
+
     def get_readonly_fields(self, request, obj=None):
         # The deployment of an existing rule does not change (make a new rule instead).
         return (*self.readonly_fields, "deployment") if obj else self.readonly_fields
@@ -108,7 +118,7 @@ class AlertRuleAdmin(admin.ModelAdmin):
         for rule in queryset:
             services.alert_rule_delete(rule=rule, actor=request.user)
 
-    @admin.action(description="Evaluate selected rules now")
+    @admin.action(description="Evaluate selected rules now", permissions=["change"])
     def evaluate_now(self, request: HttpRequest, queryset: QuerySet[AlertRule]) -> None:
         changed = 0
         for rule in queryset:

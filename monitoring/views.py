@@ -11,11 +11,11 @@ import time
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
+from accounts.permissions import Right, requires
 from controlplane.lib.errors import ApplicationError
 from controlplane.lib.middleware import client_address
 from controlplane.lib.views import error_pages
@@ -33,7 +33,7 @@ RANGES = {"1h": (3600, 60), "24h": (86400, 300), "7d": (7 * 86400, 1800), "30d":
 _ui = error_pages("registry/error.html")
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 def overview(request: HttpRequest) -> HttpResponse:
     return render(
@@ -46,7 +46,7 @@ def overview(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 @_ui
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
@@ -132,7 +132,7 @@ def _rule_fields(data: dict) -> dict:
     return {k: data[k] for k in services.RULE_FIELDS if k in data}
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 def alert_list(request: HttpRequest) -> HttpResponse:
     return render(
@@ -145,7 +145,7 @@ def alert_list(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.MONITORING_WRITE)
 @require_http_methods(["GET", "POST"])
 @_ui
 def alert_create(request: HttpRequest) -> HttpResponse:
@@ -168,7 +168,7 @@ def alert_create(request: HttpRequest) -> HttpResponse:
     return render(request, "monitoring/alert_form.html", {"form": form, "rule": None})
 
 
-@login_required
+@requires(Right.READ, write=Right.MONITORING_WRITE)
 @require_http_methods(["GET", "POST"])
 @_ui
 def alert_detail(request: HttpRequest, rule_id: int) -> HttpResponse:
@@ -203,7 +203,7 @@ def alert_detail(request: HttpRequest, rule_id: int) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.MONITORING_WRITE)
 @require_http_methods(["GET", "POST"])
 @_ui
 def alert_delete(request: HttpRequest, rule_id: int) -> HttpResponse:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django import forms
 from django.contrib import admin, messages
-from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from audit.services import audit_record
+from accounts.permissions import Right, user_can
 from controlplane.lib.errors import ApplicationError
 
 from . import services
@@ -64,7 +64,7 @@ class RegisteredModelAdmin(ReadOnlyAdmin):
     actions = ["delete_models"]
 
     def has_manage_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("registry.delete_registeredmodel")
+        return user_can(request.user, Right.REGISTRY_WRITE)
 
     @admin.action(
         description="Delete selected models (refused while aliased or deployed)",
@@ -105,7 +105,7 @@ class ModelVersionAdmin(ReadOnlyAdmin):
     actions = ["archive_versions", "restore_versions", "delete_versions"]
 
     def has_manage_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("registry.change_modelversion")
+        return user_can(request.user, Right.REGISTRY_WRITE)
 
     @admin.action(description="Archive selected versions", permissions=["manage"])
     def archive_versions(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
@@ -163,61 +163,57 @@ class AliasMoveAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
 
 
+class ApprovalPolicyForm(forms.ModelForm):
+    class Meta:
+        model = ApprovalPolicy
+        fields = ("alias", "model")
+
+    def clean_alias(self) -> str:
+        try:
+            return services._validate_alias(self.cleaned_data["alias"])
+        except ApplicationError as exc:
+            raise forms.ValidationError(exc.message) from None
+
+
 @admin.register(ApprovalPolicy)
 class ApprovalPolicyAdmin(admin.ModelAdmin):
-    """Configuration: which aliases need a second person's approval."""
+    """Configuration: which aliases need a second person's approval. Writes go
+    through the same services as the API."""
 
+    form = ApprovalPolicyForm
     list_display = ("alias", "model", "created_at")
     list_select_related = ("model",)
     list_filter = ("alias",)
     search_fields = ("alias", "model__name")
     fields = ("alias", "model")
 
-    @staticmethod
-    def _snapshot(obj: ApprovalPolicy) -> dict:
-        return {"alias": obj.alias, "model": obj.model.name if obj.model_id else None}
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return user_can(request.user, Right.MANAGE_POLICIES)
 
-    @transaction.atomic
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return user_can(request.user, Right.MANAGE_POLICIES)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return user_can(request.user, Right.MANAGE_POLICIES)
+
     def save_model(self, request: HttpRequest, obj: ApprovalPolicy, form, change: bool) -> None:
-        before = None
+        model_name = obj.model.name if obj.model_id else None
         if change:
-            old = ApprovalPolicy.objects.select_related("model").get(pk=obj.pk)
-            before = self._snapshot(old)
-        super().save_model(request, obj, form, change)
-        audit_record(
-            actor=request.user,
-            action="approval_policy.update" if change else "approval_policy.create",
-            object_type="approval_policy",
-            object_id=obj.pk,
-            object_repr=str(obj),
-            before=before,
-            after=self._snapshot(obj),
-        )
-
-    @transaction.atomic
-    def delete_model(self, request: HttpRequest, obj: ApprovalPolicy) -> None:
-        audit_record(
-            actor=request.user,
-            action="approval_policy.delete",
-            object_type="approval_policy",
-            object_id=obj.pk,
-            object_repr=str(obj),
-            before=self._snapshot(obj),
-        )
-        super().delete_model(request, obj)
-
-    @transaction.atomic
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApprovalPolicy]) -> None:
-        for obj in queryset.select_related("model"):
-            audit_record(
-                actor=request.user,
-                action="approval_policy.delete",
-                object_type="approval_policy",
-                object_id=obj.pk,
-                object_repr=str(obj),
-                before=self._snapshot(obj),
+            saved = services.approval_policy_update(
+                policy=obj, model_name=model_name, alias=obj.alias, actor=request.user
             )
-        super().delete_queryset(request, queryset)
+        else:
+            saved = services.approval_policy_create(
+                model_name=model_name, alias=obj.alias, actor=request.user
+            )
+        obj.pk = saved.pk
+
+    def delete_model(self, request: HttpRequest, obj: ApprovalPolicy) -> None:
+        services.approval_policy_delete(policy=obj, actor=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApprovalPolicy]) -> None:
+        for policy in queryset:
+            services.approval_policy_delete(policy=policy, actor=request.user)
 
 
 @admin.register(PromotionRequest)
@@ -251,7 +247,7 @@ class PromotionRequestAdmin(ReadOnlyAdmin):
     actions = ["approve_requests", "reject_requests"]
 
     def has_approve_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("registry.approve_promotion")
+        return user_can(request.user, Right.APPROVE)
 
     @admin.action(
         description="Approve selected requests (moves the alias)", permissions=["approve"]

@@ -8,12 +8,13 @@ from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.scopes import REGISTRY_WRITE
+from accounts.permissions import Right
+from accounts.scopes import DEPLOY, REGISTRY_WRITE
 from controlplane.lib.apis import StringMapField, paginate, validated
 from controlplane.lib.errors import ApplicationError
 
 from . import selectors, services
-from .models import AliasMove, ModelVersion, PromotionRequest, RegisteredModel
+from .models import AliasMove, ApprovalPolicy, ModelVersion, PromotionRequest, RegisteredModel
 
 
 class ModelOutput(serializers.ModelSerializer):
@@ -301,7 +302,10 @@ class VersionDetailApi(APIView):
 
 
 class AliasApi(APIView):
-    write_scope = REGISTRY_WRITE
+    # A followed alias moves with the deploy right, any other with registry
+    # write: the service decides which, once it knows whether a deployment follows.
+    write_scope = (REGISTRY_WRITE, DEPLOY)
+    write_right = (Right.REGISTRY_WRITE, Right.DEPLOY)
 
     class PromoteInput(serializers.Serializer):
         version = serializers.CharField(max_length=20)
@@ -362,6 +366,7 @@ class PromotionRequestListApi(APIView):
 
 class PromotionDecisionApi(APIView):
     write_scope = REGISTRY_WRITE
+    write_right = Right.APPROVE
     decision: str = ""
 
     class InputSerializer(serializers.Serializer):
@@ -379,3 +384,73 @@ class PromotionDecisionApi(APIView):
         )
         result = decide(request_id=request_id, actor=request.user, comment=data["comment"])
         return Response(RequestOutput(result).data)
+
+
+# --- approval policies ----------------------------------------------------------------------
+
+
+class PolicyOutput(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name", default=None, allow_null=True)
+    required_approvals = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApprovalPolicy
+        fields = ["id", "model", "alias", "required_approvals", "created_at"]
+
+    def get_required_approvals(self, obj) -> int:
+        return 1
+
+
+class ApprovalPolicyListApi(APIView):
+    write_scope = REGISTRY_WRITE
+    write_right = Right.MANAGE_POLICIES
+
+    class InputSerializer(serializers.Serializer):
+        model = serializers.CharField(max_length=256, allow_null=True, required=False, default=None)
+        alias = serializers.CharField(max_length=255)
+        required_approvals = serializers.IntegerField(required=False, default=1)
+
+    @extend_schema(responses=PolicyOutput(many=True))
+    def get(self, request):
+        return paginate(request, self, selectors.approval_policy_list(), PolicyOutput)
+
+    @extend_schema(request=InputSerializer, responses={201: PolicyOutput})
+    def post(self, request):
+        data = validated(self.InputSerializer, request.data)
+        policy = services.approval_policy_create(
+            model_name=data["model"],
+            alias=data["alias"],
+            required_approvals=data["required_approvals"],
+            actor=request.user,
+        )
+        return Response(PolicyOutput(policy).data, status=status.HTTP_201_CREATED)
+
+
+class ApprovalPolicyDetailApi(APIView):
+    write_scope = REGISTRY_WRITE
+    write_right = Right.MANAGE_POLICIES
+
+    class InputSerializer(serializers.Serializer):
+        model = serializers.CharField(max_length=256, allow_null=True, required=False)
+        alias = serializers.CharField(max_length=255, required=False)
+        required_approvals = serializers.IntegerField(required=False)
+
+    @extend_schema(responses=PolicyOutput)
+    def get(self, request, policy_id):
+        return Response(PolicyOutput(selectors.approval_policy_get(policy_id=policy_id)).data)
+
+    @extend_schema(request=InputSerializer, responses=PolicyOutput)
+    def patch(self, request, policy_id):
+        policy = selectors.approval_policy_get(policy_id=policy_id)
+        data = validated(self.InputSerializer, request.data)
+        if "model" in data:
+            data["model_name"] = data.pop("model")
+        policy = services.approval_policy_update(policy=policy, actor=request.user, **data)
+        return Response(PolicyOutput(policy).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, policy_id):
+        services.approval_policy_delete(
+            policy=selectors.approval_policy_get(policy_id=policy_id), actor=request.user
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -101,6 +101,17 @@ def promotion_request_list(*, status: str | None = None) -> QuerySet[PromotionRe
     return qs
 
 
+def approval_policy_list() -> QuerySet[ApprovalPolicy]:
+    return ApprovalPolicy.objects.select_related("model").order_by("alias", "model__name", "pk")
+
+
+def approval_policy_get(*, policy_id: int) -> ApprovalPolicy:
+    policy = ApprovalPolicy.objects.select_related("model").filter(pk=policy_id).first()
+    if policy is None:
+        raise NotFound(f"approval policy {policy_id} not found")
+    return policy
+
+
 def approval_required(*, model: RegisteredModel, alias: str) -> bool:
     return (
         ApprovalPolicy.objects.filter(alias=alias)

@@ -21,13 +21,21 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 from django.utils import timezone
 
+from accounts.permissions import Right, require, user_can
 from audit.services import audit_record
 from controlplane.lib.errors import ApplicationError, Conflict, Forbidden, NotFound
 from controlplane.lib.tasks import send_on_commit
 
 from .archives import check_archive, extract_archive
 from .mlflow_store import ALIAS_RE, MODEL_NAME_RE, MlflowStoreError, VersionMeta, get_store
-from .models import Alias, AliasMove, ModelVersion, PromotionRequest, RegisteredModel
+from .models import (
+    Alias,
+    AliasMove,
+    ApprovalPolicy,
+    ModelVersion,
+    PromotionRequest,
+    RegisteredModel,
+)
 from .selectors import approval_required, parse_version
 
 logger = logging.getLogger(__name__)
@@ -598,6 +606,25 @@ def _move_alias(
     return move
 
 
+def _require_move_right(*, model: RegisteredModel, alias: str, actor: AbstractBaseUser) -> None:
+    """Promotion is deployment: an alias a deployment follows moves only with
+    the deploy right; any other alias with the registry write right."""
+    from deployments.models import Deployment  # deployments depends on registry
+
+    followers = sorted(
+        Deployment.objects.filter(model=model, target_alias=alias).values_list("name", flat=True)
+    )
+    if followers:
+        require(
+            actor,
+            Right.DEPLOY,
+            f"deployment(s) {', '.join(followers)} follow {model.name}@{alias}: moving it "
+            "needs the deploy right (the deployer role and a token with the deploy scope)",
+        )
+    else:
+        require(actor, Right.REGISTRY_WRITE, "moving an alias needs the registry write right")
+
+
 @transaction.atomic
 def alias_promote(
     *, model: RegisteredModel, alias: str, version: str | int, reason: str, actor: AbstractBaseUser
@@ -606,6 +633,7 @@ def alias_promote(
     reason = _require_reason(reason)
     number = parse_version(version)
     model = RegisteredModel.objects.select_for_update().get(pk=model.pk)
+    _require_move_right(model=model, alias=alias, actor=actor)
     target = ModelVersion.objects.filter(model=model, version=number).first()
     if target is None:
         raise NotFound(f"version {number} of {model.name!r} not found")
@@ -654,9 +682,8 @@ def alias_remove(
     model = RegisteredModel.objects.select_for_update().get(pk=model.pk)
     if not Alias.objects.filter(model=model, name=alias).exists():
         raise NotFound(f"{model.name!r} has no alias {alias!r}")
-    if approval_required(model=model, alias=alias) and not actor.has_perm(
-        "registry.approve_promotion"
-    ):
+    _require_move_right(model=model, alias=alias, actor=actor)
+    if approval_required(model=model, alias=alias) and not user_can(actor, Right.APPROVE):
         raise Forbidden(f"removing {alias!r} needs the approver role", code="approval_required")
     return _move_alias(model=model, alias=alias, target=None, reason=reason, actor=actor)
 
@@ -672,7 +699,7 @@ def _decide(
     )
     if request is None:
         raise NotFound("promotion request not found")
-    if not actor.has_perm("registry.approve_promotion"):
+    if not user_can(actor, Right.APPROVE):
         raise Forbidden("deciding promotion requests needs the approver role", code="not_approver")
     if request.requested_by_id == actor.pk:
         raise Forbidden(
@@ -727,6 +754,115 @@ def promotion_request_reject(
     *, request_id: int, actor: AbstractBaseUser, comment: str = ""
 ) -> PromotionRequest:
     return _decide(request_id=request_id, actor=actor, approve=False, comment=comment)
+
+
+# --- approval policies ----------------------------------------------------------------------
+
+# One approval by someone else is what PromotionRequest models; more would need a
+# table of approvals per request (not built: the API refuses other numbers).
+SUPPORTED_APPROVALS = (1,)
+_UNSET: Any = object()
+
+
+def _policy_snapshot(policy: ApprovalPolicy) -> dict:
+    return {
+        "model": policy.model.name if policy.model_id else None,
+        "alias": policy.alias,
+        "required_approvals": 1,
+    }
+
+
+def _policy_fields(
+    *, model_name: str | None, alias: str, required_approvals: int, exclude_pk: int | None
+) -> tuple[RegisteredModel | None, str]:
+    alias = _validate_alias(alias)
+    if required_approvals not in SUPPORTED_APPROVALS:
+        raise ApplicationError(
+            "required_approvals must be 1 (one approver other than the requester)",
+            code="invalid_required_approvals",
+        )
+    model = None
+    if model_name is not None:
+        model = RegisteredModel.objects.filter(name=model_name).first()
+        if model is None:
+            raise ApplicationError(f"model {model_name!r} not found", code="unknown_model")
+    # The unique constraint does not cover model IS NULL (NULLs differ in SQL): check here.
+    clash = ApprovalPolicy.objects.filter(alias=alias, model=model).exclude(pk=exclude_pk)
+    if clash.exists():
+        raise Conflict(
+            f"a policy for @{alias} ({model_name or 'all models'}) already exists",
+            code="policy_exists",
+        )
+    return model, alias
+
+
+@transaction.atomic
+def approval_policy_create(
+    *, model_name: str | None, alias: str, required_approvals: int = 1, actor: AbstractBaseUser
+) -> ApprovalPolicy:
+    require(actor, Right.MANAGE_POLICIES, "approval policies are managed by the admin role")
+    model, alias = _policy_fields(
+        model_name=model_name, alias=alias, required_approvals=required_approvals, exclude_pk=None
+    )
+    policy = ApprovalPolicy.objects.create(model=model, alias=alias)
+    audit_record(
+        actor=actor,
+        action="approval_policy.create",
+        object_type="approval_policy",
+        object_id=policy.pk,
+        object_repr=str(policy),
+        after=_policy_snapshot(policy),
+    )
+    return policy
+
+
+@transaction.atomic
+def approval_policy_update(
+    *,
+    policy: ApprovalPolicy,
+    actor: AbstractBaseUser,
+    model_name: str | None = _UNSET,
+    alias: str = _UNSET,
+    required_approvals: int = _UNSET,
+) -> ApprovalPolicy:
+    require(actor, Right.MANAGE_POLICIES, "approval policies are managed by the admin role")
+    policy = ApprovalPolicy.objects.select_for_update().select_related("model").get(pk=policy.pk)
+    before = _policy_snapshot(policy)
+    model, alias = _policy_fields(
+        model_name=before["model"] if model_name is _UNSET else model_name,
+        alias=policy.alias if alias is _UNSET else alias,
+        required_approvals=1 if required_approvals is _UNSET else required_approvals,
+        exclude_pk=policy.pk,
+    )
+    policy.model, policy.alias = model, alias
+    policy.save(update_fields=["model", "alias"])
+    after = _policy_snapshot(policy)
+    if after != before:
+        audit_record(
+            actor=actor,
+            action="approval_policy.update",
+            object_type="approval_policy",
+            object_id=policy.pk,
+            object_repr=str(policy),
+            before=before,
+            after=after,
+        )
+    return policy
+
+
+@transaction.atomic
+def approval_policy_delete(*, policy: ApprovalPolicy, actor: AbstractBaseUser) -> None:
+    require(actor, Right.MANAGE_POLICIES, "approval policies are managed by the admin role")
+    policy = ApprovalPolicy.objects.select_for_update().select_related("model").get(pk=policy.pk)
+    audit_record(
+        actor=actor,
+        action="approval_policy.delete",
+        object_type="approval_policy",
+        object_id=policy.pk,
+        object_repr=str(policy),
+        before=_policy_snapshot(policy),
+    )
+    policy.delete()
 
 
 # --- sync with MLflow ---------------------------------------------------------------------

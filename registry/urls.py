@@ -27,6 +27,12 @@ api_urlpatterns = [
         apis.PromotionDecisionApi.as_view(decision="reject"),
         name="api-request-reject",
     ),
+    path("approval-policies", apis.ApprovalPolicyListApi.as_view(), name="api-policies"),
+    path(
+        "approval-policies/<int:policy_id>",
+        apis.ApprovalPolicyDetailApi.as_view(),
+        name="api-policy",
+    ),
 ]
 
 urlpatterns = [

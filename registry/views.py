@@ -14,13 +14,13 @@ from typing import Any
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts.permissions import Right, requires, user_can
 from controlplane.lib.errors import ApplicationError
 from controlplane.lib.views import error_pages
 
@@ -108,7 +108,7 @@ def _compare_versions_param(request: HttpRequest) -> list[str]:
 # --- models ------------------------------------------------------------------------------
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 def model_list(request: HttpRequest) -> HttpResponse:
     search = request.GET.get("q", "").strip()[:256]
@@ -146,7 +146,7 @@ class SourceForm(forms.Form):
     )
 
 
-@login_required
+@requires(Right.REGISTRY_WRITE)
 @_ui
 @require_http_methods(["GET", "POST"])
 def version_upload(request: HttpRequest) -> HttpResponse:
@@ -193,7 +193,7 @@ def version_upload(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def model_detail(request: HttpRequest, name: str) -> HttpResponse:
@@ -237,7 +237,7 @@ def _environment(mv: ModelVersion) -> dict:
     return {"env_requirements": resolved, "env_error": "", "env_missing": unsatisfied(resolved)}
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def version_detail(request: HttpRequest, name: str, version: str) -> HttpResponse:
@@ -264,7 +264,7 @@ def version_detail(request: HttpRequest, name: str, version: str) -> HttpRespons
     )
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def compare(request: HttpRequest, name: str) -> HttpResponse:
@@ -308,7 +308,7 @@ def compare(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, "registry/compare.html", context, status=status)
 
 
-@login_required
+@requires(Right.READ)
 @_ui
 @require_GET
 def history(request: HttpRequest, name: str) -> HttpResponse:
@@ -332,7 +332,7 @@ class PromoteForm(forms.Form):
     )
 
 
-@login_required
+@requires(Right.REGISTRY_WRITE, Right.DEPLOY)
 @_ui
 @require_http_methods(["GET", "POST"])
 def promote(request: HttpRequest, name: str) -> HttpResponse:
@@ -412,7 +412,7 @@ def promote(request: HttpRequest, name: str) -> HttpResponse:
 # --- archive, restore, delete ---------------------------------------------------------------
 
 
-@login_required
+@requires(Right.REGISTRY_WRITE)
 @_ui
 @require_http_methods(["GET", "POST"])
 def version_archive(request: HttpRequest, name: str, version: str) -> HttpResponse:
@@ -453,7 +453,7 @@ def version_archive(request: HttpRequest, name: str, version: str) -> HttpRespon
     )
 
 
-@login_required
+@requires(Right.REGISTRY_WRITE)
 @_ui
 @require_http_methods(["GET", "POST"])
 def version_delete(request: HttpRequest, name: str, version: str) -> HttpResponse:
@@ -486,7 +486,7 @@ def version_delete(request: HttpRequest, name: str, version: str) -> HttpRespons
 # --- approvals --------------------------------------------------------------------------------
 
 
-@login_required
+@requires(Right.READ)
 @require_GET
 def approvals(request: HttpRequest) -> HttpResponse:
     pending = selectors.promotion_request_list(status=PromotionRequest.Status.PENDING).order_by(
@@ -503,7 +503,7 @@ def approvals(request: HttpRequest) -> HttpResponse:
         {
             "pending": pending,
             "decided": decided[:20],
-            "can_decide": request.user.has_perm("registry.approve_promotion"),
+            "can_decide": user_can(request.user, Right.APPROVE),
         },
     )
 
@@ -513,7 +513,7 @@ class DecisionForm(forms.Form):
     comment = forms.CharField(required=False, max_length=2000)
 
 
-@login_required
+@requires(Right.APPROVE)
 @require_POST
 def approval_decide(request: HttpRequest, request_id: int) -> HttpResponse:
     form = DecisionForm(request.POST)

@@ -100,23 +100,40 @@ def model_name() -> str:
     return f"model-{uuid.uuid4().hex[:10]}"
 
 
+def with_roles(user, *roles: str):
+    """``user`` with the role groups ``roles``, reloaded (no stale permission cache)."""
+    from django.contrib.auth.models import Group
+
+    user.groups.add(*Group.objects.filter(name__in=roles))
+    assert user.groups.count() == len(roles), f"unknown role among {roles}"
+    return type(user).objects.get(pk=user.pk)
+
+
 @pytest.fixture
 def user(django_user_model):
-    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+    """Alice registers, promotes and deploys (the roles the existing tests exercise)."""
+    alice = django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+    return with_roles(alice, "model-developer", "deployer")
+
+
+@pytest.fixture
+def role_admin(django_user_model):
+    """Dana has the admin role (not a superuser): users, policies, the audit log."""
+    dana = django_user_model.objects.create_user(username="dana", password="pw-dana-123")
+    return with_roles(dana, "admin")
 
 
 @pytest.fixture
 def other_user(django_user_model):
-    return django_user_model.objects.create_user(username="carol", password="pw-carol-123")
+    """Carol registers and promotes; she approves nothing."""
+    carol = django_user_model.objects.create_user(username="carol", password="pw-carol-123")
+    return with_roles(carol, "model-developer")
 
 
 @pytest.fixture
 def approver(django_user_model):
-    from django.contrib.auth.models import Permission
-
     approver = django_user_model.objects.create_user(username="bob", password="pw-bob-123")
-    approver.user_permissions.add(Permission.objects.get(codename="approve_promotion"))
-    return django_user_model.objects.get(pk=approver.pk)  # fresh: no stale permission cache
+    return with_roles(approver, "approver", "model-developer")
 
 
 @pytest.fixture

@@ -199,9 +199,9 @@ def test_a_user_uploads_promotes_with_approval_deploys_rolls_back_and_monitors(
     page.locator("#id_password2").fill(APPROVER[1])
     page.get_by_role("button", name="Save", exact=True).click()
     expect(page.locator(".messagelist")).to_contain_text("was added successfully")
-    page.locator("#id_user_permissions_input").press_sequentially("approve or reject")
-    page.locator("#id_user_permissions_from option", has_text="Can approve or reject").dblclick()
-    expect(page.locator("#id_user_permissions_to option")).to_have_count(1)
+    page.locator("#id_groups_input").press_sequentially("approver")  # the approver role
+    page.locator("#id_groups_from option", has_text="approver").dblclick()
+    expect(page.locator("#id_groups_to option")).to_have_count(1)
     shot(page, "admin-approver")
     page.get_by_role("button", name="Save", exact=True).click()
     expect(page.locator(".messagelist")).to_contain_text("was changed successfully")
