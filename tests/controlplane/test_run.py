@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, wait_http
+from tests.controlplane.test_run_supervisor import free_port  # in the range for make run tests
+from tests.support import wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ def test_run_starts_web_worker_beat_and_mlflow_then_stops_them_all(tmp_path):
             assert exc.code in (401, 403)
             assert json.loads(exc.read())["error"]["code"] == "not_authenticated"
         children = _children_of(proc.pid)
-        assert len(children) == 4  # mlflow, gunicorn, worker, beat
+        assert len(children) == 5  # mlflow, gunicorn, worker, beat, and the watchdog
         state = tmp_path / "var"
         assert (state / "controlplane.sqlite3").exists() and (
             state / "mlflow" / "mlflow.db"
