@@ -119,7 +119,13 @@ def mlflow_auth_setup(mlflow_dir: Path) -> MlflowAuth:
         "default_permission = READ\n"
         f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
         f"admin_username = {MLFLOW_USER}\n"
+        # read once, to create the admin user in a new auth database (in this 0600 file,
+        # not in the server's environment)
+        f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # A password check is a deliberately slow hash: without the cache, every request of
+        # an upload pays it. One worker, so a password change is seen at once.
+        "auth_cache_ttl_seconds = 60\n"
     )
     fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -128,8 +134,6 @@ def mlflow_auth_setup(mlflow_dir: Path) -> MlflowAuth:
     return MlflowAuth(
         server_env={
             "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-            # used once, to create the admin user in a new auth database
-            "MLFLOW_AUTH_ADMIN_PASSWORD": password,
             # MLflow's GenAI job runner (7 huey processes) is not used by the control plane
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_FLASK_SERVER_SECRET_KEY": flask_key,
@@ -440,7 +444,10 @@ def main() -> int:
                     "--workers",
                     "1",
                 ],
-                env={**env, **auth.server_env},
+                env={
+                    **{k: v for k, v in env.items() if not k.startswith("MLFLOW_AUTH_ADMIN")},
+                    **auth.server_env,
+                },
                 cwd=data_dir,
                 whole_group=True,
             )
