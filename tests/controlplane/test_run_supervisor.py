@@ -122,13 +122,24 @@ class Run:
         )
         return self.proc
 
-    def wait_started(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "Ctrl-C stops everything" in self.log():
-                return
-            assert self.proc.poll() is None, self.log()[-3000:]
-            time.sleep(0.5)
+    def start_and_wait(self, timeout: float = 180) -> subprocess.Popen:
+        """Start and wait for the banner. The test ports lie in the kernel's ephemeral range,
+        so a client socket of another process can take one after the check: then (only
+        then) start again on other ports."""
+        for _attempt in range(3):
+            self.start()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if "Ctrl-C stops everything" in self.log():
+                    return self.proc
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"make run did not start: {self.log()[-3000:]}")
+            assert "Address already in use" in self.log(), self.log()[-3000:]
+            self.port, self.mlflow_port = free_port(), free_port()
+            self.env.update(PORT=str(self.port), MLFLOW_PORT=str(self.mlflow_port))
         raise AssertionError(f"make run did not start: {self.log()[-3000:]}")
 
     def log(self) -> str:
@@ -163,8 +174,7 @@ def test_stopped_twice_every_child_is_gone_and_the_ports_are_free(tmp_path):
     run = Run(tmp_path)
     tree: set[int] = set()
     try:
-        proc = run.start()
-        run.wait_started()
+        proc = run.start_and_wait()
         tree = _full_tree(proc.pid)
         assert not _port_free(run.port) and not _port_free(run.mlflow_port)
         # The embedded MLflow server refuses anonymous writes.
@@ -192,8 +202,7 @@ def test_sigkilled_its_children_and_their_workers_die_within_seconds(tmp_path):
     run = Run(tmp_path)
     tree: set[int] = set()
     try:
-        proc = run.start()
-        run.wait_started()
+        proc = run.start_and_wait()
         tree = _full_tree(proc.pid)
         started = time.monotonic()
         proc.kill()
