@@ -251,7 +251,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame) -> None:
-        if self.phase == "stopping":
+        if self.phase in ("stopping", "stopped"):
             left = max(0.0, self.stop_deadline - time.monotonic())
             _write_stderr(
                 f"\nalready stopping ({signal.Signals(signum).name} noted): what is still "
@@ -316,8 +316,11 @@ class Supervisor:
     def stop(self) -> None:
         """Stop every child: SIGTERM, then SIGKILL at the deadline. Runs to the end
         whatever signals arrive meanwhile."""
-        self.phase = "stopping"
-        self.stop_deadline = time.monotonic() + STOP_DEADLINE
+        with _signals_blocked():  # from here on a signal is only noted
+            if self.phase in ("stopping", "stopped"):
+                return
+            self.phase = "stopping"
+            self.stop_deadline = time.monotonic() + STOP_DEADLINE
         if self.procs:
             print("\nstopping...", flush=True)
         # gunicorn and Celery stop their own workers gracefully when their main process
@@ -358,6 +361,7 @@ class Supervisor:
         if self.watchdog is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.watchdog.wait(timeout=5)
+        self.phase = "stopped"
 
     def sleep_or_stop(self, seconds: float) -> bool:
         """Sleep; True if a stop was requested meanwhile."""
@@ -561,9 +565,8 @@ def main() -> int:
         print(f"start-up step failed: {exc}", file=sys.stderr)
         sup.stop()
         return 1
-    except BaseException:
-        sup.stop()
-        raise
+    finally:
+        sup.stop()  # whatever ended start-up or the watch (a stop is done only once)
 
 
 if __name__ == "__main__":
