@@ -201,3 +201,72 @@ def user_create(
         system="cli" if actor is None else None,
     )
     return user
+
+
+# --- MLflow credentials --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedMlflowCredential:
+    username: str
+    password: str  # shown once, never stored by the control plane
+    permission: str  # "EDIT" (experiments and runs) or "READ"
+    tracking_uri: str
+    created: bool
+
+
+def mlflow_permission_for(user: AbstractBaseUser) -> str | None:
+    """What a user may do on the MLflow server: EDIT (log runs and models) if they may
+    register versions, READ if they may read the registry, nothing otherwise. Registered
+    models stay READ for everyone: aliases move through the control plane's approvals."""
+    if user_can(user, Right.REGISTRY_WRITE):
+        return "EDIT"
+    if user_can(user, Right.READ):
+        return "READ"
+    return None
+
+
+@transaction.atomic
+def mlflow_credential_issue(
+    *, user: AbstractBaseUser, actor: AbstractBaseUser
+) -> IssuedMlflowCredential:
+    """Create (or reset) the user's own user on the MLflow server, with a new password."""
+    from django.conf import settings
+
+    from registry.mlflow_store import MlflowStoreError, get_store
+
+    permission = mlflow_permission_for(user)
+    if permission is None:
+        raise ApplicationError(
+            "your role gives no access to the registry, so no MLflow credential",
+            code="permission_denied",
+            status_code=403,
+        )
+    username = user.get_username()
+    if username == settings.MLFLOW_TRACKING_USERNAME:
+        raise ApplicationError(
+            f"{username!r} is the control plane's own MLflow user", code="reserved_username"
+        )
+    password = secrets.token_urlsafe(24)
+    audit_record(
+        actor=actor,
+        action="mlflow_credential.issue",
+        object_type="user",
+        object_id=user.pk,
+        object_repr=username,
+        after={"mlflow_username": username, "permission": permission},
+    )
+    try:
+        created = get_store().auth_user_set(username, password, can_edit=permission == "EDIT")
+    except MlflowStoreError as exc:
+        status = 503 if exc.kind == "unavailable" else 409
+        raise ApplicationError(
+            str(exc), code="mlflow_credentials_unavailable", status_code=status
+        ) from exc
+    return IssuedMlflowCredential(
+        username=username,
+        password=password,
+        permission=permission,
+        tracking_uri=settings.MLFLOW_TRACKING_URI,
+        created=created,
+    )

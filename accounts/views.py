@@ -16,7 +16,12 @@ from controlplane.lib.errors import ApplicationError
 from .models import ApiToken
 from .permissions import user_scopes
 from .scopes import ALL_SCOPES, READ
-from .services import api_token_create, api_token_revoke
+from .services import (
+    api_token_create,
+    api_token_revoke,
+    mlflow_credential_issue,
+    mlflow_permission_for,
+)
 
 
 class TokenForm(forms.Form):
@@ -99,3 +104,27 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
             messages.success(request, f"Token {token.display_prefix}… ({token.name}) revoked.")
         return redirect("accounts:tokens")
     return render(request, "accounts/token_revoke.html", {"token": token})
+
+
+@never_cache  # the response to a POST carries the password
+@login_required
+@require_http_methods(["GET", "POST"])
+def mlflow_credential(request: HttpRequest) -> HttpResponse:
+    """GET: what you would get. POST: create or reset your MLflow user (password shown once)."""
+    issued, error, status = None, None, 200
+    if request.method == "POST":
+        try:
+            issued = mlflow_credential_issue(user=request.user, actor=request.user)
+        except ApplicationError as exc:
+            error, status = exc.message, exc.status_code
+    return render(
+        request,
+        "accounts/mlflow_credential.html",
+        {
+            "issued": issued,
+            "error": error,
+            "permission": mlflow_permission_for(request.user),
+            "tracking_uri": settings.MLFLOW_TRACKING_URI,
+        },
+        status=status,
+    )

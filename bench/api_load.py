@@ -128,6 +128,10 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
         os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+        os.environ["MLFLOW_TRACKING_USERNAME"] = "controlplane"  # make run's own credential
+        os.environ["MLFLOW_TRACKING_PASSWORD_FILE"] = str(
+            work / "var" / "mlflow" / "auth" / "controlplane.password"
+        )
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.base")
         import django
 

@@ -93,12 +93,31 @@ def _translate(exc: Exception) -> MlflowStoreError:
 
 
 class MlflowStore:
-    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: str | None = None,
+        *,
+        username: str = "",
+        password: str = "",
+    ) -> None:
         import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
+        self.username = username
+        self._password = password
+        # MLflow's client reads its basic-auth credential from the process environment on
+        # every request; the process-wide adapter sets it (or clears it) for its server.
+        # Set here, it is not in /proc/<pid>/environ, and the runtimes give model servers
+        # an environment of their own.
+        if username:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = username
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+        else:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
@@ -356,6 +375,93 @@ class MlflowStore:
             if err.kind != "not_found":
                 raise err from exc
 
+    def get_alias(self, name: str, alias: str) -> int | None:
+        """The version ``alias`` points at in MLflow now, or None."""
+        try:
+            aliases = self.client.get_registered_model(name).aliases or {}
+        except Exception as exc:
+            raise _translate(exc) from exc
+        value = aliases.get(alias)
+        return int(value) if value is not None else None
+
+    # --- users (MLflow's basic-auth app; the control plane's credential must be its admin) --
+    def auth_user_set(self, username: str, password: str, *, can_edit: bool) -> bool:
+        """Create ``username`` with ``password``, or set the password of an existing one;
+        then give it EDIT on every experiment (runs, logged models, artifacts) if
+        ``can_edit``, else only the server's default (READ). Registered models stay READ:
+        aliases move through the control plane. True if the user was created."""
+        created = (
+            self._auth_call("GET", "/api/2.0/mlflow/users/get", query_username=username) is None
+        )
+        if created:
+            self._auth_call(
+                "POST",
+                "/api/2.0/mlflow/users/create",
+                body={"username": username, "password": password},
+            )
+        else:
+            self._auth_call(
+                "PATCH",
+                "/api/2.0/mlflow/users/update-password",
+                body={"username": username, "password": password},
+            )
+        grant = {"username": username, "resource_type": "experiment", "resource_id": "*"}
+        if can_edit:
+            self._auth_call(
+                "POST",
+                "/api/3.0/mlflow/users/permissions/grant",
+                body={**grant, "permission": "EDIT"},
+                exists_ok=True,  # granted at an earlier issue
+            )
+        elif not created:
+            self._auth_call("POST", "/api/3.0/mlflow/users/permissions/revoke", body=grant)
+        return created
+
+    def _auth_call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict | None = None,
+        query_username: str = "",
+        exists_ok: bool = False,
+    ):
+        """One call to the auth API with the control plane's credential; None on 404."""
+        import base64
+        from urllib.parse import quote
+
+        from controlplane.lib.http import HttpError, HttpStatusError, request
+
+        if not self.tracking_uri.startswith(("http://", "https://")) or not self.username:
+            raise MlflowStoreError(
+                "MLflow credentials need an MLflow server with authentication "
+                f"(MLFLOW_TRACKING_URI is {self.tracking_uri}, with no control plane credential)",
+                kind="invalid",
+            )
+        token = base64.b64encode(f"{self.username}:{self._password}".encode()).decode()
+        url = self.tracking_uri.rstrip("/") + path
+        if query_username:
+            url += f"?username={quote(query_username)}"
+        try:
+            resp = request(
+                method, url, json=body, timeout=15, headers={"Authorization": f"Basic {token}"}
+            )
+        except HttpStatusError as exc:
+            if exc.status == 404 or "RESOURCE_DOES_NOT_EXIST" in exc.body:
+                return None
+            if exists_ok and "RESOURCE_ALREADY_EXISTS" in exc.body:
+                return {}
+            if exc.status in (401, 403):
+                raise MlflowStoreError(
+                    f"MLflow refused the control plane's credential for user management "
+                    f"(HTTP {exc.status}): it must be the MLflow server's admin",
+                    kind="invalid",
+                ) from exc
+            raise MlflowStoreError(f"MLflow user management failed: {exc}") from exc
+        except HttpError as exc:
+            raise MlflowStoreError(f"MLflow is unavailable: {exc}") from exc
+        return resp.json() if resp.body else {}
+
     # --- sync ----------------------------------------------------------------------------
     def snapshot(self) -> list[ModelSnapshot]:
         """Every registered model with its versions and aliases, as MLflow has them now."""
@@ -452,6 +558,17 @@ def get_store() -> MlflowStore:
     """The process-wide adapter for the configured MLflow."""
     global _store
     with _lock:
-        if _store is None or _store.tracking_uri != settings.MLFLOW_TRACKING_URI:
-            _store = MlflowStore(settings.MLFLOW_TRACKING_URI, settings.MLFLOW_ARTIFACT_ROOT)
+        username = settings.MLFLOW_TRACKING_USERNAME
+        password = settings.MLFLOW_TRACKING_PASSWORD
+        if (
+            _store is None
+            or _store.tracking_uri != settings.MLFLOW_TRACKING_URI
+            or (_store.username, _store._password) != (username, password)
+        ):
+            _store = MlflowStore(
+                settings.MLFLOW_TRACKING_URI,
+                settings.MLFLOW_ARTIFACT_ROOT,
+                username=username,
+                password=password,
+            )
         return _store

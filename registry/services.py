@@ -874,6 +874,7 @@ class SyncResult:
     versions_added: int = 0
     external_moves: int = 0
     versions_removed: int = 0
+    reverted: int = 0  # outside moves of approval-gated aliases, moved back
 
 
 def registry_sync() -> SyncResult:
@@ -926,11 +927,36 @@ def registry_sync() -> SyncResult:
                 wanted = snap.aliases.get(alias)
                 if mirrored.get(alias) == wanted:
                     continue
+                # Again under the model's lock: a move the control plane made since the
+                # snapshot is in the mirror and MLflow alike, and is no outside move.
+                try:
+                    wanted = store.get_alias(model.name, alias)
+                except MlflowStoreError as exc:
+                    logger.warning("cannot read %s@%s: %s", model.name, alias, exc)
+                    continue
+                if mirrored.get(alias) == wanted:
+                    continue
                 target = (
                     ModelVersion.objects.filter(model=model, version=wanted).first()
                     if wanted
                     else None
                 )
+                if approval_required(model=model, alias=alias):
+                    try:
+                        with transaction.atomic():
+                            _alias_revert_outside_move(
+                                model=model,
+                                alias=alias,
+                                approved=mirrored.get(alias),
+                                outside=wanted,
+                                outside_version=target,
+                            )
+                    except ApplicationError as exc:  # MLflow refused: nothing kept, next pass
+                        logger.warning("cannot revert %s@%s: %s", model.name, alias, exc)
+                        continue
+                    result.external_moves += 1
+                    result.reverted += 1
+                    continue
                 if wanted and target is None:
                     continue  # version not adopted yet (not an MLflow model); next pass
                 _move_alias(
@@ -961,3 +987,115 @@ def registry_sync() -> SyncResult:
                 mv.delete()
                 result.versions_removed += 1
     return result
+
+
+SYNC_REQUESTER = "registry-sync"  # requester of the promotion requests the sync opens
+
+
+def _sync_requester() -> AbstractBaseUser:
+    from django.contrib.auth import get_user_model
+
+    user, created = get_user_model().objects.get_or_create(
+        username=SYNC_REQUESTER, defaults={"is_active": False}
+    )
+    if created:
+        user.set_unusable_password()  # it never logs in
+        user.save(update_fields=["password"])
+    return user
+
+
+def _alias_revert_outside_move(
+    *,
+    model: RegisteredModel,
+    alias: str,
+    approved: int | None,
+    outside: int | None,
+    outside_version: ModelVersion | None,
+) -> PromotionRequest | None:
+    """An approval-gated alias was moved outside the control plane (with MLflow's own
+    tools): record the move, move the alias back in MLflow to the last approved version and
+    open a pending promotion request for the outside move. The mirror, which deployments
+    follow, stays on the approved version throughout, so nothing rolls out the unapproved
+    one. Caller holds the model row lock inside a transaction: all of it, audit included,
+    commits together, or (MLflow refusing the revert) not at all and the next pass retries."""
+    name = f"{model.name}@{alias}"
+    AliasMove.objects.create(
+        model=model,
+        alias=alias,
+        from_version=approved,
+        to_version=outside,
+        actor=None,
+        actor_label="mlflow (external)",
+        reason="moved outside the control plane; the alias needs approval",
+        origin=AliasMove.Origin.EXTERNAL,
+    )
+    audit_record(
+        actor=None,
+        action="alias.external_move",
+        object_type="alias",
+        object_id=name,
+        object_repr=name,
+        before={"version": str(approved) if approved else None},
+        after={"version": str(outside) if outside else None, "origin": AliasMove.Origin.EXTERNAL},
+        system="registry-sync",
+    )
+    request = None
+    if outside_version is not None and outside_version.status == ModelVersion.Status.READY:
+        request = PromotionRequest.objects.filter(
+            model=model,
+            alias=alias,
+            version=outside_version,
+            status=PromotionRequest.Status.PENDING,
+        ).first()
+        if request is None:
+            request = PromotionRequest.objects.create(
+                model=model,
+                alias=alias,
+                version=outside_version,
+                reason=f"moved to version {outside} outside the control plane; reverted by the registry sync",
+                requested_by=_sync_requester(),
+            )
+            audit_record(
+                actor=None,
+                action="promotion.request",
+                object_type="promotion_request",
+                object_id=request.pk,
+                object_repr=str(request),
+                after={"alias": alias, "version": str(outside), "reason": request.reason},
+                system="registry-sync",
+            )
+    AliasMove.objects.create(
+        model=model,
+        alias=alias,
+        from_version=outside,
+        to_version=approved,
+        actor=None,
+        actor_label=SYNC_REQUESTER,
+        reason=(
+            f"reverted: {alias!r} needs approval"
+            + (f" (promotion request #{request.pk})" if request else "")
+        ),
+        origin=AliasMove.Origin.CONTROLPLANE,
+        request=request,
+    )
+    audit_record(
+        actor=None,
+        action="alias.revert",
+        object_type="alias",
+        object_id=name,
+        object_repr=name,
+        before={"version": str(outside) if outside else None},
+        after={
+            "version": str(approved) if approved else None,
+            "request": request.pk if request else None,
+        },
+        system="registry-sync",
+    )
+    try:
+        if approved is None:
+            get_store().delete_alias(model.name, alias)
+        else:
+            get_store().set_alias(model.name, alias, approved)
+    except MlflowStoreError as exc:
+        raise _mlflow_error(exc) from exc
+    return request

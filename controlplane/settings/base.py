@@ -224,6 +224,15 @@ MLFLOW_DIR = DATA_DIR / "mlflow"
 # server on it and points everything at that server).
 MLFLOW_TRACKING_URI = env_str("MLFLOW_TRACKING_URI", f"sqlite:///{MLFLOW_DIR / 'mlflow.db'}")
 MLFLOW_ARTIFACT_ROOT = env_str("CONTROLPLANE_MLFLOW_ARTIFACT_ROOT", str(MLFLOW_DIR / "artifacts"))
+# The control plane's own credential on an MLflow server that requires authentication
+# (MLflow's basic-auth app). `make run` generates one for its embedded server, kept in
+# <data>/mlflow/auth with mode 0600, and passes MLFLOW_TRACKING_PASSWORD_FILE.
+MLFLOW_TRACKING_USERNAME = env_str("MLFLOW_TRACKING_USERNAME", "") or ""
+MLFLOW_TRACKING_PASSWORD = env_str("MLFLOW_TRACKING_PASSWORD", "") or ""
+if bool(MLFLOW_TRACKING_USERNAME) != bool(MLFLOW_TRACKING_PASSWORD):
+    raise ImproperlyConfigured(
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or _FILE) go together"
+    )
 CONTROLPLANE_MODEL_CACHE_DIR = DATA_DIR / "models"
 
 # --- REST API ----------------------------------------------------------------------

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, wait_http
+from tests.controlplane.test_run_supervisor import Run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -26,43 +24,15 @@ def _children_of(pid: int) -> list[int]:
 
 
 def test_run_starts_web_worker_beat_and_mlflow_then_stops_them_all(tmp_path):
-    port, mlflow_port = free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "DATABASE_URL",
-            "CELERY_BROKER_URL",
-            "MLFLOW_TRACKING_URI",
-            "DJANGO_SETTINGS_MODULE",
-            "CONTROLPLANE_TASK_QUEUE",
-        )
-    }
-    env.update(
-        CONTROLPLANE_DATA_DIR=str(tmp_path / "var"),
-        PORT=str(port),
-        MLFLOW_PORT=str(mlflow_port),
-        CONTROLPLANE_ADMIN_PASSWORD="",
-    )
-    log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    run = Run(tmp_path)  # on the embedded defaults, ports in the range for these tests
     children: list[int] = []
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=150, proc=proc)
+        proc = run.start_and_wait()
+        port, mlflow_port = run.port, run.mlflow_port
         deadline = time.monotonic() + 30
-        while (
-            "Ctrl-C stops everything" not in (tmp_path / "run.log").read_text()
-            and time.monotonic() < deadline
-        ):
+        while "Ctrl-C stops everything" not in run.log() and time.monotonic() < deadline:
             time.sleep(0.2)
-        text = (tmp_path / "run.log").read_text()
+        text = run.log()
         assert re.search(r"created user 'admin' with password: \S+", text)
         assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{mlflow_port}" in text
         # The MLflow server users log to is up, on loopback.
@@ -81,7 +51,7 @@ def test_run_starts_web_worker_beat_and_mlflow_then_stops_them_all(tmp_path):
             assert exc.code in (401, 403)
             assert json.loads(exc.read())["error"]["code"] == "not_authenticated"
         children = _children_of(proc.pid)
-        assert len(children) == 4  # mlflow, gunicorn, worker, beat
+        assert len(children) == 5  # mlflow, gunicorn, worker, beat, and the watchdog
         state = tmp_path / "var"
         assert (state / "controlplane.sqlite3").exists() and (
             state / "mlflow" / "mlflow.db"

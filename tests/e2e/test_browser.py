@@ -9,6 +9,7 @@ and the browser. Each page visited is saved as a screenshot under
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import time
@@ -69,6 +70,12 @@ def _log_training_run(cp: ControlPlane, model_dir: Path) -> str:
     control plane's MLflow server. Returns the run's model URI."""
     from mlflow import MlflowClient
 
+    # The server refuses anonymous callers: here the control plane's credential from the
+    # data dir (a person would use their own, from Tokens -> MLflow credential).
+    os.environ["MLFLOW_TRACKING_USERNAME"] = "controlplane"
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = (
+        (cp.data_dir / "mlflow" / "auth" / "controlplane.password").read_text().strip()
+    )
     client = MlflowClient(tracking_uri=cp.mlflow_url)
     experiment_id = client.create_experiment("churn-training")
     run_id = client.create_run(experiment_id, run_name="logreg-c1").info.run_id
