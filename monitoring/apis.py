@@ -156,7 +156,13 @@ class FeedbackApi(APIView):
     class OutputSerializer(serializers.Serializer):
         received = serializers.IntegerField()
         matched = serializers.IntegerField()
-        unknown = serializers.IntegerField()
+        pending = serializers.IntegerField(
+            help_text="labels kept: applied when their predictions are collected"
+        )
+        pending_request_ids = serializers.ListField(child=serializers.CharField())
+        unknown = serializers.IntegerField(
+            help_text="labels dropped: they waited past CONTROLPLANE_PREDICTION_RETENTION_DAYS"
+        )
         unknown_request_ids = serializers.ListField(child=serializers.CharField())
         mismatched = serializers.IntegerField()
         mismatched_request_ids = serializers.ListField(child=serializers.CharField())

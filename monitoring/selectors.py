@@ -274,6 +274,53 @@ def _regression(deployment_id, names, start, end, step, version, by_version) -> 
 # --- drift and probes -----------------------------------------------------------------------------
 
 
+def drift_reference_reason(n_rows: int) -> str:
+    minimum = settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    return (
+        f"no verdict: the reference has {n_rows} row{'s' if n_rows != 1 else ''}, "
+        f"at least {minimum} are needed (upload a reference dataset)"
+    )
+
+
+@dataclass
+class DriftReferenceStatus:
+    version: int
+    source: str  # "input_example", "dataset" or "" (none yet)
+    n_rows: int
+    features: list[str]
+    usable: bool
+    reason: str
+
+
+def drift_reference_status(*, deployment: Deployment) -> DriftReferenceStatus | None:
+    """The active drift reference of the version a deployment serves, and whether drift is
+    judged against it (CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS)."""
+    revision = deployment.serving_revision or deployment.desired_revision
+    if revision is None:
+        return None
+    mv = revision.model_version
+    reference = DriftReference.objects.filter(model_version=mv, active=True).first()
+    if reference is None:
+        return DriftReferenceStatus(
+            version=mv.version,
+            source="",
+            n_rows=0,
+            features=[],
+            usable=False,
+            reason="no verdict: no reference yet (the model's input example is used once "
+            "inputs arrive; upload a reference dataset)",
+        )
+    usable = reference.n_rows >= settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    return DriftReferenceStatus(
+        version=mv.version,
+        source=reference.source,
+        n_rows=reference.n_rows,
+        features=sorted(reference.profile),
+        usable=usable,
+        reason="" if usable else drift_reference_reason(reference.n_rows),
+    )
+
+
 def _drift(deployment_id, start, end, step, version, by_version, feature=None) -> Series:
     qs = DriftHour.objects.filter(
         deployment_id=deployment_id, bucket__gt=start - 3600, bucket__lt=end
@@ -297,7 +344,11 @@ def _drift(deployment_id, start, end, step, version, by_version, feature=None) -
         )
         rows_seen[key] += n
         references.add(ref)
-    profiles = dict(DriftReference.objects.filter(pk__in=references).values_list("pk", "profile"))
+    profiles = dict(
+        DriftReference.objects.filter(
+            pk__in=references, n_rows__gte=settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+        ).values_list("pk", "profile")
+    )
     best: dict[tuple, tuple[float, int]] = {}
     for (v, window, ref, feat), counts in merged.items():
         spec = profiles.get(ref, {}).get(feat)
@@ -497,6 +548,7 @@ class FleetRow:
     accuracy: float | None = None
     accuracy_n: int = 0
     drift_psi: float | None = None
+    drift_reason: str = ""  # why there is no drift verdict, when there is none
     probe_ok: bool | None = None
     probe_latency_ms: float | None = None
     probe_at: datetime | None = None
@@ -559,8 +611,18 @@ def fleet_overview(*, now: datetime | None = None, traffic_seconds: int = 900) -
             else list(counts)
         )
         refs.add(ref)
-    profiles = dict(DriftReference.objects.filter(pk__in=refs).values_list("pk", "profile"))
+    minimum = settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    profiles, small = {}, {}
+    for pk, profile, n_rows in DriftReference.objects.filter(pk__in=refs).values_list(
+        "pk", "profile", "n_rows"
+    ):
+        if n_rows >= minimum:
+            profiles[pk] = profile
+        else:
+            small[pk] = n_rows
     for (dep, ref, feat), counts in merged.items():
+        if ref in small and dep in rows:
+            rows[dep].drift_reason = drift_reference_reason(small[ref])
         spec = profiles.get(ref, {}).get(feat)
         if dep in rows and spec and len(spec["expected"]) == len(counts):
             value = scoring.psi(spec["expected"], counts)

@@ -25,6 +25,11 @@ api_urlpatterns = [
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("deployments/<str:name>/", views.deployment_detail, name="deployment"),
+    path(
+        "deployments/<str:name>/drift-reference",
+        views.drift_reference_upload,
+        name="drift-reference-upload",
+    ),
     path("alerts/", views.alert_list, name="alert-list"),
     path("alerts/new", views.alert_create, name="alert-create"),
     path("alerts/<int:rule_id>/", views.alert_detail, name="alert-detail"),

@@ -83,10 +83,49 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "rules": rules,
             "events": selectors.alert_event_list(deployment=deployment, limit=20),
             "probes": selectors.probe_list(deployment=deployment, limit=10),
+            "drift_reference": selectors.drift_reference_status(deployment=deployment),
             "plotly_js": PLOTLY_JS,
             "plotly_version": PLOTLY_VERSION,
         },
     )
+
+
+class DriftReferenceForm(forms.Form):
+    file = forms.FileField(
+        label="Reference dataset (CSV with a header row, or JSON)",
+        help_text='JSON: {"columns": [...], "data": [[...]]}, a list of records or {column: [values]}',
+    )
+
+
+@login_required
+@require_http_methods(["POST"])
+@_ui
+def drift_reference_upload(request: HttpRequest, name: str) -> HttpResponse:
+    """Upload the drift reference of the version the deployment serves (the same service as
+    PUT /api/v1/models/{name}/versions/{version}/drift-reference)."""
+    deployment = selectors.deployment_get(name=name)
+    revision = deployment.serving_revision or deployment.desired_revision
+    form = DriftReferenceForm(request.POST, request.FILES)
+    if revision is None:
+        messages.error(request, "The deployment serves no version yet.")
+    elif not form.is_valid():
+        messages.error(request, "Choose a CSV or JSON file to upload.")
+    else:
+        upload = form.cleaned_data["file"]
+        try:
+            dataset = services.dataset_from_file(content=upload.read(), filename=upload.name)
+            reference = services.drift_reference_upload(
+                model_version=revision.model_version, dataset=dataset, actor=request.user
+            )
+        except ApplicationError as exc:
+            messages.error(request, f"Reference not uploaded: {exc.message}")
+        else:
+            messages.success(
+                request,
+                f"Drift reference of v{revision.model_version.version} uploaded: "
+                f"{reference.n_rows} rows, {len(reference.profile)} features.",
+            )
+    return redirect("monitoring:deployment", name=deployment.name)
 
 
 # --- alert rules ------------------------------------------------------------------------------
@@ -218,7 +257,7 @@ def alert_delete(request: HttpRequest, rule_id: int) -> HttpResponse:
 # --- the control plane's own /metrics ------------------------------------------------------------------
 
 
-def _prometheus_allowed(request: HttpRequest) -> bool:
+def prometheus_allowed(request: HttpRequest) -> bool:
     token = settings.CONTROLPLANE_PROMETHEUS_TOKEN
     header = request.headers.get("Authorization", "")
     if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
@@ -240,7 +279,7 @@ def _prometheus_allowed(request: HttpRequest) -> bool:
 def prometheus(request: HttpRequest) -> HttpResponse:
     """Fleet gauges for Prometheus. A bearer token (CONTROLPLANE_PROMETHEUS_TOKEN) or an
     allow-listed address (CONTROLPLANE_PROMETHEUS_ALLOW); nobody when neither is set."""
-    if not _prometheus_allowed(request):
+    if not prometheus_allowed(request):
         response = HttpResponse(
             "forbidden: send the Prometheus bearer token or scrape from an allowed address\n",
             status=403,

@@ -89,7 +89,7 @@ def test_a_real_deployment_is_scraped_pulled_probed_and_scored(api, registered, 
         [{"request_id": f"req-{i}", "label": y} for i, y in enumerate(y_true)]
         + [{"request_id": "req-unknown", "label": 1}],
     )
-    assert resp.json()["matched"] == 30 and resp.json()["unknown"] == 1
+    assert resp.json()["matched"] == 30 and resp.json()["pending"] == 1
     points = {
         m: api.get("/api/v1/deployments/live/metrics", {"name": m, "step": "3600"}).json()["points"]
         for m in ("accuracy", "f1", "requests", "latency_p95")

@@ -1,0 +1,127 @@
+"""What a user sees: no drift verdict against a tiny reference (and why), a reference uploaded
+from the UI, feedback answers that tell pending labels from expired ones."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from monitoring.models import DriftReference, PendingLabel
+from tests.monitoring.conftest import ingest, iso, now_minute, record
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet(make_deployment):
+    # One version, so the version served is the one whose inputs are counted.
+    return make_deployment("churn", (1,))
+
+
+def _inputs(rows, *, t, seq=1):
+    return [
+        record(seq + i, f"q{seq + i}", t + i, [0], inputs={"f0": [a], "f1": [b]})
+        for i, (a, b) in enumerate(rows)
+    ]
+
+
+def _drift_points(api, start, end):
+    resp = api.get(
+        "/api/v1/deployments/churn/metrics",
+        {"name": "drift_psi", "from": iso(start), "to": iso(end), "step": "3600"},
+    )
+    assert resp.status_code == 200, resp.content
+    return resp.json()["points"]
+
+
+def test_the_input_example_reference_gives_no_drift_verdict_and_the_pages_say_why(
+    api, fleet, client_logged_in
+):
+    t = now_minute() // 3600 * 3600
+    # Far from the 4-row example: with a verdict this would be a large (red) PSI.
+    ingest(fleet.instance(1), _inputs([(5.0, 40.0)] * 30, t=t))
+    assert DriftReference.objects.get().n_rows == 4
+    assert _drift_points(api, t, t + 3600) == []
+
+    overview = client_logged_in.get("/monitoring/").content.decode()
+    assert "no verdict: the reference has 4 rows, at least 100 are needed" in overview
+    assert 'class="bad"' not in overview.split("Drift (PSI)")[1]
+    page = client_logged_in.get("/monitoring/deployments/churn/").content.decode()
+    assert "no verdict: the reference has 4 rows, at least 100 are needed" in page
+    assert 'action="/monitoring/deployments/churn/drift-reference"' in page
+
+
+def test_the_minimum_reference_size_is_a_setting(api, fleet, settings):
+    settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS = 4
+    t = now_minute() // 3600 * 3600
+    ingest(fleet.instance(1), _inputs([(5.0, 40.0)] * 30, t=t))
+    points = _drift_points(api, t, t + 3600)
+    assert len(points) == 1 and points[0]["value"] > 0.25
+
+
+def test_a_csv_reference_uploaded_in_the_ui_gives_a_verdict(api, fleet, client_logged_in):
+    rows = "\n".join(f"{(i % 10) / 10 + 0.05},{i % 4 + 1}" for i in range(200))
+    upload = SimpleUploadedFile("ref.csv", f"f0,f1\n{rows}\n".encode(), content_type="text/csv")
+    resp = client_logged_in.post(
+        "/monitoring/deployments/churn/drift-reference", {"file": upload}, follow=True
+    )
+    assert resp.status_code == 200
+    assert "Drift reference of v1 uploaded: 200 rows, 2 features." in resp.content.decode()
+    reference = DriftReference.objects.get(active=True)
+    assert (reference.source, reference.n_rows) == ("dataset", 200)
+    assert AuditEvent.objects.filter(action="monitoring.drift_reference").count() == 1
+    # The API route reads the same reference.
+    got = api.get("/api/v1/models/churn-model/versions/1/drift-reference").json()
+    assert got["n_rows"] == 200 and got["features"] == ["f0", "f1"]
+
+    t = now_minute() // 3600 * 3600
+    like = [((i % 10) / 10 + 0.05, i % 4 + 1) for i in range(40)]
+    ingest(fleet.instance(1), _inputs(like, t=t))
+    points = _drift_points(api, t, t + 3600)
+    assert len(points) == 1 and points[0]["value"] < 0.1
+    page = client_logged_in.get("/monitoring/deployments/churn/").content.decode()
+    assert "Drift is judged against it." in page
+
+
+def test_a_json_reference_uploads_too_and_a_bad_file_changes_nothing(fleet, client_logged_in):
+    bad = SimpleUploadedFile("ref.csv", b"f0,f1\n1,2,3\n", content_type="text/csv")
+    resp = client_logged_in.post(
+        "/monitoring/deployments/churn/drift-reference", {"file": bad}, follow=True
+    )
+    assert "Reference not uploaded: CSV line 2 has 3 fields, the header 2" in resp.content.decode()
+    assert not DriftReference.objects.exists()
+    assert not AuditEvent.objects.filter(action="monitoring.drift_reference").exists()
+    good = SimpleUploadedFile(
+        "ref.json", b'{"columns": ["f0"], "data": [[0.1], [0.2], [0.3]]}', "application/json"
+    )
+    client_logged_in.post("/monitoring/deployments/churn/drift-reference", {"file": good})
+    assert DriftReference.objects.get(active=True).n_rows == 3
+
+
+def test_feedback_for_predictions_not_collected_is_pending_and_expired_ones_unknown(api, fleet):
+    resp = api.post(
+        "/api/v1/deployments/churn/feedback",
+        [{"request_id": "later", "label": 1}, {"request_id": "old", "label": 0}],
+    )
+    body = resp.json()
+    assert (body["pending"], body["unknown"]) == (2, 0)
+    assert sorted(body["pending_request_ids"]) == ["later", "old"]
+    # "old" waited past the retention period: posted again, it is dropped as unknown.
+    PendingLabel.objects.filter(request_id="old").update(
+        received_at=timezone.now() - timedelta(days=31)
+    )
+    body = api.post(
+        "/api/v1/deployments/churn/feedback",
+        [{"request_id": "later", "label": 1}, {"request_id": "old", "label": 0}],
+    ).json()
+    assert (body["pending"], body["pending_request_ids"]) == (1, ["later"])
+    assert (body["unknown"], body["unknown_request_ids"]) == (1, ["old"])
+    assert list(PendingLabel.objects.values_list("request_id", flat=True)) == ["later"]
+    # The pending label is applied when its prediction is collected.
+    t = now_minute()
+    ingest(fleet.instance(1), [record(1, "later", t, [1])])
+    assert not PendingLabel.objects.exists()
