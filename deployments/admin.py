@@ -135,7 +135,7 @@ class DeploymentAdmin(ReadOnlyAdmin):
         "endpoint",
         "updated_at",
     )
-    list_filter = ("status", "runtime", "stopped", "deleted")
+    list_filter = ("status", "runtime", "environment", "stopped", "deleted")
     list_select_related = ("model", "serving_revision__model_version")
     search_fields = ("name", "model__name", "target_alias")
     date_hierarchy = "created_at"
@@ -151,11 +151,14 @@ class DeploymentAdmin(ReadOnlyAdmin):
         "cpu",
         "memory_mb",
         "env",
+        "environment",
+        "predict_method",
         "endpoint",
         "desired_revision",
         "serving_revision",
         "status",
         "phase",
+        "phase_started_at",
         "status_message",
         "stopped",
         "deleted",

@@ -48,6 +48,7 @@ class DeploymentOutput(serializers.ModelSerializer):
     model_version = serializers.SerializerMethodField()
     endpoint = serializers.CharField()
     resources = serializers.SerializerMethodField()
+    predict_method = serializers.SerializerMethodField()
     instances = InstanceOutput(many=True)
 
     class Meta:
@@ -61,8 +62,11 @@ class DeploymentOutput(serializers.ModelSerializer):
             "replicas",
             "resources",
             "env",
+            "environment",
+            "predict_method",
             "status",
             "phase",
+            "phase_started_at",
             "status_message",
             "revision",
             "serving_revision",
@@ -88,6 +92,9 @@ class DeploymentOutput(serializers.ModelSerializer):
 
     def get_resources(self, obj) -> dict:
         return {"cpu": obj.cpu, "memory_mb": obj.memory_mb}
+
+    def get_predict_method(self, obj) -> str | None:
+        return obj.predict_method or None
 
 
 class RevisionOutput(serializers.ModelSerializer):
@@ -177,6 +184,12 @@ class DeploymentListApi(APIView):
         replicas = serializers.IntegerField(required=False, default=1)
         resources = ResourcesInput(required=False)
         env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+        environment = serializers.CharField(
+            required=False, max_length=16, help_text="auto (default), isolated or shared"
+        )
+        predict_method = serializers.CharField(
+            required=False, allow_null=True, allow_blank=True, max_length=64
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -199,6 +212,8 @@ class DeploymentListApi(APIView):
             replicas=data["replicas"],
             resources=data.get("resources"),
             env=data.get("env"),
+            environment=data.get("environment"),
+            predict_method=data.get("predict_method"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -219,6 +234,12 @@ class DeploymentDetailApi(APIView):
         replicas = serializers.IntegerField(required=False)
         resources = ResourcesInput(required=False)
         env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+        environment = serializers.CharField(
+            required=False, max_length=16, help_text="auto, isolated or shared"
+        )
+        predict_method = serializers.CharField(
+            required=False, allow_null=True, allow_blank=True, max_length=64
+        )
         stopped = serializers.BooleanField(required=False)
 
     @extend_schema(responses=DeploymentOutput)

@@ -43,6 +43,19 @@ class Deployment(models.Model):
     cpu = models.FloatField(null=True, blank=True, help_text="CPU limit in cores")
     memory_mb = models.PositiveIntegerField(null=True, blank=True)
     env = models.JSONField(default=dict, blank=True)
+    environment = models.CharField(
+        max_length=16,
+        default="auto",
+        choices=[("auto", "auto"), ("isolated", "isolated"), ("shared", "shared")],
+        help_text="auto: the control plane's Python when it has every requirement, else a "
+        "built environment; isolated: always built; shared: always the control plane's",
+    )
+    predict_method = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="the model's method answering predictions by default (e.g. predict_proba); "
+        "empty: the model server's default",
+    )
     port = models.PositiveIntegerField(
         unique=True, help_text="the stable endpoint's port on 127.0.0.1"
     )
@@ -61,6 +74,9 @@ class Deployment(models.Model):
     status_message = models.TextField(blank=True)
     phase = models.CharField(
         max_length=64, blank=True, help_text="rollout progress shown in the UI"
+    )
+    phase_started_at = models.DateTimeField(
+        null=True, blank=True, help_text="when the current phase began (elapsed time in the UI)"
     )
     stopped = models.BooleanField(default=False, help_text="desired: nothing runs")
     deleted = models.BooleanField(default=False, help_text="desired: stop everything, then remove")
@@ -165,7 +181,10 @@ class Instance(models.Model):
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """``127.0.0.1:PORT`` or ``unix:/path``: the runtime derives it from the port."""
+        from .runtimes import instance_address
+
+        return instance_address(self.runtime, self.port)
 
 
 class DeploymentEvent(models.Model):

@@ -13,6 +13,7 @@ start make a crash at any point recoverable (the next pass adopts or sweeps).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -49,6 +50,13 @@ HEARTBEAT_SECONDS = 5.0
 # A worker alive but stuck (a hung engine call) is not renewed past its budget plus the
 # longest one step may take (a first image build): the deployment is not held forever.
 LONGEST_STEP_SECONDS = 600.0
+# The model server's structured fatal error: the last line of its log (serving/).
+FATAL_PREFIX = "SERVING-FATAL "
+
+
+def _longest_step() -> float:
+    """A first environment build may take up to its timeout: the lease is kept that long."""
+    return max(LONGEST_STEP_SECONDS, settings.CONTROLPLANE_ENV_BUILD_TIMEOUT + 60.0)
 
 
 def _acquire(deployment_id: int, owner: str) -> bool:
@@ -131,7 +139,7 @@ def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool | None:
     # Inside a caller's transaction (tests) the lease is seen by no other connection until
     # it commits: a heartbeat could not renew it, only wait on the caller's locks.
     if not connection.in_atomic_block:
-        heartbeat = _Heartbeat(deployment_id, owner, until=deadline + LONGEST_STEP_SECONDS)
+        heartbeat = _Heartbeat(deployment_id, owner, until=deadline + _longest_step())
         heartbeat.start()
     try:
         while True:
@@ -149,6 +157,8 @@ def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool | None:
 
 def _set(d: Deployment, **fields) -> None:
     changed = {k: v for k, v in fields.items() if getattr(d, k) != v}
+    if "phase" in changed:
+        changed["phase_started_at"] = timezone.now() if changed["phase"] else None
     if changed:
         Deployment.objects.filter(pk=d.pk).update(**changed)
         for key, value in changed.items():
@@ -197,12 +207,25 @@ def _pass(deployment_id: int) -> bool:
         Revision.objects.filter(pk=desired.pk).update(model_dir=str(model_dir), model_sha256=sha)
         desired.model_dir, desired.model_sha256 = str(model_dir), sha
     if desired.state == Revision.State.PENDING:
-        # Slow, cached preparation (an image build) happens before the clock starts.
-        _set(d, phase="building image" if desired.spec.get("runtime") == "docker" else "preparing")
+        # Slow, cached preparation (an image or environment build) happens before the clock
+        # starts. A failure is final for this revision: a build that failed fails again.
+        runtime_name = desired.spec.get("runtime", d.runtime)
+        _set(d, phase=PREPARE_PHASES.get(runtime_name, "preparing environment"))
+        started = time.monotonic()
+
+        def progress(message: str) -> None:
+            event_record(d, "environment", message, desired)
+
         try:
-            get_runtime(desired.spec.get("runtime", d.runtime)).prepare(_spec(d, desired, 0, 0))
+            get_runtime(runtime_name).prepare(_spec(d, desired, 0, 0), progress=progress)
         except RuntimeError_ as exc:
-            _fail_revision(d, desired, serving, f"cannot prepare r{desired.number}: {exc}")
+            seconds = time.monotonic() - started
+            _fail_revision(
+                d,
+                desired,
+                serving,
+                f"cannot prepare r{desired.number} (after {seconds:.1f} s): {exc}",
+            )
             return False
         Revision.objects.filter(pk=desired.pk).update(
             state=Revision.State.ROLLING_OUT, rollout_started_at=timezone.now()
@@ -330,14 +353,46 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
         event_record(d, "drained", f"stopped {len(old)} instance(s) of earlier revisions")
 
 
+PREPARE_PHASES = {"local": "preparing environment", "docker": "building image"}
+
+
+def fatal_record(log: str) -> dict | None:
+    """The model server's structured fatal error (``SERVING-FATAL {json}``, its last record:
+    type, message, phase), or None when the log has none."""
+    for line in reversed(log.splitlines()):
+        start = line.find(FATAL_PREFIX)
+        if start == -1:
+            continue
+        try:
+            record = json.loads(line[start + len(FATAL_PREFIX) :])
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("type"):
+            return record
+    return None
+
+
+def exit_cause(log: str) -> str:
+    """Why a server exited, as its log says: its fatal record ("ModuleNotFoundError: No
+    module named 'xgboost'"), else its last line (an exception, usually)."""
+    record = fatal_record(log)
+    if record is not None:
+        message = str(record.get("message") or "").strip()
+        cause = f"{record['type']}: {message}" if message else str(record["type"])
+        if record.get("phase"):
+            cause += f" (during {record['phase']})"
+        return cause[:1000]
+    lines = [line.strip() for line in log.splitlines()]
+    return next((line for line in reversed(lines) if line), "")[:300]
+
+
 def _last_log_line(runtime, runtime_id: str) -> str:
-    """The last line a crashed server wrote (its exception, usually): what a user needs to
-    see in the crash event and the failed revision's reason."""
+    """What a crashed server said last (its fatal record, else its last line): what a user
+    needs to see in the crash event and the failed revision's reason."""
     try:
-        lines = [line.strip() for line in runtime.logs(runtime_id, tail=20).splitlines()]
+        return exit_cause(runtime.logs(runtime_id, tail=50))
     except RuntimeError_:
         return ""
-    return next((line for line in reversed(lines) if line), "")[:300]
 
 
 def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
@@ -365,10 +420,14 @@ def _observe(d: Deployment, inst: Instance, *, live: bool) -> None:
         inst.restarts += 1
         inst.state = Instance.State.CRASHED
         inst.healthy_streak = 0
-        inst.last_error = "exited" if status is None else f"exited with {status.exit_code}"
+        code = None if status is None else status.exit_code
+        # The exit code is known to the worker that started the process (its parent) only.
+        inst.last_error = "exited" if code is None else f"exited with {code}"
         last_words = _last_log_line(runtime, inst.runtime_id)
         if last_words:
-            inst.last_error = f"{inst.last_error}: {last_words}"[:500]
+            inst.last_error = f"{inst.last_error}: {last_words}"
+        name = f"{d.name}-r{inst.revision.number}-{inst.ordinal}"
+        inst.last_error = f"{inst.last_error[:1400]} (log: {name})"
         inst.save(update_fields=["restarts", "state", "healthy_streak", "last_error"])
         event_record(d, "crash", f"instance {inst} {inst.last_error}; restarting", inst.revision)
         try:
@@ -416,6 +475,9 @@ def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> Instanc
         cpu=spec.get("cpu"),
         memory_mb=spec.get("memory_mb"),
         env=spec.get("env") or {},
+        # Revisions from before environments existed ran on the control plane's interpreter.
+        environment=spec.get("environment", "shared"),
+        predict_method=spec.get("predict_method"),
     )
 
 
@@ -571,3 +633,47 @@ def sweep_strays() -> int:
             router.stop(this)
             stopped += 1
     return stopped
+
+
+def environments_in_use() -> set[str]:
+    """Keys of the local environments some revision may run on now: those of the desired and
+    serving revisions of every deployment, of revisions with instances (a warm standby), and
+    of what running servers were started from (their labels)."""
+    from . import environments
+    from .runtimes import get_runtime
+
+    runtime = get_runtime("local")
+    keys = set(runtime.environments_in_use())
+    revisions = (
+        Revision.objects.filter(
+            Q(pk__in=Deployment.objects.values("desired_revision"))
+            | Q(pk__in=Deployment.objects.values("serving_revision"))
+            | Q(pk__in=Instance.objects.values("revision"))
+        )
+        .exclude(model_dir="")
+        .only("model_dir", "spec")
+    )
+    for revision in revisions:
+        if revision.spec.get("runtime") != "local":
+            continue
+        if revision.spec.get("environment", "shared") == "shared":
+            continue
+        try:
+            keys.add(environments.resolve(revision.model_dir).key)
+        except RuntimeError_:
+            continue  # unresolvable: nothing was built for it
+    return keys
+
+
+def cleanup_environments() -> list[str]:
+    """Remove environments unused by any revision and unused for the retention period."""
+    from .runtimes import environment_builder
+
+    builder = environment_builder(str(settings.DATA_DIR))
+    removed = builder.cleanup(
+        keep=environments_in_use(),
+        retention_seconds=settings.CONTROLPLANE_ENV_RETENTION_DAYS * 86400,
+    )
+    if removed:
+        logger.info("removed %d unused environment(s): %s", len(removed), ", ".join(removed))
+    return removed

@@ -94,11 +94,11 @@ def owned_routers() -> list[process.ProcInfo]:
 
 
 def ping(address: str, *, timeout: float = 1.0) -> bool:
-    """Is the model server at ``address`` ready?"""
+    """Is the model server at ``address`` (``127.0.0.1:PORT`` or ``unix:/path``) ready?"""
     try:
         return (
             http.request(
-                "GET", f"http://{address}/ping", timeout=timeout, raise_for_status=False
+                "GET", http.address_url(address, "/ping"), timeout=timeout, raise_for_status=False
             ).status
             == 200
         )

@@ -47,7 +47,12 @@ def model_versions_in_use(*, model_name: str) -> set[int]:
     return used
 
 
+FAILED_REVISION_LOGS = 3  # failed revisions whose servers' logs are listed after they stopped
+
+
 def deployment_logs(*, deployment: Deployment, tail: int) -> list[dict]:
+    """The log of every instance, and of the instances of the last failed revisions, which
+    are stopped and their rows gone, from what the runtime kept (``failed: true``)."""
     from .runtimes import RuntimeError_, get_runtime
 
     out = []
@@ -65,9 +70,39 @@ def deployment_logs(*, deployment: Deployment, tail: int) -> list[dict]:
         out.append(
             {
                 "instance": str(inst),
+                "name": f"{deployment.name}-r{inst.revision.number}-{inst.ordinal}",
                 "revision": inst.revision.number,
                 "ordinal": inst.ordinal,
+                "failed": False,
                 "logs": text,
             }
         )
+    listed = {(item["revision"], item["ordinal"]) for item in out}
+    failed = deployment.revisions.filter(state=Revision.State.FAILED).order_by("-number")
+    for revision in failed[:FAILED_REVISION_LOGS]:
+        try:
+            runtime = get_runtime(revision.spec.get("runtime", deployment.runtime))
+        except RuntimeError_:
+            continue
+        if not hasattr(runtime, "instance_logs"):
+            continue
+        for ordinal in range(int(revision.spec.get("replicas", 1))):
+            if (revision.number, ordinal) in listed:
+                continue
+            name = f"{deployment.name}-r{revision.number}-{ordinal}"
+            try:
+                text = runtime.instance_logs(name, tail=tail)
+            except RuntimeError_ as exc:
+                text = f"(logs unavailable: {exc})"
+            if text:
+                out.append(
+                    {
+                        "instance": f"{deployment.name} r{revision.number}#{ordinal}",
+                        "name": name,
+                        "revision": revision.number,
+                        "ordinal": ordinal,
+                        "failed": True,
+                        "logs": text,
+                    }
+                )
     return out

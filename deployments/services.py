@@ -19,11 +19,14 @@ from controlplane.lib.errors import ApplicationError, Conflict, NotFound
 from controlplane.lib.tasks import enqueue_on_commit
 from registry.models import Alias, ModelVersion, RegisteredModel
 
+from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, DeploymentEvent, Instance, Revision
 from .runtimes import RUNTIMES
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+METHOD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_REPLICAS = 16
+UNSET: Any = object()  # an optional argument not given (None means "set to nothing")
 
 
 def _kick(deployment: Deployment) -> None:
@@ -47,6 +50,8 @@ def _spec_snapshot(d: Deployment) -> dict:
         "cpu": d.cpu,
         "memory_mb": d.memory_mb,
         "env": d.env,
+        "environment": d.environment,
+        "predict_method": d.predict_method or None,
     }
 
 
@@ -159,6 +164,29 @@ def _validate_spec(
     return runtime, replicas, float(cpu) if cpu is not None else None, memory, env
 
 
+def _validate_environment(environment: Any) -> str:
+    if environment not in ENVIRONMENT_CHOICES:
+        raise ApplicationError(
+            f"environment must be one of {', '.join(ENVIRONMENT_CHOICES)}",
+            code="invalid_environment",
+            details={"choices": list(ENVIRONMENT_CHOICES)},
+        )
+    return environment
+
+
+def _validate_predict_method(method: Any) -> str:
+    """A method name, or "" for the server's default; which methods a model has is the
+    model server's to check."""
+    if method in (None, ""):
+        return ""
+    if not isinstance(method, str) or not METHOD_RE.match(method):
+        raise ApplicationError(
+            "predict_method must be a method name such as predict_proba, or null",
+            code="invalid_predict_method",
+        )
+    return method
+
+
 def _new_revision(
     d: Deployment, mv: ModelVersion, *, reason: str, actor: AbstractBaseUser | None
 ) -> Revision:
@@ -193,6 +221,8 @@ def deployment_create(
     replicas: int = 1,
     resources: dict | None = None,
     env: dict | None = None,
+    environment: str | None = None,
+    predict_method: str | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -209,6 +239,8 @@ def deployment_create(
     runtime, replicas, cpu, memory, env = _validate_spec(
         runtime or settings.CONTROLPLANE_DEFAULT_RUNTIME, replicas, resources, env
     )
+    environment = _validate_environment(environment or settings.CONTROLPLANE_DEFAULT_ENVIRONMENT)
+    predict_method = _validate_predict_method(predict_method)
     try:
         with transaction.atomic():
             d = Deployment.objects.create(
@@ -221,6 +253,8 @@ def deployment_create(
                 cpu=cpu,
                 memory_mb=memory,
                 env=env,
+                environment=environment,
+                predict_method=predict_method,
                 port=allocate_port(),
                 progress_deadline_s=settings.CONTROLPLANE_PROGRESS_DEADLINE,
                 created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -265,6 +299,8 @@ def deployment_update(
     replicas: int | None = None,
     resources: dict | None = None,
     env: dict | None = None,
+    environment: str | None = None,
+    predict_method: str | None = UNSET,
     actor: AbstractBaseUser,
 ) -> Deployment:
     d = _locked(deployment)
@@ -292,7 +328,16 @@ def deployment_update(
         changes.append("resources")
     if new_env != d.env:
         changes.append("env")
+    new_environment = _validate_environment(d.environment if environment is None else environment)
+    if new_environment != d.environment:
+        changes.append(f"environment {new_environment}")
+    new_method = (
+        d.predict_method if predict_method is UNSET else _validate_predict_method(predict_method)
+    )
+    if new_method != d.predict_method:
+        changes.append(f"predict_method {new_method or 'default'}")
     d.replicas, d.cpu, d.memory_mb, d.env = new_replicas, cpu, memory, new_env
+    d.environment, d.predict_method = new_environment, new_method
     current = d.desired_revision
     if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
         d.save()
@@ -365,6 +410,9 @@ def deployment_rollback(
         spec.get("memory_mb"),
         spec.get("env") or {},
     )
+    # Revisions made before environments existed ran on the control plane's interpreter.
+    d.environment = spec.get("environment", "shared")
+    d.predict_method = spec.get("predict_method") or ""
     if not d.target_alias:
         d.target_version = target.model_version.version
     d.stopped = False

@@ -25,3 +25,11 @@ def reconcile_all() -> int:
         reconcile.apply_async(args=[pk], expires=30)
     sweep_strays()
     return len(ids)
+
+
+@shared_task(name="deployments.tasks.environments_cleanup", ignore_result=True)
+def environments_cleanup() -> int:
+    """Periodic: remove the local environments no revision uses, after their retention."""
+    from .reconciler import cleanup_environments
+
+    return len(cleanup_environments())

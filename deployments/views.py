@@ -20,6 +20,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from controlplane.lib.errors import ApplicationError
@@ -28,12 +29,15 @@ from registry.models import ModelVersion
 from registry.selectors import registered_model_list
 
 from . import selectors, services
+from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
-from .runtimes import RUNTIMES
+from .runtimes import RUNTIMES, isolation_warning
 
-# Rollout steps in the order the reconciler goes through them (its ``phase``).
+# Rollout steps in the order the reconciler goes through them (its ``phase``); the second
+# is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
 ROLLOUT_STEPS = (
     "fetching model files",
+    "preparing environment",
     "starting instances",
     "waiting for readiness",
     "switching traffic",
@@ -95,6 +99,8 @@ def _current(d: Deployment) -> dict:
         "replicas": spec.get("replicas", d.replicas),
         "cpu": spec.get("cpu", d.cpu),
         "memory_mb": spec.get("memory_mb", d.memory_mb),
+        "environment": spec.get("environment", "shared") if rev is not None else d.environment,
+        "predict_method": spec.get("predict_method") or "",
     }
 
 
@@ -150,13 +156,54 @@ def _settled_statuses(d: Deployment) -> list[str]:
     return done
 
 
+def _steps(runtime: str) -> tuple[str, ...]:
+    if runtime == "docker":
+        return tuple("building image" if s == "preparing environment" else s for s in ROLLOUT_STEPS)
+    return ROLLOUT_STEPS
+
+
 def _rollout_steps(d: Deployment) -> list[dict]:
     """The rollout steps with where the reconciler is now (only while it rolls out)."""
-    current = ROLLOUT_STEPS.index(d.phase) if d.phase in ROLLOUT_STEPS else -1
+    steps = _steps(d.runtime)
+    current = steps.index(d.phase) if d.phase in steps else -1
     return [
         {"name": step, "state": "done" if i < current else "current" if i == current else "todo"}
-        for i, step in enumerate(ROLLOUT_STEPS)
+        for i, step in enumerate(steps)
     ]
+
+
+ENVIRONMENT_HELP = (
+    "auto: the control plane's own Python when it already has every requirement of the model, "
+    "else an environment built for it; isolated: always a built environment; shared: always "
+    "the control plane's Python."
+)
+ENVIRONMENT_FIELD_CHOICES = [(e, e) for e in ENVIRONMENT_CHOICES]
+
+
+def _environment_fields() -> dict[str, forms.Field]:
+    return {
+        "environment": forms.ChoiceField(
+            choices=ENVIRONMENT_FIELD_CHOICES,
+            initial="auto",
+            required=False,  # empty: the default (create) or unchanged (update)
+            help_text=ENVIRONMENT_HELP,
+        ),
+        "predict_method": forms.CharField(
+            label="Prediction method",
+            required=False,
+            max_length=64,
+            help_text="The model's method answering predictions, e.g. predict_proba. "
+            "Empty: the model's default.",
+            widget=forms.TextInput(attrs={"placeholder": "predict"}),
+        ),
+    }
+
+
+def _phase_seconds(d: Deployment) -> int | None:
+    """Seconds the deployment has been in its current phase (an environment build...)."""
+    if not d.phase or d.phase_started_at is None:
+        return None
+    return max(0, int((timezone.now() - d.phase_started_at).total_seconds()))
 
 
 def _resources(cpu: float | None, memory_mb: int | None) -> dict:
@@ -217,6 +264,7 @@ class CreateForm(forms.Form):
     memory_mb = forms.IntegerField(
         label="Memory limit (MB)", required=False, help_text="Empty: no limit."
     )
+    environment, predict_method = _environment_fields().values()
 
     def __init__(self, *args: Any, models: list, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -241,6 +289,8 @@ CREATE_ERROR_FIELDS = {
     "invalid_runtime": "runtime",
     "invalid_replicas": "replicas",
     "invalid_resources": "cpu",
+    "invalid_environment": "environment",
+    "invalid_predict_method": "predict_method",
 }
 
 
@@ -262,6 +312,8 @@ def deployment_create(request: HttpRequest) -> HttpResponse:
                     runtime=data["runtime"],
                     replicas=data["replicas"],
                     resources=_resources(data["cpu"], data["memory_mb"]),
+                    environment=data["environment"] or None,
+                    predict_method=data["predict_method"].strip() or None,
                     actor=request.user,
                 )
             except ApplicationError as exc:
@@ -277,6 +329,7 @@ def deployment_create(request: HttpRequest) -> HttpResponse:
                 "version": request.GET.get("version", "")[:20],
                 "alias": request.GET.get("alias", "")[:255],
                 "runtime": settings.CONTROLPLANE_DEFAULT_RUNTIME,
+                "environment": settings.CONTROLPLANE_DEFAULT_ENVIRONMENT,
             },
         )
     aliases = sorted({a.name for m in models for a in m.aliases.all()} | {"staging", "production"})
@@ -320,6 +373,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "rolling_out": d.status in UNSETTLED and not d.stopped,
             "polling": d.status not in settled,
             "steps": _rollout_steps(d),
+            "phase_seconds": _phase_seconds(d),
             "revisions": revisions,
             "events": events,
             "instances": instances,
@@ -327,13 +381,14 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "total": total,
             "curl": curl,
             "curl_is_example": curl_is_example,
+            "isolation_warning": isolation_warning(d.runtime),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),
                 "badges": BADGES,
                 "settled": settled,
                 "rolling_out": sorted(UNSETTLED),
-                "steps": ROLLOUT_STEPS,
+                "steps": _steps(d.runtime),
             },
         },
     )
@@ -372,6 +427,7 @@ class UpdateForm(forms.Form):
     memory_mb = forms.IntegerField(
         label="Memory limit (MB)", required=False, help_text="Empty: no limit."
     )
+    environment, predict_method = _environment_fields().values()
 
 
 class ScaleForm(forms.Form):
@@ -386,6 +442,8 @@ UPDATE_ERROR_FIELDS = {
     "alias_not_found": "alias",
     "invalid_replicas": "replicas",
     "invalid_resources": "cpu",
+    "invalid_environment": "environment",
+    "invalid_predict_method": "predict_method",
 }
 
 
@@ -409,6 +467,18 @@ def _changes(d: Deployment, data: dict) -> list[dict]:
                     "after": data[key] or "no limit",
                 }
             )
+    if data.get("environment") and data["environment"] != current["environment"]:
+        rows.append(
+            {"what": "Environment", "before": current["environment"], "after": data["environment"]}
+        )
+    if "predict_method" in data and data["predict_method"] != current["predict_method"]:
+        rows.append(
+            {
+                "what": "Prediction method",
+                "before": current["predict_method"] or "default",
+                "after": data["predict_method"] or "default",
+            }
+        )
     return rows
 
 
@@ -422,6 +492,8 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
         if form.is_valid():
             data = {"version": "", "alias": "", **form.cleaned_data}
             data["version"], data["alias"] = data["version"].strip(), data["alias"].strip()
+            if "predict_method" in data:
+                data["predict_method"] = data["predict_method"].strip()
             if request.POST.get("confirm") != "yes":
                 return render(
                     request,
@@ -442,6 +514,14 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
                     alias=data["alias"] or None,
                     replicas=data["replicas"],
                     resources=None if scale else _resources(data["cpu"], data["memory_mb"]),
+                    **(
+                        {}
+                        if scale
+                        else {
+                            "environment": data["environment"] or None,
+                            "predict_method": data["predict_method"] or None,
+                        }
+                    ),
                     actor=request.user,
                 )
             except ApplicationError as exc:
@@ -462,6 +542,8 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
                 "replicas": current["replicas"],
                 "cpu": current["cpu"],
                 "memory_mb": current["memory_mb"],
+                "environment": current["environment"],
+                "predict_method": current["predict_method"],
             }
         )
     return render(

@@ -44,7 +44,8 @@ class ProbeOutcome:
 
 
 class ModelServer:
-    """One model server (or a deployment's stable endpoint) at ``http://address``."""
+    """One model server (or a deployment's stable endpoint) at ``address``: ``host:port``, a
+    URL, or ``unix:/path/to.sock`` (a server in its own network namespace or container)."""
 
     def __init__(
         self, address: str, *, timeout: float = 5.0, admin_tokens: Sequence[str] = ()
@@ -52,7 +53,7 @@ class ModelServer:
         """``admin_tokens``: the server's SERVING_ADMIN_TOKEN, sent to its admin endpoints,
         or those it may hold, in order (deployments.serving_token.serving_admin_tokens); the
         next one is tried when a server refuses one with 401."""
-        self.base = address if address.startswith("http") else f"http://{address}"
+        self.base = http.address_url(address)
         self.timeout = timeout
         self._admin_tokens = list(admin_tokens)
 

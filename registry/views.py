@@ -226,6 +226,17 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     )
 
 
+def _environment(mv: ModelVersion) -> dict:
+    """The model's requirements as deployments resolve them (deployments/environments.py)."""
+    from deployments.environments import EnvironmentFailure, normalize_requirements, unsatisfied
+
+    try:
+        resolved = normalize_requirements(mv.requirements or [], source="requirements.txt")
+    except EnvironmentFailure as exc:
+        return {"env_requirements": [], "env_error": str(exc), "env_missing": []}
+    return {"env_requirements": resolved, "env_error": "", "env_missing": unsatisfied(resolved)}
+
+
 @login_required
 @_ui
 @require_GET
@@ -237,6 +248,7 @@ def version_detail(request: HttpRequest, name: str, version: str) -> HttpRespons
         request,
         "registry/version_detail.html",
         {
+            **_environment(mv),
             "model": model,
             "mv": mv,
             "aliases": sorted(a.name for a in mv.aliases.all()),

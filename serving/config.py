@@ -27,6 +27,7 @@ class Settings:
     version: str
     host: str = "127.0.0.1"
     port: int = 8080
+    unix_socket: Path | None = None  # listen here instead of host:port
     workers: int = 1
     max_batch_size: int = 64
     max_batch_delay_ms: float = 2.0
@@ -55,6 +56,8 @@ class Settings:
             "SERVING_SHUTDOWN_TIMEOUT": str(self.shutdown_timeout_s),
             "SERVING_LOG_LEVEL": self.log_level,
         }
+        if self.unix_socket is not None:
+            env["SERVING_UNIX_SOCKET"] = str(self.unix_socket)
         if self.prediction_log_dir is not None:
             env["SERVING_PREDICTION_LOG_DIR"] = str(self.prediction_log_dir)
         if self.admin_token is not None:
@@ -69,6 +72,12 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--version", "SERVING_MODEL_VERSION", "model version reported in responses and metrics"),
     ("--host", "SERVING_HOST", "address to listen on (default 127.0.0.1)"),
     ("--port", "SERVING_PORT", "port to listen on (default 8080; 0 picks a free one)"),
+    (
+        "--unix-socket",
+        "SERVING_UNIX_SOCKET",
+        "listen on this Unix socket path instead of --host/--port (a server in a network "
+        "namespace or a container without a network)",
+    ),
     ("--workers", "SERVING_WORKERS", "server processes sharing the port (default 1)"),
     ("--max-batch-size", "SERVING_MAX_BATCH_SIZE", "most rows per model call (default 64)"),
     (
@@ -188,6 +197,17 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
                 f"--host must be an IP address or localhost, got {host!r}"
             ) from None
 
+    unix_socket = None
+    if raw.get("--unix-socket", "").strip():
+        unix_socket = Path(raw["--unix-socket"].strip())
+        # sun_path holds 108 bytes with its terminating NUL
+        if not unix_socket.is_absolute() or len(os.fsencode(unix_socket)) > 107:
+            raise SettingsError(
+                f"--unix-socket must be an absolute path of at most 107 bytes, got {unix_socket}"
+            )
+        if not unix_socket.parent.is_dir():
+            raise SettingsError(f"--unix-socket: {unix_socket.parent} is not a directory")
+
     prediction_log_dir = None
     if "--prediction-log-dir" in raw:
         prediction_log_dir = Path(raw["--prediction-log-dir"])
@@ -197,6 +217,10 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
             raise SettingsError(
                 f"--prediction-log-dir: cannot create {prediction_log_dir}: {exc}"
             ) from None
+
+    workers = _int("--workers", raw.get("--workers", "1"), minimum=1, maximum=64)
+    if unix_socket is not None and workers > 1:
+        raise SettingsError("--unix-socket serves with one worker: set --workers 1")
 
     log_level = raw.get("--log-level", "INFO").upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -208,7 +232,8 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
         version=raw["--version"].strip(),
         host=host,
         port=_int("--port", raw.get("--port", "8080"), minimum=0, maximum=65535),
-        workers=_int("--workers", raw.get("--workers", "1"), minimum=1, maximum=64),
+        unix_socket=unix_socket,
+        workers=workers,
         max_batch_size=_int(
             "--max-batch-size", raw.get("--max-batch-size", "64"), minimum=1, maximum=1_000_000
         ),

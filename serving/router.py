@@ -2,8 +2,8 @@
 
     python -m serving.router --host 127.0.0.1 --port P --backends-file F
 
-F is `{"backends": ["127.0.0.1:40001", ...]}`, rewritten atomically (temp file + rename) by the
-control plane. The router re-reads it when its mtime/inode changes (polled every 50 ms) or on
+F is `{"backends": ["127.0.0.1:40001", "unix:/path/to/server.sock", ...]}`, rewritten
+atomically (temp file + rename) by the control plane. The router re-reads it when its mtime/inode changes (polled every 50 ms) or on
 SIGHUP; new requests then go only to the new set (round-robin), while requests already sent
 to a removed backend complete. Idle pooled connections to removed backends are closed.
 
@@ -57,6 +57,12 @@ class UpstreamFailed(Exception):
     """The upstream connection broke mid-response: not retried."""
 
 
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _json_response(status: int, payload: dict) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     return status, [(b"content-type", b"application/json")], json.dumps(payload).encode()
 
@@ -81,9 +87,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -187,6 +191,10 @@ class Router:
     def _check(backend: object) -> str:
         if not isinstance(backend, str):
             raise ValueError(f"backend {backend!r} is not a string")
+        if backend.startswith("unix:"):
+            if not backend[5:].startswith("/"):
+                raise ValueError(f"backend {backend!r} is not unix:/absolute/path")
+            return backend
         host, sep, port = backend.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"backend {backend!r} is not host:port")
@@ -217,8 +225,12 @@ class Router:
             conn = idle.pop()
             if not conn.closed:
                 return conn, True
-        host, _, port = backend.rpartition(":")
         loop = asyncio.get_running_loop()
+        if backend.startswith("unix:"):
+            # a model server in its own network namespace, or a container without a network
+            _, conn = await loop.create_unix_connection(lambda: Upstream(backend), backend[5:])
+            return conn, False
+        host, _, port = backend.rpartition(":")
         _, conn = await loop.create_connection(
             lambda: Upstream(backend), host.strip("[]"), int(port)
         )
@@ -287,9 +299,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _nodelay(transport)
         self.router.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -63,15 +65,20 @@ async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
 
     app = App(settings, loop)
     try:
-        sock = make_reuseport_socket(settings.host, settings.port)
+        if settings.unix_socket is not None:
+            sock = make_unix_socket(settings.unix_socket)
+            where = f"unix:{settings.unix_socket}"
+        else:
+            sock = make_reuseport_socket(settings.host, settings.port)
+            where = f"http://{settings.host}:{sock.getsockname()[1]}"
     except OSError as exc:
-        logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
+        target = settings.unix_socket or f"{settings.host}:{settings.port}"
+        logger.error("cannot listen on %s: %s", target, exc)
         return 1
     server = await loop.create_server(lambda: HttpConnection(app), sock=sock)
-    port = sock.getsockname()[1]
     logger.info(
-        "listening on http://%s:%d (pid %d); loading model %s version %s from %s",
-        settings.host, port, os.getpid(), settings.name, settings.version, settings.model_dir,
+        "listening on %s (pid %d); loading model %s version %s from %s",
+        where, os.getpid(), settings.name, settings.version, settings.model_dir,
     )  # fmt: skip
 
     stop = asyncio.Event()
@@ -106,6 +113,11 @@ async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
     # Graceful shutdown: stop accepting, finish what was received, then exit.
     logger.info("shutting down: finishing %d in-flight request(s)", app.metrics.in_flight)
     server.close()
+    if settings.unix_socket is not None:
+        try:
+            os.unlink(settings.unix_socket)  # no new connection finds a closed listener
+        except OSError:
+            pass
     app.begin_shutdown()
     deadline = time.monotonic() + settings.shutdown_timeout_s
     while app.connections and time.monotonic() < deadline:
@@ -119,6 +131,24 @@ async def _serve(settings: Settings, loop: asyncio.AbstractEventLoop) -> int:
         loading.cancel()
     logger.info("stopped")
     return exit_code
+
+
+def make_unix_socket(path) -> socket.socket:
+    """A listening Unix stream socket at ``path``, replacing a stale one a crashed server left.
+    Mode 0600: only this server's user (and root) may connect; the router runs as one of them."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(os.fspath(path))
+    finally:
+        os.umask(old_umask)
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+from controlplane.lib.datadir import data_dir_secure
 from controlplane.lib.env import (
     database_from_url,
     env_bool,
@@ -104,6 +105,16 @@ DATABASES = {
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# 0700, its secret files 0600 (controlplane/lib/datadir.py)
+data_dir_secure(
+    DATA_DIR,
+    sqlite_path=(
+        Path(DATABASES["default"]["NAME"])
+        if DATABASES["default"]["ENGINE"].endswith("sqlite3")
+        and os.path.isabs(str(DATABASES["default"]["NAME"]))
+        else None
+    ),
+)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -334,6 +345,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.apply_retention",
         "schedule": 3600.0,
     },
+    "deployments-environments-cleanup": {
+        "task": "deployments.tasks.environments_cleanup",
+        "schedule": 3600.0,
+        "options": {"expires": 3600},
+    },
 }
 
 # --- logging -----------------------------------------------------------------------
@@ -372,10 +388,41 @@ CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")
 CONTROLPLANE_DOCKER_BASE_IMAGE = env_str(
     "CONTROLPLANE_DOCKER_BASE_IMAGE", "python:3.11-slim-bookworm"
 )
-CONTROLPLANE_DOCKER_NETWORK = env_choice("CONTROLPLANE_DOCKER_NETWORK", "host", ("host", "bridge"))
+# "none": containers have no network; the router reaches each through a Unix socket.
+CONTROLPLANE_DOCKER_NETWORK = env_choice(
+    "CONTROLPLANE_DOCKER_NETWORK", "none", ("none", "host", "bridge")
+)
+# Refuse pickle/cloudpickle models on the local runtime where it cannot sandbox them (the
+# control plane is not root): loading a pickle runs its code as the control plane's user.
+CONTROLPLANE_LOCAL_REFUSE_PICKLE = env_bool("CONTROLPLANE_LOCAL_REFUSE_PICKLE", False)
 CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
 CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)
 # Seconds the previous revision's instances stay running (without traffic) after a
 # rollout, so a rollback is a traffic switch instead of a cold start. 0 stops them at once.
 CONTROLPLANE_ROLLBACK_WINDOW = env_int("CONTROLPLANE_ROLLBACK_WINDOW", 600, minimum=0)
 CONTROLPLANE_PROGRESS_DEADLINE = env_int("CONTROLPLANE_PROGRESS_DEADLINE", 120, minimum=5)
+
+# --- per-model environments (deployments/environments.py) ---------------------------------
+# "auto": the control plane's own interpreter when it has every requirement, else a built
+# environment; "isolated": always built; "shared": always the control plane's.
+CONTROLPLANE_DEFAULT_ENVIRONMENT = env_choice(
+    "CONTROLPLANE_DEFAULT_ENVIRONMENT", "auto", ("auto", "isolated", "shared")
+)
+# Environments (<data>/environments/<key>/) no revision uses are removed this long after their last use.
+CONTROLPLANE_ENV_RETENTION_DAYS = env_int("CONTROLPLANE_ENV_RETENTION_DAYS", 7, minimum=0)
+CONTROLPLANE_ENV_BUILD_TIMEOUT = env_int(
+    "CONTROLPLANE_ENV_BUILD_TIMEOUT", 900, minimum=30, maximum=7200
+)
+# Where every build (local environments, docker images) finds packages. Unset: what pip is
+# configured with on this host (PIP_* variables, pip.conf); set to empty: nothing.
+# CONTROLPLANE_PIP_INDEX_URL=none builds from CONTROLPLANE_PIP_FIND_LINKS only.
+CONTROLPLANE_PIP_INDEX_URL = env_str("CONTROLPLANE_PIP_INDEX_URL")
+CONTROLPLANE_PIP_EXTRA_INDEX_URL = env_str("CONTROLPLANE_PIP_EXTRA_INDEX_URL")  # space/comma
+CONTROLPLANE_PIP_CERT = env_str("CONTROLPLANE_PIP_CERT")  # CA bundle
+CONTROLPLANE_PIP_FIND_LINKS = env_str("CONTROLPLANE_PIP_FIND_LINKS")  # wheelhouse dirs
+CONTROLPLANE_PIP_CONSTRAINT = env_str("CONTROLPLANE_PIP_CONSTRAINT")  # constraint files
+for _name in ("CONTROLPLANE_PIP_CERT", "CONTROLPLANE_PIP_CONSTRAINT"):
+    _value = globals()[_name]
+    for _path in (_value or "").replace(",", " ").split():
+        if not Path(_path).is_file():
+            raise ImproperlyConfigured(f"{_name}: {_path} is not a file")

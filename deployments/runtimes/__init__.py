@@ -18,6 +18,8 @@ __all__ = [
     "RuntimeError_",
     "get_runtime",
     "install_id",
+    "instance_address",
+    "isolation_warning",
     "RUNTIMES",
 ]
 
@@ -39,6 +41,30 @@ def install_id() -> str:
     return path.read_text().strip()
 
 
+def index_options():
+    """The package indexes every build uses (settings, else the host's pip configuration)."""
+    from ..environments import index_options as options
+
+    return options(
+        index_url=settings.CONTROLPLANE_PIP_INDEX_URL,
+        extra_index_url=settings.CONTROLPLANE_PIP_EXTRA_INDEX_URL,
+        cert=settings.CONTROLPLANE_PIP_CERT,
+        find_links=settings.CONTROLPLANE_PIP_FIND_LINKS,
+        constraint=settings.CONTROLPLANE_PIP_CONSTRAINT,
+    )
+
+
+@functools.cache
+def environment_builder(data_dir: str):
+    from ..environments import EnvironmentBuilder
+
+    return EnvironmentBuilder(
+        Path(data_dir) / "environments",
+        index=functools.cache(index_options),
+        timeout=settings.CONTROLPLANE_ENV_BUILD_TIMEOUT,
+    )
+
+
 @functools.cache
 def _build(name: str, owner: str, data_dir: str) -> Runtime:
     if name == "local":
@@ -49,6 +75,9 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             owner=owner,
             code_root=settings.BASE_DIR,
             admin_token=serving_admin_token,
+            environments=environment_builder(data_dir),
+            data_dir=Path(data_dir),
+            refuse_pickle=settings.CONTROLPLANE_LOCAL_REFUSE_PICKLE,
         )
     if name == "docker":
         from .docker import DockerRuntime
@@ -58,10 +87,30 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             image_prefix="controlplane-serving",
             network_mode=settings.CONTROLPLANE_DOCKER_NETWORK,
             cache_dir=Path(data_dir) / "docker",
+            sockets_dir=Path(data_dir) / "sockets",
             owner=owner,
             admin_token=serving_admin_token,
+            index=functools.cache(index_options),
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+def instance_address(runtime: str, port: int) -> str:
+    """Where the instance of ``runtime`` given ``port`` answers: ``127.0.0.1:PORT``, or
+    ``unix:/path`` for a sandboxed local server or a docker container without a network."""
+    try:
+        return get_runtime(runtime).address(port)
+    except RuntimeError_:
+        return f"127.0.0.1:{port}"
+
+
+def isolation_warning(runtime: str) -> str:
+    """Why model servers of ``runtime`` are not isolated from the control plane, or ""."""
+    from . import sandbox
+
+    if runtime == "local" and not sandbox.available():
+        return sandbox.status()
+    return ""
 
 
 def get_runtime(name: str) -> Runtime:

@@ -9,8 +9,13 @@ run and asks a runtime to make it so. Vendor types (docker SDK objects,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# Called by a runtime's prepare with one human-readable line per step of a slow preparation
+# (what is being installed, how long it took): the reconciler records them as events.
+Progress = Callable[[str], None]
 
 
 class RuntimeError_(Exception):
@@ -36,6 +41,12 @@ class InstanceSpec:
     prediction_log_dir: str | None = None  # host dir where the server writes its prediction log
     max_batch_size: int = 64
     max_batch_delay_ms: float = 2.0
+    # "auto" (the control plane's interpreter when it has every requirement, else a built
+    # environment), "isolated" (always a built one) or "shared" (the control plane's); see
+    # deployments/environments.py. The docker runtime always builds an image.
+    environment: str = "shared"
+    # The model's method answering predictions by default (SERVING_PREDICT_METHOD), or None.
+    predict_method: str | None = None
 
     @property
     def instance_name(self) -> str:
@@ -50,7 +61,7 @@ class InstanceStatus:
     deployment: str
     revision: int
     ordinal: int
-    address: str  # "127.0.0.1:PORT"
+    address: str  # "127.0.0.1:PORT" or "unix:/path/to/socket"
     running: bool
     exit_code: int | None = None
     restarts: int = 0
@@ -59,9 +70,14 @@ class InstanceStatus:
 class Runtime(Protocol):
     name: str
 
-    def prepare(self, spec: InstanceSpec) -> None:
-        """Do the slow, cacheable work before a rollout's clock starts (build the image).
-        Idempotent; a no-op where there is nothing to prepare."""
+    def address(self, port: int) -> str:
+        """Where the instance given ``port`` answers (no I/O): ``127.0.0.1:PORT``, or
+        ``unix:/path`` where the server has no network of its own."""
+
+    def prepare(self, spec: InstanceSpec, *, progress: Progress | None = None) -> None:
+        """Do the slow, cacheable work before a rollout's clock starts (build the image or the
+        environment), reporting steps to ``progress``. Idempotent; a no-op where there is
+        nothing to prepare. Raises RuntimeError_ with the cause when it cannot be done."""
 
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         """Start one instance and return at once (readiness is probed by the caller)."""

@@ -43,16 +43,17 @@ import docker
 import requests
 from docker.errors import APIError, BuildError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
 
-from deployments.runtimes.base import InstanceSpec, InstanceStatus, RuntimeError_
+from deployments import environments
+from deployments.runtimes.base import InstanceSpec, InstanceStatus, Progress, RuntimeError_
 
 logger = logging.getLogger(__name__)
 
 SERVING_SOURCE = Path(__file__).resolve().parents[2] / "serving"
 MODEL_MOUNT = "/model"
 PREDICTION_LOG_MOUNT = "/predictions"
+SOCKET_MOUNT = "/run/serving"  # network "none": the instance's socket directory
+SOCKET_NAME = "serving.sock"
 CONTAINER_PORT = 8080  # where the server listens inside the container in bridge mode
 SERVING_UID = 10001  # the image's non-root user (serving/Dockerfile, ARG SERVING_UID)
 
@@ -62,6 +63,7 @@ LABEL_REVISION = "controlplane.revision"
 LABEL_ORDINAL = "controlplane.ordinal"
 LABEL_HOST = "controlplane.host"
 LABEL_PORT = "controlplane.port"
+LABEL_SOCKET = "controlplane.socket"  # host path of the server's socket (network "none")
 LABEL_MODEL = "controlplane.model"
 LABEL_IMAGE_KEY = "controlplane.image-key"
 
@@ -71,9 +73,13 @@ _RECIPE_VERSION = "1"
 # Not copied into the image, and not part of its key: a docs edit rebuilds nothing.
 _IGNORED_SOURCES = ("__pycache__", "*.pyc", ".*", "*.md")
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+# GET /ping over the server's Unix socket (network "none") or its port; exit 1 unless 200.
 _HEALTHCHECK_CMD = (
-    "import os, urllib.request; urllib.request.urlopen("
-    "'http://127.0.0.1:%s/ping' % os.environ.get('SERVING_PORT', '8080'), timeout=2)"
+    "import os, socket, sys; p = os.environ.get('SERVING_UNIX_SOCKET'); "
+    "s = socket.socket(socket.AF_UNIX) if p else socket.socket(); s.settimeout(2); "
+    "s.connect(p or ('127.0.0.1', int(os.environ.get('SERVING_PORT', '8080')))); "
+    "s.sendall(b'GET /ping HTTP/1.0\\r\\n\\r\\n'); "
+    "sys.exit(0 if s.recv(64).split(b' ')[1:2] == [b'200'] else 1)"
 )
 _PROBE = (
     "import json, platform, sys; "
@@ -111,7 +117,8 @@ class DockerRuntime:
         admin_token: Callable[[str], str],
         base_image: str = "python:3.11-slim-bookworm",
         image_prefix: str = "controlplane-serving",
-        network_mode: str = "host",
+        network_mode: str = "none",
+        sockets_dir: str | os.PathLike[str] | None = None,
         base_url: str | None = None,
         serving_source: str | os.PathLike[str] = SERVING_SOURCE,
         skinny_mlflow: bool = True,
@@ -122,27 +129,33 @@ class DockerRuntime:
         max_restarts: int = 5,
         pip_command: Sequence[str] = (sys.executable, "-m", "pip"),
         build_timeout: float = 1800.0,
+        index: environments.IndexOptions | Callable[[], environments.IndexOptions] | None = None,
     ) -> None:
         """No I/O here: the engine is first contacted by the first call that needs it.
 
         ``owner`` is this control plane's install id (the ``controlplane.owner`` label);
         ``admin_token`` maps a deployment name to the token its servers' admin endpoints
         require (``SERVING_ADMIN_TOKEN``, see deployments/serving_token.py);
-        ``network_mode`` is "host" (the server binds spec.host:spec.port on the host's
-        network) or "bridge" (it listens on 0.0.0.0:8080 in the container, published on
-        127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
+        ``network_mode`` is "none" (no network at all: the server listens on a Unix socket in
+        ``sockets_dir``/<port>/, bind-mounted at /run/serving, which the router reaches),
+        "host" (the server binds spec.host:spec.port on the host's network: it reaches every
+        port of the host's loopback) or "bridge" (it listens on 0.0.0.0:8080 in the container,
+        published on 127.0.0.1:spec.port only). ``skinny_mlflow`` installs mlflow-skinny of the same
         version where a model asks for mlflow: enough to load pyfunc models, far smaller.
         """
         if not owner or _NAME_UNSAFE.search(owner):
             raise ValueError(f"owner must be a non-empty [a-zA-Z0-9_.-] string, got {owner!r}")
-        if network_mode not in ("host", "bridge"):
-            raise ValueError(f"network_mode must be 'host' or 'bridge', got {network_mode!r}")
+        if network_mode not in ("none", "host", "bridge"):
+            raise ValueError(
+                f"network_mode must be 'none', 'host' or 'bridge', got {network_mode!r}"
+            )
         self.owner = owner
         self.cache_dir = Path(cache_dir)
         self.admin_token = admin_token
         self.base_image = base_image
         self.image_prefix = image_prefix
         self.network_mode = network_mode
+        self.sockets_dir = Path(sockets_dir) if sockets_dir else self.cache_dir / "sockets"
         self.base_url = base_url
         self.serving_source = Path(serving_source)
         self.skinny_mlflow = skinny_mlflow
@@ -153,6 +166,7 @@ class DockerRuntime:
         self.max_restarts = max_restarts
         self.pip_command = list(pip_command)
         self.build_timeout = build_timeout
+        self._index = index
         self.builds = 0  # images this object built (reuse leaves it unchanged)
         self._client_obj: docker.DockerClient | None = None
         self._lock = threading.Lock()
@@ -161,10 +175,15 @@ class DockerRuntime:
 
     # --- the Runtime protocol --------------------------------------------------------------
 
-    def prepare(self, spec: InstanceSpec) -> None:
+    def address(self, port: int) -> str:
+        if self.network_mode == "none":
+            return f"unix:{self.sockets_dir / str(port) / SOCKET_NAME}"
+        return f"127.0.0.1:{port}"
+
+    def prepare(self, spec: InstanceSpec, *, progress: Progress | None = None) -> None:
         """Build (or find) the serving image, before the rollout's progress deadline starts."""
         _check_model_dir(spec.model_dir)
-        self.ensure_image(spec)
+        self.ensure_image(spec, progress=progress)
 
     def start(self, spec: InstanceSpec) -> InstanceStatus:
         _check_model_dir(spec.model_dir)
@@ -172,7 +191,7 @@ class DockerRuntime:
             self._check_bridge_network()
         image = self.ensure_image(spec)
         name = f"{_NAME_UNSAFE.sub('-', spec.instance_name).strip('-.')}-{secrets.token_hex(3)}"
-        if self.network_mode == "host":
+        if self.network_mode in ("host", "none"):
             listen_host, listen_port, ports = spec.host, spec.port, None
         else:
             listen_host, listen_port = "0.0.0.0", CONTAINER_PORT
@@ -192,6 +211,13 @@ class DockerRuntime:
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         mounts = [Mount(MODEL_MOUNT, spec.model_dir, type="bind", read_only=True)]
+        user = f"{SERVING_UID}:{SERVING_UID}"
+        socket_label = {}
+        if self.network_mode == "none":
+            directory, user = self._socket_dir(spec.port)
+            mounts.append(Mount(SOCKET_MOUNT, str(directory), type="bind"))
+            environment["SERVING_UNIX_SOCKET"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+            socket_label = {LABEL_SOCKET: str(directory / SOCKET_NAME)}
         if spec.prediction_log_dir:
             _prepare_prediction_log_dir(spec.prediction_log_dir)
             mounts.append(Mount(PREDICTION_LOG_MOUNT, spec.prediction_log_dir, type="bind"))
@@ -204,6 +230,7 @@ class DockerRuntime:
             LABEL_HOST: "127.0.0.1" if self.network_mode == "bridge" else spec.host,
             LABEL_PORT: str(spec.port),
             LABEL_MODEL: f"{spec.model_name}/{spec.model_version}",
+            **socket_label,
         }
         cpu = spec.cpu if spec.cpu is not None else self.default_cpu
         memory_mb = spec.memory_mb if spec.memory_mb is not None else self.default_memory_mb
@@ -216,7 +243,7 @@ class DockerRuntime:
                 network_mode=self.network_mode,
                 ports=ports,
                 mounts=mounts,
-                user=f"{SERVING_UID}:{SERVING_UID}",
+                user=user,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true"],
                 privileged=False,
@@ -288,6 +315,22 @@ class DockerRuntime:
             raw = container.logs(stdout=True, stderr=True, tail=tail)
         return raw.decode("utf-8", errors="replace")
 
+    def _socket_dir(self, port: int) -> tuple[Path, str]:
+        """The instance's socket directory (empty, mode 0700) and the container's user: uid
+        SERVING_UID owning it where this process is root, else this process's own uid (a
+        non-root control plane cannot give a directory away; its uid is not root either)."""
+        root = self.sockets_dir
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
+        directory = root / str(port)
+        with self._translate(f"preparing the socket directory {directory}"):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(mode=0o700)
+            if os.geteuid() == 0:
+                os.chown(directory, SERVING_UID, SERVING_UID)
+                return directory, f"{SERVING_UID}:{SERVING_UID}"
+        return directory, f"{os.geteuid()}:{os.getegid()}"
+
     def _check_bridge_network(self) -> None:
         # Without it the engine still starts the container, with loopback only and nothing
         # published: an instance that can never answer.
@@ -302,10 +345,21 @@ class DockerRuntime:
 
     # --- images ----------------------------------------------------------------------------
 
-    def ensure_image(self, spec: InstanceSpec) -> str:
+    @property
+    def index(self) -> environments.IndexOptions | None:
+        if callable(self._index):
+            self._index = self._index()
+        return self._index
+
+    def ensure_image(self, spec: InstanceSpec, *, progress: Progress | None = None) -> str:
         """The serving image for this model, built unless one with the same key exists."""
-        model_requirements = self._model_requirements(Path(spec.model_dir))
-        serving_requirements = self._serving_requirements()
+        resolved = environments.resolve(
+            spec.model_dir,
+            serving_requirements=self.serving_source / "requirements.txt",
+            skinny_mlflow=self.skinny_mlflow,
+        )
+        model_requirements = list(resolved.model_requirements)
+        serving_requirements = list(resolved.serving_requirements)
         with self._translate(f"looking up base image {self.base_image}"):
             try:
                 base_id = self._client.images.get(self.base_image).id
@@ -322,9 +376,16 @@ class DockerRuntime:
             if self._image_exists(tag):  # another thread or process built it meanwhile
                 return tag
             started = time.monotonic()
+            if progress:
+                progress(
+                    f"building image {tag}: {len(resolved.requirements)} requirements "
+                    f"({', '.join(resolved.top_level[:12])})"
+                )
             self._build(tag, key, base_id, serving_requirements, model_requirements)
             self.builds += 1
             logger.info("built %s in %.0fs", tag, time.monotonic() - started)
+            if progress:
+                progress(f"image {tag} built in {time.monotonic() - started:.1f} s")
         return tag
 
     def _build(
@@ -403,6 +464,8 @@ class DockerRuntime:
             command += ["--platform", tag]
         for name in requirement_files:
             command += ["--requirement", str(context / name)]
+        if self.index is not None:
+            command += self.index.pip_args()
         try:
             result = subprocess.run(
                 command, capture_output=True, text=True, timeout=self.build_timeout, check=False
@@ -467,40 +530,6 @@ class DockerRuntime:
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()
 
-    def _model_requirements(self, model_dir: Path) -> list[str]:
-        path = model_dir / "requirements.txt"
-        if not path.is_file():
-            raise RuntimeError_(f"the model at {model_dir} has no requirements.txt")
-        return self._normalize_requirements(path)
-
-    def _serving_requirements(self) -> list[str]:
-        path = self.serving_source / "requirements.txt"
-        if not path.is_file():
-            raise RuntimeError_(f"{path} is missing: the serving image cannot be built")
-        return self._normalize_requirements(path)
-
-    def _normalize_requirements(self, path: Path) -> list[str]:
-        """Requirement lines, sorted and deduplicated; mlflow becomes mlflow-skinny."""
-        lines = set()
-        for raw in path.read_text().splitlines():
-            line = raw.split(" #", 1)[0].strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                requirement = Requirement(line)
-            except InvalidRequirement:
-                raise RuntimeError_(
-                    f"{path}: {line!r} is not supported in a serving image "
-                    "(only plain requirement specifiers, no options, paths or URLs)"
-                ) from None
-            if requirement.url:
-                raise RuntimeError_(f"{path}: {line!r}: URL requirements are not supported")
-            if self.skinny_mlflow and canonicalize_name(requirement.name) == "mlflow":
-                requirement.name = "mlflow-skinny"
-                requirement.extras = set()  # mlflow's extras are for the tracking server
-            lines.add(str(requirement))
-        return sorted(lines)
-
     def _image_exists(self, tag: str) -> bool:
         with self._translate(f"looking up image {tag}"):
             try:
@@ -557,7 +586,11 @@ class DockerRuntime:
             deployment=labels.get(LABEL_DEPLOYMENT, ""),
             revision=int(labels.get(LABEL_REVISION, 0)),
             ordinal=int(labels.get(LABEL_ORDINAL, 0)),
-            address=f"{labels.get(LABEL_HOST, '127.0.0.1')}:{labels.get(LABEL_PORT, '0')}",
+            address=(
+                f"unix:{labels[LABEL_SOCKET]}"
+                if labels.get(LABEL_SOCKET)
+                else f"{labels.get(LABEL_HOST, '127.0.0.1')}:{labels.get(LABEL_PORT, '0')}"
+            ),
             running=running,
             exit_code=None if running else state.get("ExitCode"),
             restarts=int(attrs.get("RestartCount") or 0),

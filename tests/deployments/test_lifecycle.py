@@ -110,13 +110,13 @@ def test_create_serves_the_model_at_a_stable_endpoint(
 
 def admin_get(address: str, token: str | None) -> tuple[int, dict]:
     """GET /predictions of one instance, with the token as a bearer token if given."""
+    from controlplane.lib import http
+
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    req = urllib.request.Request(f"http://{address}/predictions", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, {}
+    # the address is 127.0.0.1:PORT, or unix:/path for a sandboxed server
+    url = http.address_url(address, "/predictions")
+    resp = http.request("GET", url, headers=headers, timeout=10, raise_for_status=False)
+    return resp.status, resp.json() if resp.status == 200 else {}
 
 
 def test_instances_open_their_prediction_log_to_the_deployments_token_only(

@@ -293,7 +293,11 @@ def test_the_page_shows_revisions_endpoint_instances_and_events(client_logged_in
         "traffic moved to r2 from r1" in page
         and f"revision 2: {model} v2 (update: version 2)" in page
     )
-    assert f"127.0.0.1:{d.port + 1000}" in page and "r2 #0" in page  # the instance
+    inst = Instance.objects.get(deployment=d)  # 127.0.0.1:PORT, or unix:/path when sandboxed
+    assert inst.address.endswith(f"{d.port + 1000}/serving.sock") or inst.address.endswith(
+        f":{d.port + 1000}"
+    )
+    assert inst.address in page and "r2 #0" in page  # the instance
     assert 'href="/deployments/web/rollback?revision=1"' in page  # roll back to r1 from its row
     assert 'href="/deployments/web/rollback?revision=2"' not in page  # r2 is current
     assert "Stop…" in page and "Start…" not in page
@@ -322,6 +326,7 @@ def test_while_deploying_the_page_shows_the_rollout_step_and_polls(client_logged
     assert re.findall(r'data-step="[^"]+" class="step-(\w+)"', steps) == [
         "done",
         "done",
+        "done",  # preparing environment
         "current",
         "todo",
         "todo",
@@ -553,7 +558,7 @@ def test_a_deployment_created_in_the_ui_becomes_ready_and_serves(client_logged_i
     inst = Instance.objects.get(deployment=d)
     assert re.search(r'id="dep-status">Ready<', page)
     assert (
-        f"127.0.0.1:{inst.port}" in page and ">Ready</span>" in page.split('id="dep-instances"')[1]
+        inst.address in page and ">Ready</span>" in page.split('id="dep-instances"')[1]
     )
     assert "traffic moved to r1" in page
     # The copyable example is a working request.

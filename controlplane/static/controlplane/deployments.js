@@ -73,10 +73,21 @@
     });
   }
 
+  function renderElapsed(phase, since) {
+    var node = el("dep-phase-elapsed");
+    if (!node) return;
+    node.hidden = !phase || !since;
+    if (!node.hidden) {
+      var seconds = Math.max(0, Math.round((Date.now() - new Date(since).getTime()) / 1000));
+      node.textContent = "(" + seconds + " s)";
+    }
+  }
+
   function render(d) {
     setBadge(el("dep-status"), d.status);
     setBadge(el("dep-status-title"), d.status);
     el("dep-phase").textContent = d.phase || "";
+    renderElapsed(d.phase, d.phase_started_at);
     el("dep-message").textContent = d.status_message || "";
     var current = d.instances.filter(function (i) { return i.revision === d.revision; });
     var ready = current.filter(function (i) { return i.state === "ready"; }).length;
