@@ -26,7 +26,7 @@ from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from controlplane.lib.errors import NotFound
-from deployments.models import Deployment, DeploymentEvent
+from deployments.models import Deployment, DeploymentEvent, Instance
 
 from . import catalog, scoring
 from .models import (
@@ -749,8 +749,126 @@ def prometheus_exposition(*, now: datetime | None = None) -> str:
             lines.append(
                 f'{name}{{deployment="{_esc(row.deployment.name)}",model="{_esc(model)}"}} {float(value)!r}'
             )
+    ready = dict(
+        Instance.objects.filter(state=Instance.State.READY)
+        .values_list("deployment_id")
+        .annotate(n=Count("id"))
+    )
+    desired = dict(
+        Deployment.objects.filter(deleted=False).values_list("pk", "desired_revision__spec")
+    )
+    for name, help_text, get in (
+        (
+            "controlplane_deployment_replicas_ready",
+            "Model server instances ready.",
+            lambda r: ready.get(r.deployment.pk, 0),
+        ),
+        (
+            "controlplane_deployment_replicas_desired",
+            "Replicas the desired revision asks for.",
+            lambda r: (desired.get(r.deployment.pk) or {}).get("replicas"),
+        ),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for row in fleet:
+            value = get(row)
+            if value is None:
+                continue
+            model = row.deployment.model.name
+            lines.append(
+                f'{name}{{deployment="{_esc(row.deployment.name)}",model="{_esc(model)}"}} {float(value)!r}'
+            )
     return "\n".join(lines) + "\n"
 
 
 def metric_names() -> list[str]:
     return list(catalog.METRICS)
+
+
+# --- Prometheus service discovery ------------------------------------------------------------
+
+# Instances that run a process Prometheus can scrape.
+_SCRAPABLE = ("starting", "ready", "unhealthy")
+
+
+def instance_metrics_path(*, deployment: str, revision: int, ordinal: int) -> str:
+    return f"/api/v1/prometheus/instances/{deployment}/{revision}/{ordinal}/metrics"
+
+
+def prometheus_targets(*, control_plane: str, scheme: str = "http") -> list[dict]:
+    """Prometheus HTTP SD target groups: every running model server and router, labelled
+    deployment, model, version, revision, runtime (and ``kind``, ``replica``).
+
+    A model server on loopback TCP is listed at its address. One on a Unix socket (sandboxed
+    local server, container without a network) cannot be reached by Prometheus: it is listed
+    at ``control_plane`` with a ``__metrics_path__`` the control plane answers by reading the
+    server's /metrics over its socket. A router (the stable endpoint) forwards /metrics to one
+    of its servers in turn, so its target is for ``up`` (is the endpoint answering) only."""
+    groups: list[dict] = []
+    instances = (
+        Instance.objects.filter(
+            deployment__deleted=False, deployment__stopped=False, state__in=_SCRAPABLE
+        )
+        .exclude(runtime_id="")
+        .select_related("deployment__model", "revision__model_version")
+        .order_by("deployment__name", "revision__number", "ordinal")
+    )
+    for inst in instances:
+        labels = {
+            "kind": "model_server",
+            "deployment": inst.deployment.name,
+            "model": inst.deployment.model.name,
+            "version": str(inst.revision.model_version.version),
+            "revision": str(inst.revision.number),
+            "runtime": inst.runtime,
+            "replica": str(inst.ordinal),
+        }
+        address = inst.address
+        if address.startswith("unix:"):
+            labels["__metrics_path__"] = instance_metrics_path(
+                deployment=inst.deployment.name, revision=inst.revision.number, ordinal=inst.ordinal
+            )
+            labels["__scheme__"] = scheme
+            labels["via"] = "control_plane"
+            address = control_plane
+        groups.append({"targets": [address], "labels": labels})
+    deployments = (
+        Deployment.objects.filter(deleted=False, stopped=False)
+        .exclude(router_pid="")
+        .select_related("model", "serving_revision__model_version")
+        .order_by("name")
+    )
+    for d in deployments:
+        revision = d.serving_revision
+        groups.append(
+            {
+                "targets": [f"127.0.0.1:{d.port}"],
+                "labels": {
+                    "kind": "router",
+                    "deployment": d.name,
+                    "model": d.model.name,
+                    "version": str(revision.model_version.version) if revision else "",
+                    "revision": str(revision.number) if revision else "",
+                    "runtime": d.runtime,
+                },
+            }
+        )
+    return groups
+
+
+def instance_for_metrics(*, deployment: str, revision: int, ordinal: int) -> Instance:
+    """The running instance whose /metrics the control plane relays to Prometheus."""
+    inst = (
+        Instance.objects.filter(
+            deployment__name=deployment,
+            deployment__deleted=False,
+            revision__number=revision,
+            ordinal=ordinal,
+            state__in=_SCRAPABLE,
+        )
+        .exclude(runtime_id="")
+        .first()
+    )
+    if inst is None:
+        raise NotFound("no such running instance")
+    return inst

@@ -5,6 +5,12 @@ from . import apis, views
 app_name = "monitoring"
 
 api_urlpatterns = [
+    path("prometheus/targets", apis.prometheus_targets, name="api-prometheus-targets"),
+    path(
+        "prometheus/instances/<str:deployment>/<int:revision>/<int:ordinal>/metrics",
+        apis.prometheus_instance_metrics,
+        name="api-prometheus-instance-metrics",
+    ),
     path("deployments/<str:name>/metrics", apis.MetricsApi.as_view(), name="api-metrics"),
     path("deployments/<str:name>/feedback", apis.FeedbackApi.as_view(), name="api-feedback"),
     path("deployments/<str:name>/probes", apis.ProbeListApi.as_view(), name="api-probes"),
