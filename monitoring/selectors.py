@@ -872,3 +872,50 @@ def instance_for_metrics(*, deployment: str, revision: int, ordinal: int) -> Ins
     if inst is None:
         raise NotFound("no such running instance")
     return inst
+
+
+# --- what the charts show -------------------------------------------------------------------
+
+_CLASS_TYPES = {"long", "integer", "int32", "int64", "string", "boolean", "bool", "str"}
+_REGRESSION_TYPES = {"double", "float", "float32", "float64"}
+
+
+def model_task(*, model_version) -> str | None:
+    """``classification``, ``regression`` or None (unknown), from a ``task`` tag of the
+    version or the types of its signature's outputs (integers and strings: classes)."""
+    tags = model_version.tags or {}
+    for key in ("task", "mlflow.task", "model_task"):
+        value = str(tags.get(key, "")).lower()
+        if value.startswith("class"):
+            return "classification"
+        if value.startswith("regress"):
+            return "regression"
+    outputs = (model_version.signature or {}).get("outputs")
+    if not isinstance(outputs, list) or not outputs:
+        return None
+    kinds = set()
+    for column in outputs:
+        if not isinstance(column, dict):
+            return None
+        kind = str(column.get("type", "")).lower()
+        if kind == "tensor":
+            kind = str((column.get("tensor-spec") or {}).get("dtype", "")).lower()
+        kinds.add(kind)
+    if kinds <= _CLASS_TYPES:
+        return "classification"
+    if kinds <= _REGRESSION_TYPES:
+        return "regression"
+    return None
+
+
+def data_since(*, deployment: Deployment) -> int:
+    """When the deployment's data begins (unix seconds): its first traffic minute, else its
+    creation."""
+    first = (
+        TrafficMinute.objects.filter(deployment=deployment)
+        .order_by("bucket")
+        .values_list("bucket", flat=True)
+        .first()
+    )
+    created = int(deployment.created_at.timestamp())
+    return min(first, created) if first is not None else created

@@ -51,12 +51,14 @@ def overview(request: HttpRequest) -> HttpResponse:
 @_ui
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = selectors.deployment_get(name=name)
-    range_name = request.GET.get("range", "24h")
+    end = math.ceil(time.time())
+    range_name = request.GET.get("range", "")
     if range_name not in RANGES:
-        range_name = "24h"
+        # The smallest range holding all the deployment's data, not a mostly empty 24 h.
+        age = end - selectors.data_since(deployment=deployment)
+        range_name = next((r for r, (sec, _) in RANGES.items() if sec >= age), "30d")
     seconds, step = RANGES[range_name]
     # Windows aligned on the step (so rollups answer), ending now.
-    end = math.ceil(time.time())
     start = math.ceil(end / step) * step - seconds
     data = selectors.metric_series(
         deployment_id=deployment.pk,
@@ -77,7 +79,14 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "range": range_name,
             "step": step,
             "charts": charts.deployment_charts(
-                data=data, start=start, end=end, step=step, markers=markers
+                data=data,
+                start=start,
+                end=end,
+                step=step,
+                markers=markers,
+                task=selectors.model_task(model_version=revision.model_version)
+                if (revision := deployment.serving_revision or deployment.desired_revision)
+                else None,
             ),
             "markers": markers,
             "rules": rules,

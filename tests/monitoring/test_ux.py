@@ -3,7 +3,7 @@ from the UI, feedback answers that tell pending labels from expired ones."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -125,3 +125,93 @@ def test_feedback_for_predictions_not_collected_is_pending_and_expired_ones_unkn
     t = now_minute()
     ingest(fleet.instance(1), [record(1, "later", t, [1])])
     assert not PendingLabel.objects.exists()
+
+
+# --- charts ----------------------------------------------------------------------------------
+
+
+def _page(client, query=""):
+    from tests.monitoring.test_ui import figures
+
+    resp = client.get(f"/monitoring/deployments/churn/{query}")
+    assert resp.status_code == 200
+    html = resp.content.decode()
+    return html, figures(html)
+
+
+def test_the_default_range_is_what_the_deployment_has_data_for(fleet, client_logged_in):
+    html, _ = _page(client_logged_in)
+    assert 'href="?range=1h" aria-current="true"' in html  # created moments ago: not 24 h
+    fleet.deployment.__class__.objects.filter(pk=fleet.deployment.pk).update(
+        created_at=timezone.now() - timedelta(days=3)
+    )
+    html, _ = _page(client_logged_in)
+    assert 'href="?range=7d" aria-current="true"' in html
+    html, _ = _page(client_logged_in, "?range=24h")  # an explicit range is kept
+    assert 'href="?range=24h" aria-current="true"' in html
+
+
+def _event(deployment, revision, kind, at):
+    from deployments.models import DeploymentEvent
+
+    event = DeploymentEvent.objects.create(
+        deployment=deployment, revision=revision, kind=kind, message=kind
+    )
+    DeploymentEvent.objects.filter(pk=event.pk).update(created_at=at)
+
+
+def test_close_deploy_markers_merge_into_one_labelled_line(fleet, client_logged_in):
+    now = timezone.now()
+    rev = fleet.revisions[1]
+    for seconds in (300, 240, 200, 170):  # four events within ~2 minutes: a smear at 1 h
+        _event(fleet.deployment, rev, "traffic", now - timedelta(seconds=seconds))
+    _event(fleet.deployment, rev, "rollback", now - timedelta(seconds=2400))
+    _, figs = _page(client_logged_in, "?range=1h")
+    layout = figs["chart-throughput"]["layout"]
+    texts = [a["text"] for a in layout["annotations"]]
+    assert texts == ["rollback r1 (v1)", "4 events, last: deploy r1 (v1)"]
+    marker_lines = [s for s in layout["shapes"] if s.get("yref") == "paper"]
+    assert len(marker_lines) == 2
+    # At 7 days the same events are still one line each at most, never more than at 1 h.
+    _, figs = _page(client_logged_in, "?range=7d")
+    assert [a["text"] for a in figs["chart-throughput"]["layout"]["annotations"]] == [
+        "5 events, last: deploy r1 (v1)"
+    ]
+
+
+def test_an_hourly_drift_point_covers_its_hour_from_the_deploy_not_before_it(
+    fleet, client_logged_in, settings
+):
+    from monitoring.models import DriftHour
+
+    settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS = 1
+    hour = now_minute() // 3600 * 3600 - 3600  # the last full hour
+    deploy = hour + 40 * 60
+    ingest(fleet.instance(1), _inputs([(5.0, 40.0)] * 10, t=deploy + 60))
+    assert DriftHour.objects.filter(bucket=hour).exists()
+    _event(
+        fleet.deployment,
+        fleet.revisions[1],
+        "traffic",
+        datetime.fromtimestamp(deploy, tz=UTC),
+    )
+    _, figs = _page(client_logged_in, "?range=24h")
+    trace = figs["chart-drift"]["data"][0]
+    assert trace["x"][:2] == [iso(deploy), iso(hour + 3600)]
+    assert trace["y"][0] == trace["y"][1] > 0.25
+
+
+def test_charts_are_chosen_by_the_models_task(fleet, client_logged_in):
+    mv = fleet.revisions[1].model_version
+    mv.signature = {"inputs": [], "outputs": [{"type": "long"}]}
+    mv.save()
+    _, figs = _page(client_logged_in)
+    assert "chart-accuracy" in figs and "chart-regression" not in figs
+    mv.signature = {"inputs": [], "outputs": [{"type": "double"}]}
+    mv.save()
+    _, figs = _page(client_logged_in)
+    assert "chart-regression" in figs and "chart-accuracy" not in figs
+    mv.signature = {"outputs": [{"type": "tensor", "tensor-spec": {"dtype": "int64"}}]}
+    mv.save()
+    _, figs = _page(client_logged_in)
+    assert "chart-accuracy" in figs and "chart-regression" not in figs
