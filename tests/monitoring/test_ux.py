@@ -215,3 +215,93 @@ def test_charts_are_chosen_by_the_models_task(fleet, client_logged_in):
     mv.save()
     _, figs = _page(client_logged_in)
     assert "chart-accuracy" in figs and "chart-regression" not in figs
+
+
+# --- Prometheus service discovery ------------------------------------------------------------
+
+SD_TOKEN = "sd-token-0123456789abcdef"
+
+
+def _targets(client, token=SD_TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return client.get("/api/v1/prometheus/targets", headers=headers)
+
+
+def test_service_discovery_lists_tcp_servers_directly_and_socket_ones_through_the_control_plane(
+    make_deployment, client, settings, monkeypatch
+):
+    import deployments.runtimes as runtimes
+    from deployments.models import Deployment, Instance
+
+    settings.CONTROLPLANE_PROMETHEUS_TOKEN = SD_TOKEN
+    tcp = make_deployment("tcp", (1,))
+    sock = make_deployment("sock", (1,))
+    off = make_deployment("off", (1,))
+    Deployment.objects.filter(pk=off.deployment.pk).update(stopped=True)
+    Deployment.objects.filter(pk=tcp.deployment.pk).update(router_pid="123:1:router")
+    crashed = Instance.objects.get(pk=tcp.instance(1).pk)
+    crashed.pk, crashed.ordinal, crashed.port = None, 1, crashed.port + 500
+    crashed.state = Instance.State.CRASHED
+    crashed.save()
+    socket_port = sock.instance(1).port
+    monkeypatch.setattr(
+        runtimes,
+        "instance_address",
+        lambda runtime, port: (
+            f"unix:/run/s/{port}.sock" if port == socket_port else f"127.0.0.1:{port}"
+        ),
+    )
+
+    assert _targets(client, token=None).status_code == 403
+    assert _targets(client, token="wrong-token-0123456789").status_code == 403
+    resp = _targets(client)
+    assert resp.status_code == 200 and resp["Content-Type"] == "application/json"
+    groups = resp.json()
+    assert [(g["labels"]["deployment"], g["labels"]["kind"]) for g in groups] == [
+        ("sock", "model_server"),
+        ("tcp", "model_server"),
+        ("tcp", "router"),
+    ]
+    sock_group, tcp_group, router = groups
+    assert tcp_group == {
+        "targets": [f"127.0.0.1:{tcp.instance(1).port}"],
+        "labels": {
+            "kind": "model_server",
+            "deployment": "tcp",
+            "model": "tcp-model",
+            "version": "1",
+            "revision": "1",
+            "runtime": "local",
+            "replica": "0",
+        },
+    }
+    assert sock_group["targets"] == ["testserver"]
+    assert sock_group["labels"]["__metrics_path__"] == (
+        "/api/v1/prometheus/instances/sock/1/0/metrics"
+    )
+    assert sock_group["labels"]["via"] == "control_plane"
+    assert router["targets"] == [f"127.0.0.1:{tcp.deployment.port}"]
+    # The relay path answers only the Prometheus token, and only for a running instance.
+    path = sock_group["labels"]["__metrics_path__"]
+    assert client.get(path).status_code == 403
+    missing = client.get(
+        "/api/v1/prometheus/instances/sock/1/7/metrics",
+        headers={"Authorization": f"Bearer {SD_TOKEN}"},
+    )
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    unreachable = client.get(path, headers={"Authorization": f"Bearer {SD_TOKEN}"})
+    assert unreachable.status_code == 502  # no server at /run/s/...: a JSON error, not a 500
+    assert unreachable.json()["error"]["code"] == "unreachable"
+
+
+def test_the_control_plane_metrics_include_replicas(fleet, client, settings):
+    settings.CONTROLPLANE_PROMETHEUS_TOKEN = SD_TOKEN
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {SD_TOKEN}"}).content
+    assert (
+        b'controlplane_deployment_replicas_ready{deployment="churn",model="churn-model"} 1.0'
+        in text
+    )
+    assert (
+        b'controlplane_deployment_replicas_desired{deployment="churn",model="churn-model"} 1.0'
+        in text
+    )
