@@ -6,8 +6,10 @@ import math
 import re
 from datetime import UTC, datetime, timedelta
 
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
+from django.views.decorators.http import require_GET
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -19,6 +21,7 @@ from controlplane.lib.errors import ApplicationError, NotFound
 from registry.selectors import model_version_get, registered_model_get
 
 from . import catalog, selectors, services
+from .adapters import AdapterError, ModelServer
 from .models import AlertEvent, AlertNotification, AlertRule, DriftReference, ProbeResult
 
 _STEP = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -156,7 +159,13 @@ class FeedbackApi(APIView):
     class OutputSerializer(serializers.Serializer):
         received = serializers.IntegerField()
         matched = serializers.IntegerField()
-        unknown = serializers.IntegerField()
+        pending = serializers.IntegerField(
+            help_text="labels kept: applied when their predictions are collected"
+        )
+        pending_request_ids = serializers.ListField(child=serializers.CharField())
+        unknown = serializers.IntegerField(
+            help_text="labels dropped: they waited past CONTROLPLANE_PREDICTION_RETENTION_DAYS"
+        )
         unknown_request_ids = serializers.ListField(child=serializers.CharField())
         mismatched = serializers.IntegerField()
         mismatched_request_ids = serializers.ListField(child=serializers.CharField())
@@ -396,3 +405,60 @@ class DriftReferenceApi(APIView):
             model_version=mv, dataset=request.data, actor=request.user
         )
         return Response(self.OutputSerializer(reference).data, status=status.HTTP_201_CREATED)
+
+
+# --- Prometheus: service discovery and the metrics of servers it cannot reach ----------------
+# Plain views, guarded like GET /metrics (CONTROLPLANE_PROMETHEUS_TOKEN or
+# CONTROLPLANE_PROMETHEUS_ALLOW), not by API tokens: Prometheus holds the Prometheus token.
+
+
+def _prometheus_forbidden() -> HttpResponse:
+    response = JsonResponse(
+        {
+            "error": {
+                "code": "forbidden",
+                "message": "send the Prometheus bearer token or scrape from an allowed address",
+            }
+        },
+        status=403,
+    )
+    response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+    return response
+
+
+@require_GET
+def prometheus_targets(request: HttpRequest) -> HttpResponse:
+    """GET /api/v1/prometheus/targets: Prometheus HTTP SD (``http_sd_configs``)."""
+    from .views import prometheus_allowed
+
+    if not prometheus_allowed(request):
+        return _prometheus_forbidden()
+    groups = selectors.prometheus_targets(
+        control_plane=request.get_host(), scheme=request.scheme or "http"
+    )
+    return JsonResponse(groups, safe=False)
+
+
+@require_GET
+def prometheus_instance_metrics(
+    request: HttpRequest, deployment: str, revision: int, ordinal: int
+) -> HttpResponse:
+    """The /metrics of a model server on a Unix socket, read by the control plane for
+    Prometheus (the ``__metrics_path__`` of its discovered target)."""
+    from .views import prometheus_allowed
+
+    if not prometheus_allowed(request):
+        return _prometheus_forbidden()
+    try:
+        inst = selectors.instance_for_metrics(
+            deployment=deployment, revision=revision, ordinal=ordinal
+        )
+    except NotFound as exc:
+        return JsonResponse({"error": {"code": "not_found", "message": exc.message}}, status=404)
+    try:
+        text = ModelServer(inst.address, timeout=5.0).metrics()
+    except AdapterError as exc:
+        return JsonResponse(
+            {"error": {"code": "unreachable", "message": f"model server: {exc}"}}, status=502
+        )
+    return HttpResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")

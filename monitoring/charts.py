@@ -37,6 +37,77 @@ CONFIG = {
 
 
 @dataclass
+class MarkerGroup:
+    x: str
+    label: str
+    hover: str
+    rollback: bool
+
+
+# Markers closer than this share of the range are drawn as one, so labels never overlap.
+MARKER_MIN_GAP = 0.02
+
+
+def _marker_label(event: DeploymentEvent) -> str:
+    rollback = event.kind != "traffic"
+    label = (
+        ("auto rollback" if event.kind == "auto_rollback" else "rollback") if rollback else "deploy"
+    )
+    if event.revision is not None:
+        label += f" r{event.revision.number} (v{event.revision.model_version.version})"
+    return label
+
+
+def marker_groups(markers: list[DeploymentEvent], *, start: int, end: int) -> list[MarkerGroup]:
+    """Deploy and rollback markers, those within MARKER_MIN_GAP of the range of each other
+    merged into one line at the last of them, labelled with the count and the outcome."""
+    gap = max(1.0, (end - start) * MARKER_MIN_GAP)
+    clusters: list[list[DeploymentEvent]] = []
+    for event in sorted(markers, key=lambda e: e.created_at):
+        t = event.created_at.timestamp()
+        if clusters and t - clusters[-1][-1].created_at.timestamp() < gap:
+            clusters[-1].append(event)
+        else:
+            clusters.append([event])
+    out = []
+    for cluster in clusters:
+        last = cluster[-1]
+        labels = [_marker_label(e) for e in cluster]
+        label = labels[-1] if len(cluster) == 1 else f"{len(cluster)} events, last: {labels[-1]}"
+        out.append(
+            MarkerGroup(
+                x=last.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                label=label,
+                hover="<br>".join(
+                    f"{e.created_at.astimezone(UTC):%H:%M:%S} {lab}"
+                    for e, lab in zip(cluster, labels, strict=True)
+                ),
+                rollback=any(e.kind != "traffic" for e in cluster),
+            )
+        )
+    return out
+
+
+def hourly_xy(points: list[Point], *, end: int, since: float | None = None) -> tuple[list, list]:
+    """An hourly value drawn across the hour it covers (from its start, or from ``since``
+    when the version began serving within that hour, to its end or ``end``)."""
+    xs: list = []
+    ys: list = []
+    previous = None
+    for p in sorted(points, key=lambda p: p.t):
+        hour = p.t // 3600 * 3600
+        x0 = hour if since is None or since <= hour or since >= hour + 3600 else int(since)
+        x1 = min(hour + 3600, end)
+        if previous is not None and hour > previous:
+            xs.append(_iso(previous))
+            ys.append(None)
+        xs += [_iso(x0), _iso(x1)]
+        ys += [p.value, p.value]
+        previous = hour + 3600
+    return xs, ys
+
+
+@dataclass
 class Chart:
     id: str
     title: str
@@ -91,40 +162,33 @@ def _layout(
                 "line": {"color": "#e5a400", "width": 1, "dash": "dot"},
             }
         )
-    for event in markers:
-        x = event.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        rollback = event.kind != "traffic"
-        label = (
-            ("auto rollback" if event.kind == "auto_rollback" else "rollback")
-            if rollback
-            else "deploy"
-        )
-        if event.revision is not None:
-            label += f" r{event.revision.number} (v{event.revision.model_version.version})"
+    for group in marker_groups(markers, start=start, end=end):
+        color = "#c0342b" if group.rollback else "#667085"
         shapes.append(
             {
                 "type": "line",
                 "xref": "x",
                 "yref": "paper",
-                "x0": x,
-                "x1": x,
+                "x0": group.x,
+                "x1": group.x,
                 "y0": 0,
                 "y1": 1,
-                "line": {"color": "#c0342b" if rollback else "#667085", "width": 1, "dash": "dot"},
+                "line": {"color": color, "width": 1, "dash": "dot"},
             }
         )
         annotations.append(
             {
-                "x": x,
+                "x": group.x,
                 "y": 1,
                 "xref": "x",
                 "yref": "paper",
-                "text": label,
+                "text": group.label,
+                "hovertext": group.hover,
                 "showarrow": False,
                 "xanchor": "left",
                 "yanchor": "top",
                 "textangle": -90,
-                "font": {"size": 10, "color": "#c0342b" if rollback else "#667085"},
+                "font": {"size": 10, "color": color},
             }
         )
     fig.update_layout(
@@ -216,6 +280,43 @@ def _line_chart(
     return _render(fig, chart_id, title, has_data)
 
 
+def _drift_chart(
+    series: Series,
+    *,
+    start: int,
+    end: int,
+    markers: list[DeploymentEvent],
+    versions: list[int | None],
+) -> Chart:
+    deployed: dict[int, float] = {}
+    for event in markers:
+        if event.kind == "traffic" and event.revision is not None:
+            deployed[event.revision.model_version.version] = event.created_at.timestamp()
+    fig = go.Figure()
+    has_data = False
+    for version in sorted(series, key=lambda v: v or 0):
+        xs, ys = hourly_xy(series[version], end=end, since=deployed.get(version))
+        has_data = has_data or bool(xs)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                name=f"v{version}" if version is not None else "all",
+                legendgroup=f"v{version}",
+                line={"color": _color(version, versions), "width": 2},
+                connectgaps=False,
+            )
+        )
+    _layout(fig, y_title="PSI", start=start, end=end, markers=markers, hlines=(0.1, 0.25))
+    return _render(
+        fig,
+        "chart-drift",
+        "Input drift per hour (largest feature PSI; 0.1 and 0.25 dotted)",
+        has_data,
+    )
+
+
 def deployment_charts(
     *,
     data: dict[str, Series],
@@ -223,7 +324,10 @@ def deployment_charts(
     end: int,
     step: int,
     markers: list[DeploymentEvent],
+    task: str | None = None,
 ) -> list[Chart]:
+    """The charts of one deployment; ``task`` (classification, regression or None when
+    unknown) picks accuracy or MAE/RMSE, else whichever has data."""
     versions = sorted({v for series in data.values() for v in series}, key=lambda v: v or 0)
     common = {"step": step, "start": start, "end": end, "markers": markers, "versions": versions}
     charts = [
@@ -249,16 +353,20 @@ def deployment_charts(
             scale=100.0,
             **common,
         ),
-        _line_chart(
-            "chart-accuracy",
-            "Accuracy from ground truth",
-            {"accuracy": data["accuracy"]},
-            y_title="accuracy",
-            y_range=[0, 1.02],
-            **common,
-        ),
     ]
-    if any(data["mae"].values()):
+    has_accuracy, has_mae = any(data["accuracy"].values()), any(data["mae"].values())
+    if task == "classification" or (task is None and (has_accuracy or not has_mae)):
+        charts.append(
+            _line_chart(
+                "chart-accuracy",
+                "Accuracy from ground truth",
+                {"accuracy": data["accuracy"]},
+                y_title="accuracy",
+                y_range=[0, 1.02],
+                **common,
+            )
+        )
+    if task == "regression" or (task is None and has_mae):
         charts.append(
             _line_chart(
                 "chart-regression",
@@ -268,15 +376,8 @@ def deployment_charts(
                 **common,
             )
         )
-    drift = _line_chart(
-        "chart-drift",
-        "Input drift (largest feature PSI; 0.1 and 0.25 dotted)",
-        {"drift_psi": data["drift_psi"]},
-        y_title="PSI",
-        shape="hv",
-        hlines=(0.1, 0.25),
-        # Drift is counted per hour: consecutive hours are one line, not isolated dots.
-        **{**common, "step": max(step, 3600)},
+    drift = _drift_chart(
+        data["drift_psi"], start=start, end=end, markers=markers, versions=versions
     )
     charts.append(drift)
     charts.append(

@@ -26,7 +26,7 @@ from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from controlplane.lib.errors import NotFound
-from deployments.models import Deployment, DeploymentEvent
+from deployments.models import Deployment, DeploymentEvent, Instance
 
 from . import catalog, scoring
 from .models import (
@@ -274,6 +274,53 @@ def _regression(deployment_id, names, start, end, step, version, by_version) -> 
 # --- drift and probes -----------------------------------------------------------------------------
 
 
+def drift_reference_reason(n_rows: int) -> str:
+    minimum = settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    return (
+        f"no verdict: the reference has {n_rows} row{'s' if n_rows != 1 else ''}, "
+        f"at least {minimum} are needed (upload a reference dataset)"
+    )
+
+
+@dataclass
+class DriftReferenceStatus:
+    version: int
+    source: str  # "input_example", "dataset" or "" (none yet)
+    n_rows: int
+    features: list[str]
+    usable: bool
+    reason: str
+
+
+def drift_reference_status(*, deployment: Deployment) -> DriftReferenceStatus | None:
+    """The active drift reference of the version a deployment serves, and whether drift is
+    judged against it (CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS)."""
+    revision = deployment.serving_revision or deployment.desired_revision
+    if revision is None:
+        return None
+    mv = revision.model_version
+    reference = DriftReference.objects.filter(model_version=mv, active=True).first()
+    if reference is None:
+        return DriftReferenceStatus(
+            version=mv.version,
+            source="",
+            n_rows=0,
+            features=[],
+            usable=False,
+            reason="no verdict: no reference yet (the model's input example is used once "
+            "inputs arrive; upload a reference dataset)",
+        )
+    usable = reference.n_rows >= settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    return DriftReferenceStatus(
+        version=mv.version,
+        source=reference.source,
+        n_rows=reference.n_rows,
+        features=sorted(reference.profile),
+        usable=usable,
+        reason="" if usable else drift_reference_reason(reference.n_rows),
+    )
+
+
 def _drift(deployment_id, start, end, step, version, by_version, feature=None) -> Series:
     qs = DriftHour.objects.filter(
         deployment_id=deployment_id, bucket__gt=start - 3600, bucket__lt=end
@@ -297,7 +344,11 @@ def _drift(deployment_id, start, end, step, version, by_version, feature=None) -
         )
         rows_seen[key] += n
         references.add(ref)
-    profiles = dict(DriftReference.objects.filter(pk__in=references).values_list("pk", "profile"))
+    profiles = dict(
+        DriftReference.objects.filter(
+            pk__in=references, n_rows__gte=settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+        ).values_list("pk", "profile")
+    )
     best: dict[tuple, tuple[float, int]] = {}
     for (v, window, ref, feat), counts in merged.items():
         spec = profiles.get(ref, {}).get(feat)
@@ -497,6 +548,7 @@ class FleetRow:
     accuracy: float | None = None
     accuracy_n: int = 0
     drift_psi: float | None = None
+    drift_reason: str = ""  # why there is no drift verdict, when there is none
     probe_ok: bool | None = None
     probe_latency_ms: float | None = None
     probe_at: datetime | None = None
@@ -559,8 +611,18 @@ def fleet_overview(*, now: datetime | None = None, traffic_seconds: int = 900) -
             else list(counts)
         )
         refs.add(ref)
-    profiles = dict(DriftReference.objects.filter(pk__in=refs).values_list("pk", "profile"))
+    minimum = settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS
+    profiles, small = {}, {}
+    for pk, profile, n_rows in DriftReference.objects.filter(pk__in=refs).values_list(
+        "pk", "profile", "n_rows"
+    ):
+        if n_rows >= minimum:
+            profiles[pk] = profile
+        else:
+            small[pk] = n_rows
     for (dep, ref, feat), counts in merged.items():
+        if ref in small and dep in rows:
+            rows[dep].drift_reason = drift_reference_reason(small[ref])
         spec = profiles.get(ref, {}).get(feat)
         if dep in rows and spec and len(spec["expected"]) == len(counts):
             value = scoring.psi(spec["expected"], counts)
@@ -687,8 +749,173 @@ def prometheus_exposition(*, now: datetime | None = None) -> str:
             lines.append(
                 f'{name}{{deployment="{_esc(row.deployment.name)}",model="{_esc(model)}"}} {float(value)!r}'
             )
+    ready = dict(
+        Instance.objects.filter(state=Instance.State.READY)
+        .values_list("deployment_id")
+        .annotate(n=Count("id"))
+    )
+    desired = dict(
+        Deployment.objects.filter(deleted=False).values_list("pk", "desired_revision__spec")
+    )
+    for name, help_text, get in (
+        (
+            "controlplane_deployment_replicas_ready",
+            "Model server instances ready.",
+            lambda r: ready.get(r.deployment.pk, 0),
+        ),
+        (
+            "controlplane_deployment_replicas_desired",
+            "Replicas the desired revision asks for.",
+            lambda r: (desired.get(r.deployment.pk) or {}).get("replicas"),
+        ),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for row in fleet:
+            value = get(row)
+            if value is None:
+                continue
+            model = row.deployment.model.name
+            lines.append(
+                f'{name}{{deployment="{_esc(row.deployment.name)}",model="{_esc(model)}"}} {float(value)!r}'
+            )
     return "\n".join(lines) + "\n"
 
 
 def metric_names() -> list[str]:
     return list(catalog.METRICS)
+
+
+# --- Prometheus service discovery ------------------------------------------------------------
+
+# Instances that run a process Prometheus can scrape.
+_SCRAPABLE = ("starting", "ready", "unhealthy")
+
+
+def instance_metrics_path(*, deployment: str, revision: int, ordinal: int) -> str:
+    return f"/api/v1/prometheus/instances/{deployment}/{revision}/{ordinal}/metrics"
+
+
+def prometheus_targets(*, control_plane: str, scheme: str = "http") -> list[dict]:
+    """Prometheus HTTP SD target groups: every running model server and router, labelled
+    deployment, model, version, revision, runtime (and ``kind``, ``replica``).
+
+    A model server on loopback TCP is listed at its address. One on a Unix socket (sandboxed
+    local server, container without a network) cannot be reached by Prometheus: it is listed
+    at ``control_plane`` with a ``__metrics_path__`` the control plane answers by reading the
+    server's /metrics over its socket. A router (the stable endpoint) forwards /metrics to one
+    of its servers in turn, so its target is for ``up`` (is the endpoint answering) only."""
+    groups: list[dict] = []
+    instances = (
+        Instance.objects.filter(
+            deployment__deleted=False, deployment__stopped=False, state__in=_SCRAPABLE
+        )
+        .exclude(runtime_id="")
+        .select_related("deployment__model", "revision__model_version")
+        .order_by("deployment__name", "revision__number", "ordinal")
+    )
+    for inst in instances:
+        labels = {
+            "kind": "model_server",
+            "deployment": inst.deployment.name,
+            "model": inst.deployment.model.name,
+            "version": str(inst.revision.model_version.version),
+            "revision": str(inst.revision.number),
+            "runtime": inst.runtime,
+            "replica": str(inst.ordinal),
+        }
+        address = inst.address
+        if address.startswith("unix:"):
+            labels["__metrics_path__"] = instance_metrics_path(
+                deployment=inst.deployment.name, revision=inst.revision.number, ordinal=inst.ordinal
+            )
+            labels["__scheme__"] = scheme
+            labels["via"] = "control_plane"
+            address = control_plane
+        groups.append({"targets": [address], "labels": labels})
+    deployments = (
+        Deployment.objects.filter(deleted=False, stopped=False)
+        .exclude(router_pid="")
+        .select_related("model", "serving_revision__model_version")
+        .order_by("name")
+    )
+    for d in deployments:
+        revision = d.serving_revision
+        groups.append(
+            {
+                "targets": [f"127.0.0.1:{d.port}"],
+                "labels": {
+                    "kind": "router",
+                    "deployment": d.name,
+                    "model": d.model.name,
+                    "version": str(revision.model_version.version) if revision else "",
+                    "revision": str(revision.number) if revision else "",
+                    "runtime": d.runtime,
+                },
+            }
+        )
+    return groups
+
+
+def instance_for_metrics(*, deployment: str, revision: int, ordinal: int) -> Instance:
+    """The running instance whose /metrics the control plane relays to Prometheus."""
+    inst = (
+        Instance.objects.filter(
+            deployment__name=deployment,
+            deployment__deleted=False,
+            revision__number=revision,
+            ordinal=ordinal,
+            state__in=_SCRAPABLE,
+        )
+        .exclude(runtime_id="")
+        .first()
+    )
+    if inst is None:
+        raise NotFound("no such running instance")
+    return inst
+
+
+# --- what the charts show -------------------------------------------------------------------
+
+_CLASS_TYPES = {"long", "integer", "int32", "int64", "string", "boolean", "bool", "str"}
+_REGRESSION_TYPES = {"double", "float", "float32", "float64"}
+
+
+def model_task(*, model_version) -> str | None:
+    """``classification``, ``regression`` or None (unknown), from a ``task`` tag of the
+    version or the types of its signature's outputs (integers and strings: classes)."""
+    tags = model_version.tags or {}
+    for key in ("task", "mlflow.task", "model_task"):
+        value = str(tags.get(key, "")).lower()
+        if value.startswith("class"):
+            return "classification"
+        if value.startswith("regress"):
+            return "regression"
+    outputs = (model_version.signature or {}).get("outputs")
+    if not isinstance(outputs, list) or not outputs:
+        return None
+    kinds = set()
+    for column in outputs:
+        if not isinstance(column, dict):
+            return None
+        kind = str(column.get("type", "")).lower()
+        if kind == "tensor":
+            kind = str((column.get("tensor-spec") or {}).get("dtype", "")).lower()
+        kinds.add(kind)
+    if kinds <= _CLASS_TYPES:
+        return "classification"
+    if kinds <= _REGRESSION_TYPES:
+        return "regression"
+    return None
+
+
+def data_since(*, deployment: Deployment) -> int:
+    """When the deployment's data begins (unix seconds): its first traffic minute, else its
+    creation."""
+    first = (
+        TrafficMinute.objects.filter(deployment=deployment)
+        .order_by("bucket")
+        .values_list("bucket", flat=True)
+        .first()
+    )
+    created = int(deployment.created_at.timestamp())
+    return min(first, created) if first is not None else created

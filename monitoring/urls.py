@@ -5,6 +5,12 @@ from . import apis, views
 app_name = "monitoring"
 
 api_urlpatterns = [
+    path("prometheus/targets", apis.prometheus_targets, name="api-prometheus-targets"),
+    path(
+        "prometheus/instances/<str:deployment>/<int:revision>/<int:ordinal>/metrics",
+        apis.prometheus_instance_metrics,
+        name="api-prometheus-instance-metrics",
+    ),
     path("deployments/<str:name>/metrics", apis.MetricsApi.as_view(), name="api-metrics"),
     path("deployments/<str:name>/feedback", apis.FeedbackApi.as_view(), name="api-feedback"),
     path("deployments/<str:name>/probes", apis.ProbeListApi.as_view(), name="api-probes"),
@@ -25,6 +31,11 @@ api_urlpatterns = [
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("deployments/<str:name>/", views.deployment_detail, name="deployment"),
+    path(
+        "deployments/<str:name>/drift-reference",
+        views.drift_reference_upload,
+        name="drift-reference-upload",
+    ),
     path("alerts/", views.alert_list, name="alert-list"),
     path("alerts/new", views.alert_create, name="alert-create"),
     path("alerts/<int:rule_id>/", views.alert_detail, name="alert-detail"),

@@ -51,12 +51,14 @@ def overview(request: HttpRequest) -> HttpResponse:
 @_ui
 def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = selectors.deployment_get(name=name)
-    range_name = request.GET.get("range", "24h")
+    end = math.ceil(time.time())
+    range_name = request.GET.get("range", "")
     if range_name not in RANGES:
-        range_name = "24h"
+        # The smallest range holding all the deployment's data, not a mostly empty 24 h.
+        age = end - selectors.data_since(deployment=deployment)
+        range_name = next((r for r, (sec, _) in RANGES.items() if sec >= age), "30d")
     seconds, step = RANGES[range_name]
     # Windows aligned on the step (so rollups answer), ending now.
-    end = math.ceil(time.time())
     start = math.ceil(end / step) * step - seconds
     data = selectors.metric_series(
         deployment_id=deployment.pk,
@@ -77,16 +79,62 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "range": range_name,
             "step": step,
             "charts": charts.deployment_charts(
-                data=data, start=start, end=end, step=step, markers=markers
+                data=data,
+                start=start,
+                end=end,
+                step=step,
+                markers=markers,
+                task=selectors.model_task(model_version=revision.model_version)
+                if (revision := deployment.serving_revision or deployment.desired_revision)
+                else None,
             ),
             "markers": markers,
             "rules": rules,
             "events": selectors.alert_event_list(deployment=deployment, limit=20),
             "probes": selectors.probe_list(deployment=deployment, limit=10),
+            "drift_reference": selectors.drift_reference_status(deployment=deployment),
             "plotly_js": PLOTLY_JS,
             "plotly_version": PLOTLY_VERSION,
         },
     )
+
+
+class DriftReferenceForm(forms.Form):
+    file = forms.FileField(
+        label="Reference dataset (CSV with a header row, or JSON)",
+        help_text='JSON: {"columns": [...], "data": [[...]]}, a list of records or {column: [values]}',
+    )
+
+
+@login_required
+@require_http_methods(["POST"])
+@_ui
+def drift_reference_upload(request: HttpRequest, name: str) -> HttpResponse:
+    """Upload the drift reference of the version the deployment serves (the same service as
+    PUT /api/v1/models/{name}/versions/{version}/drift-reference)."""
+    deployment = selectors.deployment_get(name=name)
+    revision = deployment.serving_revision or deployment.desired_revision
+    form = DriftReferenceForm(request.POST, request.FILES)
+    if revision is None:
+        messages.error(request, "The deployment serves no version yet.")
+    elif not form.is_valid():
+        messages.error(request, "Choose a CSV or JSON file to upload.")
+    else:
+        upload = form.cleaned_data["file"]
+        try:
+            dataset = services.dataset_from_file(content=upload.read(), filename=upload.name)
+            reference = services.drift_reference_upload(
+                model_version=revision.model_version, dataset=dataset, actor=request.user
+            )
+        except ApplicationError as exc:
+            messages.error(request, f"Reference not uploaded: {exc.message}")
+        else:
+            messages.success(
+                request,
+                f"Drift reference of v{revision.model_version.version} uploaded: "
+                f"{reference.n_rows} rows, {len(reference.profile)} features.",
+            )
+    return redirect("monitoring:deployment", name=deployment.name)
 
 
 # --- alert rules ------------------------------------------------------------------------------
@@ -218,7 +266,7 @@ def alert_delete(request: HttpRequest, rule_id: int) -> HttpResponse:
 # --- the control plane's own /metrics ------------------------------------------------------------------
 
 
-def _prometheus_allowed(request: HttpRequest) -> bool:
+def prometheus_allowed(request: HttpRequest) -> bool:
     token = settings.CONTROLPLANE_PROMETHEUS_TOKEN
     header = request.headers.get("Authorization", "")
     if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
@@ -240,7 +288,7 @@ def _prometheus_allowed(request: HttpRequest) -> bool:
 def prometheus(request: HttpRequest) -> HttpResponse:
     """Fleet gauges for Prometheus. A bearer token (CONTROLPLANE_PROMETHEUS_TOKEN) or an
     allow-listed address (CONTROLPLANE_PROMETHEUS_ALLOW); nobody when neither is set."""
-    if not _prometheus_allowed(request):
+    if not prometheus_allowed(request):
         response = HttpResponse(
             "forbidden: send the Prometheus bearer token or scrape from an allowed address\n",
             status=403,

@@ -289,6 +289,11 @@ CONTROLPLANE_METRICS_HOUR_RETENTION_DAYS = env_int(
 CONTROLPLANE_PREDICTION_RETENTION_DAYS = env_int(
     "CONTROLPLANE_PREDICTION_RETENTION_DAYS", 30, minimum=1
 )
+# Drift is not judged against a reference smaller than this (the default reference is the
+# model's input example, often 3 rows): the UI says why instead of showing a PSI.
+CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS = env_int(
+    "CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS", 100, minimum=1
+)
 # Sent as a bearer token when pulling a model server's GET /predictions (SERVING_ADMIN_TOKEN).
 CONTROLPLANE_SERVING_ADMIN_TOKEN = env_str("CONTROLPLANE_SERVING_ADMIN_TOKEN")
 # The control plane's own GET /metrics answers a bearer token or an allow-listed address;

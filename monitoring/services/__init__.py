@@ -32,7 +32,7 @@ from .collection import (
     scrape_record,
     traffic_ingest,
 )
-from .drift import drift_reference_upload, example_columns
+from .drift import dataset_from_file, drift_reference_upload, example_columns
 from .feedback import FEEDBACK_MAX_ITEMS, FeedbackResult, feedback_record, feedback_validate
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "deployment_pull",
     "deployment_scrape",
     "deployments_to_collect",
+    "dataset_from_file",
     "deployments_to_probe",
     "drift_reference_upload",
     "example_columns",

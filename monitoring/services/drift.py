@@ -3,6 +3,9 @@ dataset) and the hourly counts of pulled inputs in their bins."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 from collections import defaultdict
 from typing import Any
@@ -164,6 +167,58 @@ def _drift_count(
             row.n += totals[key]
             changed.append(row)
     DriftHour.objects.bulk_update(changed, ["counts", "n"], batch_size=500)
+
+
+REFERENCE_MAX_BYTES = 50 * 1024 * 1024
+
+
+def _csv_value(text: str) -> Any:
+    try:
+        number = float(text)
+    except ValueError:
+        return text if text != "" else None
+    return (
+        int(number)
+        if number.is_integer() and "." not in text and "e" not in text.lower()
+        else number
+    )
+
+
+def dataset_from_file(*, content: bytes, filename: str) -> Any:
+    """A reference dataset from an uploaded file: CSV with a header row (numbers parsed as
+    numbers), or JSON in one of the shapes ``drift_reference_upload`` takes."""
+    if len(content) > REFERENCE_MAX_BYTES:
+        raise ApplicationError(
+            f"at most {REFERENCE_MAX_BYTES // (1024 * 1024)} MB",
+            code="dataset_too_large",
+            status_code=413,
+        )
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ApplicationError("the file is not UTF-8 text", code="invalid_dataset") from None
+    if filename.lower().endswith(".json") or text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ApplicationError(f"the file is not JSON: {exc}", code="invalid_dataset") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if len(rows) < 2 or not rows[0]:
+        raise ApplicationError(
+            "a CSV reference needs a header row and at least one data row", code="invalid_dataset"
+        )
+    header = rows[0]
+    data = []
+    for number, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ApplicationError(
+                f"CSV line {number} has {len(row)} fields, the header {len(header)}",
+                code="invalid_dataset",
+            )
+        data.append([_csv_value(v) for v in row])
+    return {"columns": header, "data": data}
 
 
 @transaction.atomic

@@ -9,9 +9,10 @@ import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
@@ -37,7 +38,9 @@ REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # what the model server accept
 class FeedbackResult:
     received: int
     matched: int
-    unknown: int
+    pending: int  # kept; applied when their predictions are collected
+    pending_request_ids: list[str]
+    unknown: int  # not kept: their labels waited past the retention period
     unknown_request_ids: list[str]
     mismatched: int
     mismatched_request_ids: list[str]
@@ -266,35 +269,47 @@ def feedback_record(
     *, deployment: Deployment, items: list[dict], actor: AbstractBaseUser | None
 ) -> FeedbackResult:
     """Ground truth for earlier predictions. Labels for predictions not pulled yet are kept
-    (for CONTROLPLANE_PREDICTION_RETENTION_DAYS) and applied when they arrive; they are
-    reported as unknown."""
+    (for CONTROLPLANE_PREDICTION_RETENTION_DAYS) and applied when they arrive: reported as
+    pending. A label posted again after waiting longer than that is dropped and reported as
+    unknown: its prediction expired (or never existed)."""
     items = feedback_validate(items)
     labels = {item["request_id"]: item["label"] for item in items}  # the last label of an id wins
     matched, mismatched, pairs, windows = _label_predictions(deployment.pk, labels)
-    unknown = [rid for rid in labels if rid not in matched]
-    if unknown:
-        existing = set()
-        for i in range(0, len(unknown), 500):
+    unmatched = [rid for rid in labels if rid not in matched]
+    expired: set[str] = set()
+    if unmatched:
+        cutoff = timezone.now() - timedelta(days=settings.CONTROLPLANE_PREDICTION_RETENTION_DAYS)
+        existing: dict[str, datetime] = {}
+        for i in range(0, len(unmatched), 500):
             existing.update(
                 PendingLabel.objects.filter(
-                    deployment=deployment, request_id__in=unknown[i : i + 500]
-                ).values_list("request_id", flat=True)
+                    deployment=deployment, request_id__in=unmatched[i : i + 500]
+                ).values_list("request_id", "received_at")
             )
+        expired = {rid for rid, received in existing.items() if received < cutoff}
+        for i in range(0, len(expired), 500):
+            PendingLabel.objects.filter(
+                deployment=deployment, request_id__in=sorted(expired)[i : i + 500]
+            ).delete()
         PendingLabel.objects.bulk_create(
             [
                 PendingLabel(deployment=deployment, request_id=rid, label=labels[rid])
-                for rid in unknown
+                for rid in unmatched
                 if rid not in existing
             ],
             batch_size=1000,
         )
-        for rid in existing:
+        for rid in existing.keys() - expired:
             PendingLabel.objects.filter(deployment=deployment, request_id=rid).update(
                 label=labels[rid], received_at=timezone.now()
             )
+    pending = [rid for rid in unmatched if rid not in expired]
+    unknown = [rid for rid in unmatched if rid in expired]
     result = FeedbackResult(
         received=len(items),
         matched=len(matched) - len(mismatched),
+        pending=len(pending),
+        pending_request_ids=pending[:100],
         unknown=len(unknown),
         unknown_request_ids=unknown[:100],
         mismatched=len(mismatched),
@@ -310,6 +325,7 @@ def feedback_record(
         after={
             "received": result.received,
             "matched": result.matched,
+            "pending": result.pending,
             "unknown": result.unknown,
             "mismatched": result.mismatched,
             "pairs": pairs,

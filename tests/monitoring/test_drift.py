@@ -17,6 +17,13 @@ T0 = epoch(2025, 3, 1, 12, 0)
 EPS = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _small_references_judged(settings):
+    # These tests compute PSI against the 4-row input example; the minimum reference size
+    # (CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS) is tested in test_ux.py.
+    settings.CONTROLPLANE_DRIFT_MIN_REFERENCE_ROWS = 1
+
+
 def psi(expected, actual):
     return sum(
         (max(a, EPS) - max(e, EPS)) * math.log(max(a, EPS) / max(e, EPS))

@@ -168,15 +168,15 @@ def test_unknown_request_ids_are_counted_and_applied_when_the_prediction_arrives
     )
     assert resp.status_code == 200
     body = resp.json()
-    assert (body["received"], body["matched"], body["unknown"]) == (3, 1, 2)
-    assert sorted(body["unknown_request_ids"]) == ["never-seen", "not-pulled-yet"]
+    assert (body["received"], body["matched"], body["pending"], body["unknown"]) == (3, 1, 2, 0)
+    assert sorted(body["pending_request_ids"]) == ["never-seen", "not-pulled-yet"]
     assert PendingLabel.objects.filter(deployment=fleet.deployment).count() == 2
     # The prediction is pulled after its label came in: the label applies then.
     ingest(fleet.instance(1), [record(2, "not-pulled-yet", T0 + 1, [1])])
     assert _metric(api, "churn", "accuracy", T0, T0 + 60, 60) == [{"t": iso(T0), "value": 0.5}]
     assert list(PendingLabel.objects.values_list("request_id", flat=True)) == ["never-seen"]
     event = AuditEvent.objects.filter(action="monitoring.feedback", object_id="churn").first()
-    assert event.after["unknown"] == 2 and event.actor_label == "alice"
+    assert event.after["pending"] == 2 and event.actor_label == "alice"
 
 
 @pytest.mark.parametrize(

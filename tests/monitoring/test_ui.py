@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,12 @@ def monitored(fleet, server, api):
         at=fleet.deployment.created_at,
     )
     d = fleet.deployment
-    DeploymentEvent.objects.create(
+    deployed = DeploymentEvent.objects.create(
         deployment=d, revision=fleet.revisions[2], kind="traffic", message="traffic moved to r2"
+    )
+    # Apart enough to be two markers (close ones merge into one: test_ux.py).
+    DeploymentEvent.objects.filter(pk=deployed.pk).update(
+        created_at=deployed.created_at - timedelta(minutes=20)
     )
     DeploymentEvent.objects.create(
         deployment=d, revision=fleet.revisions[1], kind="rollback", message="rollback from r2 to r1"
@@ -143,9 +148,10 @@ def test_the_range_picker_changes_the_window(client_logged_in, monitored):
         assert resp.context["step"] == step
         x_range = figures(resp.content.decode())["chart-latency"]["layout"]["xaxis"]["range"]
         assert x_range[0] < x_range[1]
+    # An unknown range falls back to the default: what the deployment has data for (minutes).
     assert (
         client_logged_in.get("/monitoring/deployments/churn/?range=forever").context["range"]
-        == "24h"
+        == "1h"
     )
     html = client_logged_in.get("/monitoring/deployments/churn/").content.decode()
     assert all(f'href="?range={r}"' in html for r in ("1h", "24h", "7d", "30d"))
