@@ -767,11 +767,15 @@ def installer_errors(output: str, *, limit: int = 15) -> str:
 
 def _make_world_readable(root: Path) -> None:
     """Dirs 0755, files 0644 (executables 0755): model servers may run as another user."""
+    # Only what differs is changed: torch alone has some 15,000 files, mostly 0644 already.
     for dirpath, _dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o755)
+        if stat.S_IMODE(os.stat(dirpath).st_mode) != 0o755:
+            os.chmod(dirpath, 0o755)
         for name in filenames:
             path = os.path.join(dirpath, name)
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
                 continue
-            os.chmod(path, 0o755 if info.st_mode & 0o111 else 0o644)
+            wanted = 0o755 if info.st_mode & 0o111 else 0o644
+            if stat.S_IMODE(info.st_mode) != wanted:
+                os.chmod(path, wanted)

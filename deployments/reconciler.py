@@ -48,15 +48,11 @@ LEASE_SECONDS = 15.0
 # Three renewals per lease: one slow or failed renewal does not hand the deployment over.
 HEARTBEAT_SECONDS = 5.0
 # A worker alive but stuck (a hung engine call) is not renewed past its budget plus the
-# longest one step may take (a first image build): the deployment is not held forever.
-LONGEST_STEP_SECONDS = 600.0
+# longest one step may take (a first image build, an environment build up to its timeout):
+# the deployment is not held forever.
+LONGEST_STEP_SECONDS = max(600.0, settings.CONTROLPLANE_ENV_BUILD_TIMEOUT + 60.0)
 # The model server's structured fatal error: the last line of its log (serving/).
 FATAL_PREFIX = "SERVING-FATAL "
-
-
-def _longest_step() -> float:
-    """A first environment build may take up to its timeout: the lease is kept that long."""
-    return max(LONGEST_STEP_SECONDS, settings.CONTROLPLANE_ENV_BUILD_TIMEOUT + 60.0)
 
 
 def _acquire(deployment_id: int, owner: str) -> bool:
@@ -139,7 +135,7 @@ def reconcile(deployment_id: int, *, budget: float = 20.0) -> bool | None:
     # Inside a caller's transaction (tests) the lease is seen by no other connection until
     # it commits: a heartbeat could not renew it, only wait on the caller's locks.
     if not connection.in_atomic_block:
-        heartbeat = _Heartbeat(deployment_id, owner, until=deadline + _longest_step())
+        heartbeat = _Heartbeat(deployment_id, owner, until=deadline + LONGEST_STEP_SECONDS)
         heartbeat.start()
     try:
         while True:

@@ -512,6 +512,16 @@ def test_the_cleanup_task_keeps_what_revisions_use(api, registered, tabulate_mod
     assert "0" * 64 in removed and key not in removed
     assert builder.complete(key) is not None
     shutil.rmtree(stray, ignore_errors=True)
+    # the periodic task does the same, and is scheduled where every periodic task is
+    from django.conf import settings as django_settings
+
+    from deployments.tasks import environments_cleanup
+
+    (stray / "bin").mkdir(parents=True)
+    assert environments_cleanup() == 1 and not stray.exists()
+    assert builder.complete(key) is not None
+    schedule = django_settings.CELERY_BEAT_SCHEDULE["deployments-environments-cleanup"]
+    assert schedule["task"] == "deployments.tasks.environments_cleanup"
 
 
 def test_a_local_instance_spec_defaults_to_the_shared_interpreter(sklearn_model_dir):
