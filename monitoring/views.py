@@ -106,7 +106,7 @@ class DriftReferenceForm(forms.Form):
     )
 
 
-@login_required
+@requires(Right.MONITORING_WRITE)
 @require_http_methods(["POST"])
 @_ui
 def drift_reference_upload(request: HttpRequest, name: str) -> HttpResponse:

@@ -144,6 +144,10 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("accounts:tokens", "POST"): EVERYONE,
     ("accounts:token-revoke", "GET"): EVERYONE,
     ("accounts:token-revoke", "POST"): EVERYONE,
+    ("accounts:mlflow-credential", "GET"): EVERYONE,  # says what your role would get
+    ("accounts:mlflow-credential", "POST"): READERS,  # READ or EDIT by role; none without one
+    ("monitoring:drift-reference-upload", "GET"): DEPLOYERS,  # 405
+    ("monitoring:drift-reference-upload", "POST"): DEPLOYERS,
 }
 
 # Routes outside the table, and why.
@@ -152,6 +156,8 @@ EXEMPT = {
     "login": "signing in",
     "logout": "signing out",
     "prometheus": "its own bearer token or address allow-list (tests/monitoring)",
+    "api:api-prometheus-targets": "the Prometheus token or allow-list, as /metrics",
+    "api:api-prometheus-instance-metrics": "the Prometheus token or allow-list, as /metrics",
     "schema": "the OpenAPI document: any authenticated caller",
     "api-docs": "Swagger UI: any authenticated caller",
 }
