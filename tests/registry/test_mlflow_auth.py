@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from django.contrib.auth.models import Permission
 from django.test import override_settings
 
 from audit.models import AuditEvent
 from controlplane.lib.errors import ApplicationError
 from controlplane.run import MLFLOW_USER, mlflow_answers_as_ours, mlflow_auth_setup
 from registry.models import RegisteredModel
+from tests.conftest import with_roles
 from tests.controlplane.test_run_supervisor import free_port
 from tests.support import wait_http
 
@@ -200,8 +200,9 @@ def test_users_get_their_own_mlflow_credential_from_the_ui(
         assert auth_mlflow.call("GET", search, auth=(superuser.username, again)).status_code == 200
 
         # A reader gets READ: reads, cannot log runs.
-        viewer = django_user_model.objects.create_user("vera", password="pw-vera-12345")
-        viewer.user_permissions.add(Permission.objects.get(codename="view_registeredmodel"))
+        viewer = with_roles(
+            django_user_model.objects.create_user("vera", password="pw-vera-12345"), "viewer"
+        )
         client.force_login(viewer)
         _issue(client)
         reader = ("vera", _issue(client))  # a reset of a reader's credential works too
