@@ -119,6 +119,7 @@ def test_unsupported_methods_answer_405_with_the_error_shape(live_server, seeded
     raw = session.get(f"{live_server.url}/api/schema/?format=json", headers=headers).json()
     params = {"name": seeded["model"], "version": "1", "alias": "staging", "request_id": "1"}
     params["rule_id"] = "1"
+    params["policy_id"] = "1"
     checked = 0
     for path, item in raw["paths"].items():
         declared = {m.upper() for m in item if m != "parameters"}
