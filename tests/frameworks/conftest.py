@@ -114,13 +114,24 @@ def train(framework: str, venvs: Path, out_root: Path) -> Trained:
     return Trained(framework, out, time.monotonic() - started)
 
 
+def _needed(items) -> list[str]:
+    """The frameworks the selected tests use: their `framework` parameter, else XGBoost."""
+    needed = set()
+    for item in items:
+        if "trained" not in getattr(item, "fixturenames", ()):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        needed.add(params.get("framework", "xgboost"))
+    return [name for name in [*SHARED, *FRAMEWORKS] if name in needed]
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> dict[str, Trained | BaseException]:
-    """Every framework's model, trained in parallel once per session (failures kept per
-    framework, so one framework that cannot install fails only its own tests)."""
+def trained(request, tmp_path_factory) -> dict[str, Trained | BaseException]:
+    """Every framework's model the selected tests use, trained in parallel once per session
+    (failures kept per framework, so one that cannot install fails only its own tests)."""
     venvs = tmp_path_factory.mktemp("framework-venvs")
     out_root = tmp_path_factory.mktemp("framework-models")
-    names = [*SHARED, *FRAMEWORKS]
+    names = _needed(request.session.items)
     results: dict[str, Trained | BaseException] = {}
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {name: pool.submit(train, name, venvs, out_root) for name in names}
