@@ -8,11 +8,15 @@ index_options`: the host's pip configuration, so torch comes from the wheelhouse
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +54,7 @@ def build_venv(framework: str, root: Path) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     common = ["--no-config", "--color", "never", "--no-progress", "--quiet"]
     subprocess.run(
-        [*_uv(), "venv", str(venv), "--python", sys.executable, "--no-project", *common],
+        [*_uv(), "venv", str(venv), "--clear", "--python", sys.executable, "--no-project", *common],
         check=True,
         capture_output=True,
         env=env,
@@ -93,37 +97,79 @@ class Trained:
         self.seconds = seconds
 
 
-def train(framework: str, venvs: Path, out_root: Path) -> Trained:
+def cache_root() -> Path:
+    """Trained models and training venvs kept between sessions (under the system temp dir,
+    or CONTROLPLANE_TEST_CACHE): a model trained once is the same model next time. The
+    environments the control plane builds to serve them are built anew in every session."""
+    default = Path(tempfile.gettempdir()) / "controlplane-test-cache"
+    return Path(os.environ.get("CONTROLPLANE_TEST_CACHE") or default) / "frameworks"
+
+
+def _key(framework: str) -> str:
+    """What a trained model depends on: the trainer, the framework's requirements, MLflow, the
+    Python version."""
+    digest = hashlib.sha256(TRAINERS.read_bytes())
+    digest.update(json.dumps([framework, FRAMEWORKS.get(framework), sys.version]).encode())
+    digest.update(importlib.metadata.version("mlflow-skinny").encode())
+    return f"{framework}-{digest.hexdigest()[:16]}"
+
+
+def train(framework: str, root: Path) -> Trained:
+    # one trainer per framework at a time, across sessions sharing the cache
+    with open(root / f".{framework}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train(framework, root)
+
+
+def _train(framework: str, root: Path) -> Trained:
     started = time.monotonic()
-    python = sys.executable if framework in SHARED else str(build_venv(framework, venvs))
-    out = out_root / framework
-    out.mkdir(parents=True, exist_ok=True)
+    out = root / _key(framework)
+    if (out / "expected.json").is_file():
+        return Trained(framework, out, time.monotonic() - started)
+    python = sys.executable if framework in SHARED else str(build_venv(framework, root / "venvs"))
+    # Trained beside its place and renamed: an interrupted run leaves nothing that looks done.
+    shutil.rmtree(out.with_suffix(".tmp"), ignore_errors=True)
+    building = out.with_suffix(".tmp")
+    building.mkdir(parents=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        [python, str(TRAINERS), framework, str(out)],
+        [python, str(TRAINERS), framework, str(building)],
         capture_output=True,
         text=True,
         env=env,
-        cwd=out,
+        cwd=building,
         timeout=600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"training {framework} failed:\n{done.stderr[-4000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    building.rename(out)
     return Trained(framework, out, time.monotonic() - started)
 
 
+def _needed(items) -> list[str]:
+    """The frameworks the selected tests use: their `framework` parameter, else XGBoost."""
+    needed = set()
+    for item in items:
+        if "trained" not in getattr(item, "fixturenames", ()):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        needed.add(params.get("framework", "xgboost"))
+    return [name for name in [*SHARED, *FRAMEWORKS] if name in needed]
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> dict[str, Trained | BaseException]:
-    """Every framework's model, trained in parallel once per session (failures kept per
-    framework, so one framework that cannot install fails only its own tests)."""
-    venvs = tmp_path_factory.mktemp("framework-venvs")
-    out_root = tmp_path_factory.mktemp("framework-models")
-    names = [*SHARED, *FRAMEWORKS]
+def trained(request) -> dict[str, Trained | BaseException]:
+    """Every framework's model the selected tests use, trained in parallel once per session
+    (failures kept per framework, so one that cannot install fails only its own tests)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    names = _needed(request.session.items)
     results: dict[str, Trained | BaseException] = {}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(train, name, venvs, out_root) for name in names}
+        futures = {name: pool.submit(train, name, root) for name in names}
         for name, future in futures.items():
             try:
                 results[name] = future.result()

@@ -164,3 +164,34 @@ def _summary():
         for key, value in results.items():
             lines.append(f"  {framework:12} {key:32} {value}")
     print("\n".join(lines))
+
+
+def test_a_framework_model_on_the_shared_interpreter_fails_with_the_servers_own_error(
+    trained, api, model_name
+):
+    """The issue's crash-loop, now a failure a user can act on: environment "shared" serves an
+    XGBoost model with the control plane's Python, which has no xgboost."""
+    from deployments.models import Deployment, Revision
+
+    t = trained["xgboost"]
+    if isinstance(t, BaseException):
+        raise t
+    assert api.post("/api/v1/models", {"name": model_name}).status_code == 201
+    resp = api.upload(f"/api/v1/models/{model_name}/versions", zip_dir(t.model_dir))
+    assert resp.status_code == 201, resp.content
+    resp = api.post(
+        "/api/v1/deployments",
+        {
+            "name": "fw-shared",
+            "model": model_name,
+            "version": "1",
+            "runtime": "local",
+            "environment": "shared",
+        },
+    )
+    assert resp.status_code in (201, 202), resp.content
+    d = converge("fw-shared", until=lambda d: d.status == Deployment.Status.FAILED, timeout=300)
+    failure = Revision.objects.get(pk=d.desired_revision_id).failure
+    assert "ModuleNotFoundError: No module named 'xgboost' (during load)" in failure, failure
+    logs = api.get("/api/v1/deployments/fw-shared/logs?tail=50").json()["instances"]
+    assert any('SERVING-FATAL {"type": "ModuleNotFoundError"' in item["logs"] for item in logs)
