@@ -25,7 +25,7 @@ from serving.httpserver import HttpConnection, Request, query_params
 from serving.inputs import COLUMN_DTYPES, Rows
 from serving.metrics import Metrics
 from serving.model import LoadedModel, Outputs, not_ready, parse_scoring_json, v2_datatype
-from serving.predlog import PredictionLog
+from serving.predlog import PredictionLog, default_max_bytes
 
 logger = logging.getLogger("serving")
 
@@ -85,9 +85,15 @@ class App:
         self.ready = False
         self.batcher: Batcher | None = None
         self.metrics = Metrics(settings.name, settings.version)
-        self.log = PredictionLog(settings.log_buffer, settings.name, settings.version)
+        self.log = PredictionLog(
+            settings.log_buffer,
+            settings.name,
+            settings.version,
+            max_bytes=settings.log_buffer_bytes or default_max_bytes(),
+        )
         self.metrics.log_dropped = lambda: self.log.dropped
         self.metrics.log_buffered = lambda: len(self.log)
+        self.metrics.log_bytes = lambda: self.log.bytes
         self.sample = settings.log_input_sample
         self.model_headers = b"x-model-name: %s\r\nx-model-version: %s\r\n" % (
             settings.name.encode(),
@@ -615,9 +621,7 @@ class App:
         self.send(req, conn, rid, endpoint, 200, body)
 
     def v2_server(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
-        body = dumps(
-            {"name": "mlops-serving", "version": SERVER_VERSION, "extensions": EXTENSIONS}
-        )
+        body = dumps({"name": "mlops-serving", "version": SERVER_VERSION, "extensions": EXTENSIONS})
         self.send(req, conn, rid, endpoint, 200, body)
 
     def v2_live(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
@@ -632,7 +636,8 @@ class App:
         body = dumps({"name": self.settings.name, "ready": ready})
         self.send(req, conn, rid, endpoint, 200 if ready else 503, body)
 
-    def v2_metadata(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
+    def v2_metadata_dict(self) -> dict[str, Any]:
+        """OIP v2 model metadata (HTTP and gRPC)."""
         model = self._model()
         inputs = []
         if model.schema is not None:
@@ -644,16 +649,16 @@ class App:
         for name, kind in model.output_specs:
             datatype = v2_datatype(kind) if isinstance(kind, np.dtype) else _v2_type(kind)
             outputs.append({"name": name, "datatype": datatype, "shape": [-1]})
-        body = dumps(
-            {
-                "name": self.settings.name,
-                "versions": [self.settings.version],
-                "platform": f"mlflow_{model.flavor}",
-                "inputs": inputs,
-                "outputs": outputs,
-            }
-        )
-        self.send(req, conn, rid, endpoint, 200, body)
+        return {
+            "name": self.settings.name,
+            "versions": [self.settings.version],
+            "platform": f"mlflow_{model.flavor}",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+
+    def v2_metadata(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
+        self.send(req, conn, rid, endpoint, 200, dumps(self.v2_metadata_dict()))
 
     def v1_metadata(self, req: Request, conn: HttpConnection, rid: bytes, endpoint: str) -> None:
         """TF Serving's GetModelMetadata answer: the model's one signature, `serving_default`."""

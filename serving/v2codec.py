@@ -91,14 +91,14 @@ def raw_from_array(datatype: str, arr: np.ndarray) -> bytes:
     if datatype == "BYTES":
         parts = []
         for value in arr.ravel().tolist():
-            data = value if isinstance(value, bytes) else _text(value).encode("utf-8")
+            data = value if isinstance(value, bytes) else text(value).encode("utf-8")
             parts.append(_LENGTH.pack(len(data)))
             parts.append(data)
         return b"".join(parts)
     return np.ascontiguousarray(arr, dtype=RAW_DTYPES[datatype]).tobytes()
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     if isinstance(value, str):
         return value
     from serving.fastjson import dumps
