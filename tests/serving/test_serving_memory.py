@@ -77,11 +77,12 @@ def test_100_row_requests_fill_the_log_and_memory_stays_under_the_bound(bounded_
     proc = bounded_server
     send(proc, bodies_of_100_rows(100, seed=0))  # warm the allocator and the code paths
     baseline = rss_bytes(proc.proc.pid)
-    # each record keeps a 100 x 20 float64 matrix (16 kB): 4,000 of them would be ~64 MiB
-    send(proc, bodies_of_100_rows(4000, seed=1))
+    # each record keeps a 100 x 20 float64 matrix (16 kB): 3,000 of them would be ~48 MiB,
+    # more than BOUND + SLACK
+    send(proc, bodies_of_100_rows(3000, seed=1))
     after = rss_bytes(proc.proc.pid)
     log = gauges(proc)
-    assert log["serving_prediction_log_dropped_total"] > 3000
+    assert log["serving_prediction_log_dropped_total"] > 2000
     assert 0 < log["serving_prediction_log_bytes"] <= BOUND
     assert log["serving_prediction_log_buffered"] < BOUND / 16_000
     assert after <= baseline + BOUND + SLACK, (baseline / 2**20, after / 2**20)
