@@ -94,6 +94,7 @@ class App:
         self.metrics.log_dropped = lambda: self.log.dropped
         self.metrics.log_buffered = lambda: len(self.log)
         self.metrics.log_bytes = lambda: self.log.bytes
+        self.metrics.log_max_bytes = self.log.max_bytes
         self.sample = settings.log_input_sample
         self.model_headers = b"x-model-name: %s\r\nx-model-version: %s\r\n" % (
             settings.name.encode(),

@@ -38,8 +38,8 @@ _CGROUP_MAX = Path("/sys/fs/cgroup/memory.max")
 
 
 def memory_limit_bytes(env: Mapping[str, str] = os.environ) -> int | None:
-    """The instance's memory limit, if known: SERVING_MEMORY_LIMIT_MB, else the cgroup's
-    memory.max (a container's limit), else RLIMIT_DATA (how the local runtime enforces
+    """The instance's memory limit, if known: SERVING_MEMORY_LIMIT_MB, else the smaller of the
+    cgroup's memory.max (a container's limit) and RLIMIT_DATA (how the local runtime enforces
     memory_mb)."""
     raw = env.get("SERVING_MEMORY_LIMIT_MB")
     if raw:
@@ -47,16 +47,17 @@ def memory_limit_bytes(env: Mapping[str, str] = os.environ) -> int | None:
             return int(float(raw) * 1024 * 1024)
         except ValueError:
             logger.warning("SERVING_MEMORY_LIMIT_MB is not a number: %r", raw)
+    known = []
     try:
         text = _CGROUP_MAX.read_text().strip()
         if text.isdigit():
-            return int(text)
+            known.append(int(text))
     except OSError:
         pass
     soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
     if soft != resource.RLIM_INFINITY and soft > 0:
-        return soft
-    return None
+        known.append(soft)
+    return min(known) if known else None
 
 
 def default_max_bytes(env: Mapping[str, str] = os.environ) -> int:

@@ -119,8 +119,16 @@ def output_tensors(
     outputs: Outputs, wanted: set[str] | None
 ) -> list[tuple[str, str, list[int], np.ndarray]]:
     """(name, datatype, shape, array) of each output asked for (all when wanted is None)."""
+    named = named_arrays(outputs)
+    unknown = sorted(set(wanted or ()) - set(named))
+    if unknown:
+        raise bad_request(
+            "unknown_output",
+            f"unknown output(s) {', '.join(map(repr, unknown))}; the model answers "
+            f"{', '.join(map(repr, named))}",
+        )
     tensors = []
-    for name, arr in named_arrays(outputs).items():
+    for name, arr in named.items():
         if wanted is not None and name not in wanted:
             continue
         datatype = v2_datatype(arr.dtype)

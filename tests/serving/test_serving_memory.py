@@ -4,11 +4,14 @@ at its baseline plus the bound, and what the log drops is counted."""
 from __future__ import annotations
 
 import concurrent.futures
+import resource
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from conftest import REPO
 from test_serving_protocols import start
 
 from serving import predlog
@@ -123,10 +126,36 @@ def test_default_bound_is_an_eighth_of_the_memory_limit(tmp_path, monkeypatch):
     cgroup = tmp_path / "memory.max"
     cgroup.write_text("536870912\n")
     monkeypatch.setattr(predlog, "_CGROUP_MAX", cgroup)
-    assert predlog.default_max_bytes({}) == 64 * 1024 * 1024
-    cgroup.write_text("max\n")
-    import resource
-
     soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
-    expected = predlog.DEFAULT_MAX_BYTES if soft == resource.RLIM_INFINITY else soft // 8
+    rlimit = None if soft == resource.RLIM_INFINITY else soft
+    assert predlog.default_max_bytes({}) == min(512 * 1024 * 1024, rlimit or 2**62) // 8
+    cgroup.write_text("max\n")
+    expected = predlog.DEFAULT_MAX_BYTES if rlimit is None else rlimit // 8
     assert predlog.default_max_bytes({}) == expected
+
+
+def test_the_local_runtimes_data_limit_sizes_the_log(models, tmp_path):
+    """A server started under RLIMIT_DATA (as the local runtime enforces memory_mb) sizes its
+    log to an eighth of it: 1 GiB -> 128 MiB."""
+    limit = 1024 * 1024 * 1024
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+    proc = start(models["sklearn"], "mem-rlimit", "1", tmp_path, grpc_on=False, launch=False)
+    proc._log = open(proc.log_path, "wb")
+    proc.proc = subprocess.Popen(
+        proc.args,
+        cwd=REPO,
+        env=proc.env,
+        stdout=proc._log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=limited,
+    )
+    try:
+        proc.wait_ready()
+        text = requests.get(proc.url("/metrics"), timeout=5).text
+        assert "serving_prediction_log_max_bytes 134217728" in text
+    finally:
+        proc.kill()

@@ -46,7 +46,15 @@ def port_in_range() -> int:
     raise RuntimeError(f"no free port in {PORTS}")
 
 
-def start(model_dir: Path, name: str, version: str, log_dir: Path, *extra: str, grpc_on=True):
+def start(
+    model_dir: Path,
+    name: str,
+    version: str,
+    log_dir: Path,
+    *extra: str,
+    grpc_on: bool = True,
+    launch: bool = True,
+) -> Proc:
     args = ["serving", "--model-dir", str(model_dir), "--name", name, "--version", version]
     proc = Proc([*args, *extra], log_dir / f"{name}.log")
     proc.port = port_in_range()
@@ -55,7 +63,7 @@ def start(model_dir: Path, name: str, version: str, log_dir: Path, *extra: str, 
     if grpc_on:
         proc.grpc_port = port_in_range()
         proc.args += ["--grpc-port", str(proc.grpc_port)]
-    return proc.start()
+    return proc.start() if launch else proc
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -367,6 +375,16 @@ def test_v2_errors_follow_the_open_inference_protocol_and_others_keep_theirs(ser
         "error": "input 'x': a single tensor must have shape [n, 20], got [1, 3]"
     }
     assert response.headers["x-error-code"] == "bad_shape"
+    x = features(1, seed=0).tolist()
+    unknown_output = {
+        "inputs": [{"name": "x", "shape": [1, 20], "datatype": "FP64", "data": x}],
+        "outputs": [{"name": "probabilities"}],
+    }
+    response = requests.post(proc.url("/v2/models/churn/infer"), json=unknown_output, timeout=5)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "unknown output(s) 'probabilities'; the model answers 'predict'"
+    }
     missing = requests.get(proc.url("/v2/models/nope"), timeout=5)
     assert missing.status_code == 404
     assert missing.json() == {"error": "model 'nope' is not served here"}
