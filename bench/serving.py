@@ -7,9 +7,9 @@ after the other, one worker each, on 127.0.0.1), drives each with the same load 
 concurrency 1, 16 and 64 with one-row JSON requests on keep-alive connections, then with
 100-row requests (`--rows-concurrency`, default 4), and prints one markdown table. Our server
 is also driven over gRPC (OIP v2 ModelInfer, one [1, 20] FP64 tensor in raw_input_contents,
-one channel per concurrent caller; `--no-grpc` skips it). The load generator is wrk with a Lua
-script when installed (apt-get install wrk), else a small asyncio one in this file; either
-shares the machine's cores with the server.
+one channel shared by the concurrent callers; `--no-grpc` skips it). The load generator is wrk
+with a Lua script when installed (apt-get install wrk), else a small asyncio one in this file
+(grpc.aio for gRPC); either shares the machine's cores with the server.
 """
 
 from __future__ import annotations
@@ -192,26 +192,29 @@ async def _grpc_load(target: str, row: list[float], concurrency: int, duration: 
     errors = 0
     deadline = time.perf_counter() + duration
 
+    # one channel (one HTTP/2 connection) shared by all callers, as gRPC clients are used
+    channel = grpc.aio.insecure_channel(target)
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+
     async def worker() -> None:
         nonlocal errors
-        async with grpc.aio.insecure_channel(target) as channel:
-            infer = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelInfer",
-                request_serializer=pb.ModelInferRequest.SerializeToString,
-                response_deserializer=pb.ModelInferResponse.FromString,
-            )
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    await infer(request, timeout=10)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                latencies.append(time.perf_counter() - started)
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                await infer(request, timeout=10)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     results = await asyncio.gather(*(worker() for _ in range(concurrency)), return_exceptions=True)
     elapsed = time.perf_counter() - started
     errors += sum(1 for r in results if isinstance(r, Exception))
+    await channel.close()
     latencies.sort()
     return {
         "rps": len(latencies) / elapsed,
