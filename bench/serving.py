@@ -234,6 +234,27 @@ def run_grpc(target: str, row: list[float], concurrency: int, duration: float) -
         return asyncio.run(_grpc_load(target, row, concurrency, duration))
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process (Linux /proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int | None, run) -> dict:
+    """run()'s result plus the server's CPU microseconds per request (when pid is given):
+    a figure that, unlike req/s, hardly depends on what else the machine runs."""
+    before = process_cpu_seconds(pid) if pid else None
+    result = run()
+    after = process_cpu_seconds(pid) if pid else None
+    result["cpu_us"] = None
+    if before is not None and after is not None and result["requests"]:
+        result["cpu_us"] = (after - before) / result["requests"] * 1e6
+    return result
+
+
 def batch_stats(metrics_url: str) -> tuple[float, float]:
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
         text = response.read().decode()
@@ -307,23 +328,30 @@ def main() -> int:
                 wait_ready(f"http://127.0.0.1:{port}/ping", proc)
                 url = f"http://127.0.0.1:{port}/invocations"
                 generate(url, body, 4, 1.0)  # warm-up
+                # our server with one worker is one process: its CPU per request is measured
+                pid = proc.pid if "ours" in name and args.workers == 1 else None
                 for concurrency in levels:
                     before = (
                         batch_stats(f"http://127.0.0.1:{port}/metrics") if "ours" in name else None
                     )
-                    results[(name, concurrency)] = generate(url, body, concurrency, args.duration)
+                    results[(name, concurrency)] = with_cpu(
+                        pid, lambda c=concurrency, u=url: generate(u, body, c, args.duration)
+                    )
                     if before is not None and concurrency == max(levels):
                         after = batch_stats(f"http://127.0.0.1:{port}/metrics")
                         rows_per_call = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                     time.sleep(0.5)
-                results[(f"{name}, 100 rows", args.rows_concurrency)] = generate(
-                    url, body_100, args.rows_concurrency, args.duration
+                results[(f"{name}, 100 rows", args.rows_concurrency)] = with_cpu(
+                    pid, lambda u=url: generate(u, body_100, args.rows_concurrency, args.duration)
                 )
                 if "ours" in name and not args.no_grpc:
                     run_grpc(f"127.0.0.1:{grpc_port}", row, 4, 1.0)  # warm-up
                     for concurrency in levels:
-                        results[(f"{name}, gRPC", concurrency)] = run_grpc(
-                            f"127.0.0.1:{grpc_port}", row, concurrency, args.duration
+                        results[(f"{name}, gRPC", concurrency)] = with_cpu(
+                            pid,
+                            lambda c=concurrency: run_grpc(
+                                f"127.0.0.1:{grpc_port}", row, c, args.duration
+                            ),
                         )
                         time.sleep(0.5)
             finally:
@@ -335,8 +363,11 @@ def main() -> int:
     print(f"\nLoad generator: {loadgen}; {args.duration:g} s per run; one-row JSON requests "
           f"(dataframe_split), keep-alive; {os.cpu_count()} cores shared by server and load "
           f"generator; our server with {args.workers} worker(s), MLflow with 1.\n")  # fmt: skip
-    print("| server | concurrency | req/s | p50 ms | p99 ms | errors | ours/MLflow req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| server | concurrency | req/s | p50 ms | p99 ms | errors | server CPU µs/req "
+        "| ours/MLflow req/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, concurrency), r in results.items():
         ratio = ""
         peer = "mlflow models serve" + (", 100 rows" if "100 rows" in name else "")
@@ -345,9 +376,10 @@ def main() -> int:
         if "gRPC" in name and ("serving (ours)", concurrency) in results:
             http = results[("serving (ours)", concurrency)]["rps"]
             ratio = f"{r['rps'] / http:.2f}x of our HTTP"
+        cpu = f"{r['cpu_us']:.0f}" if r.get("cpu_us") is not None else ""
         print(
             f"| {name} | {concurrency} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} "
-            f"| {r['errors']} | {ratio} |"
+            f"| {r['errors']} | {cpu} | {ratio} |"
         )
     if rows_per_call is not None:
         print(f"\nOur server at concurrency {max(levels)}: {rows_per_call:.1f} rows per model call "

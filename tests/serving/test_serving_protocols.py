@@ -10,6 +10,7 @@ cannot live in the project's environment.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -77,14 +78,18 @@ def clients_python() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     venv = root / "controlplane" / f"serving-clients-{key}"
     python = venv / "bin" / "python"
-    if not (venv / ".complete").exists():
-        subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(venv)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
-            check=True,
-            timeout=600,
-        )
-        (venv / ".complete").touch()
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (pytest-xdist workers, parallel runs)
+    with open(venv.parent / f".serving-clients-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / ".complete").exists():
+            subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+                check=True,
+                timeout=600,
+            )
+            (venv / ".complete").touch()
     return python
 
 
@@ -657,3 +662,43 @@ def _leaves(value):
             yield from _leaves(v)
     else:
         yield value
+
+
+# --- raw tensor layout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values", "raw"),
+    [
+        ("FP32", [1.5, -2.0], b"\x00\x00\xc0\x3f\x00\x00\x00\xc0"),
+        ("FP64", [0.5], b"\x00\x00\x00\x00\x00\x00\xe0\x3f"),
+        ("INT32", [1, -1], b"\x01\x00\x00\x00\xff\xff\xff\xff"),
+        ("INT64", [258], b"\x02\x01\x00\x00\x00\x00\x00\x00"),
+        ("BOOL", [True, False, True], b"\x01\x00\x01"),
+        (
+            "BYTES",
+            ["oslo", "", "é"],
+            b"\x04\x00\x00\x00oslo\x00\x00\x00\x00\x02\x00\x00\x00\xc3\xa9",
+        ),
+    ],
+)
+def test_raw_tensors_use_tritons_layout_both_ways(datatype, values, raw):
+    from serving import v2codec
+
+    arr = v2codec.array_from_raw("x", datatype, [len(values)], raw)
+    assert arr.tolist() == values
+    assert v2codec.raw_from_array(datatype, arr) == raw
+
+
+def test_raw_tensors_of_the_wrong_size_are_refused_with_the_inputs_name():
+    from serving import v2codec
+    from serving.errors import ServingError
+
+    with pytest.raises(
+        ServingError, match="input 'x': shape \\[3\\] of FP64 needs 24 bytes, got 16"
+    ):
+        v2codec.array_from_raw("x", "FP64", [3], b"\0" * 16)
+    with pytest.raises(ServingError, match="truncated BYTES element"):
+        v2codec.array_from_raw("x", "BYTES", [1], b"\x09\x00\x00\x00abc")
+    with pytest.raises(ServingError, match="needs 2 values, got 1"):
+        v2codec.array_from_raw("x", "BYTES", [2], b"\x01\x00\x00\x00a")
