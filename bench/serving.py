@@ -4,15 +4,19 @@
 
 Builds one scikit-learn LogisticRegression on 20 features, serves it with both servers (one
 after the other, one worker each, on 127.0.0.1), drives each with the same load generator at
-concurrency 1, 16 and 64 with one-row JSON requests on keep-alive connections, and prints one
-markdown table. The load generator is wrk with a Lua script when installed (apt-get install
-wrk), else a small asyncio one in this file; either shares the machine's cores with the server.
+concurrency 1, 16 and 64 with one-row JSON requests on keep-alive connections, then with
+100-row requests (`--rows-concurrency`, default 4), and prints one markdown table. Our server
+is also driven over gRPC (OIP v2 ModelInfer, one [1, 20] FP64 tensor in raw_input_contents,
+one channel shared by the concurrent callers; `--no-grpc` skips it). The load generator is wrk
+with a Lua script when installed (apt-get install wrk), else a small asyncio one in this file
+(grpc.aio for gRPC); either shares the machine's cores with the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -30,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 FEATURES = [f"f{i}" for i in range(20)]
 
 
-def build_model(path: Path) -> list[float]:
-    """Train and save the model; return one input row."""
+def build_model(path: Path) -> tuple[list[float], list[list[float]]]:
+    """Train and save the model; return one input row and 100 rows."""
     import mlflow.sklearn
     import numpy as np
     import pandas as pd
@@ -49,7 +53,8 @@ def build_model(path: Path) -> list[float]:
         input_example=X.iloc[:2],
         pip_requirements=["mlflow", "scikit-learn"],
     )
-    return [round(v, 6) for v in X.iloc[0].tolist()]
+    rows = [[round(v, 6) for v in r] for r in X.iloc[:100].to_numpy().tolist()]
+    return rows[0], rows
 
 
 def free_port() -> int:
@@ -169,6 +174,87 @@ def run_python(url: str, body: str, concurrency: int, duration: float) -> dict:
     return asyncio.run(_python_load(host, port, path, body.encode(), concurrency, duration))
 
 
+async def _grpc_load(target: str, row: list[float], concurrency: int, duration: float) -> dict:
+    import grpc
+    import numpy as np
+
+    # by path: from bench/, `import serving` would find this file
+    spec = importlib.util.spec_from_file_location(
+        "grpc_predict_v2_pb2", REPO / "serving" / "grpc_predict_v2_pb2.py"
+    )
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+
+    request = pb.ModelInferRequest(model_name="bench")
+    request.inputs.add(name="input-0", datatype="FP64", shape=[1, len(row)])
+    request.raw_input_contents.append(np.asarray([row], dtype="<f8").tobytes())
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + duration
+
+    # one channel (one HTTP/2 connection) shared by all callers, as gRPC clients are used
+    channel = grpc.aio.insecure_channel(target)
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                await infer(request, timeout=10)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(worker() for _ in range(concurrency)), return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    errors += sum(1 for r in results if isinstance(r, Exception))
+    await channel.close()
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": latencies[len(latencies) // 2] * 1000,
+        "p99": latencies[int(len(latencies) * 0.99)] * 1000,
+        "errors": errors,
+        "requests": len(latencies),
+    }
+
+
+def run_grpc(target: str, row: list[float], concurrency: int, duration: float) -> dict:
+    try:
+        import uvloop
+
+        return uvloop.run(_grpc_load(target, row, concurrency, duration))
+    except ImportError:
+        return asyncio.run(_grpc_load(target, row, concurrency, duration))
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of one process (Linux /proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int | None, run) -> dict:
+    """run()'s result plus the server's CPU microseconds per request (when pid is given):
+    a figure that, unlike req/s, hardly depends on what else the machine runs."""
+    before = process_cpu_seconds(pid) if pid else None
+    result = run()
+    after = process_cpu_seconds(pid) if pid else None
+    result["cpu_us"] = None
+    if before is not None and after is not None and result["requests"]:
+        result["cpu_us"] = (after - before) / result["requests"] * 1e6
+    return result
+
+
 def batch_stats(metrics_url: str) -> tuple[float, float]:
     with urllib.request.urlopen(metrics_url, timeout=5) as response:
         text = response.read().decode()
@@ -185,6 +271,14 @@ def main() -> int:
     )
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--workers", type=int, default=1, help="our server's --workers (default 1)")
+    parser.add_argument(
+        "--rows-concurrency",
+        type=int,
+        default=4,
+        help="concurrency of the 100-row runs (default 4)",
+    )
+    parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC runs")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -195,8 +289,9 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     model_dir = workdir / "model"
-    row = build_model(model_dir)
+    row, hundred = build_model(model_dir)
     body = json.dumps({"dataframe_split": {"columns": FEATURES, "data": [row]}})
+    body_100 = json.dumps({"dataframe_split": {"columns": FEATURES, "data": hundred}})
     results: dict[tuple[str, int], dict] = {}
     rows_per_call: float | None = None
 
@@ -209,8 +304,12 @@ def main() -> int:
             sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--name", "bench",
             "--version", "1", "--port", str(port), "--workers", str(args.workers),
             "--log-level", "WARNING",
+            *([] if args.no_grpc else ["--grpc-port", str(grpc_port)]),
         ],
     }  # fmt: skip
+    if args.no_mlflow:
+        del servers["mlflow models serve"]
+    grpc_port = free_port()
     try:
         for name, command in servers.items():
             port = free_port()
@@ -229,15 +328,32 @@ def main() -> int:
                 wait_ready(f"http://127.0.0.1:{port}/ping", proc)
                 url = f"http://127.0.0.1:{port}/invocations"
                 generate(url, body, 4, 1.0)  # warm-up
+                # our server with one worker is one process: its CPU per request is measured
+                pid = proc.pid if "ours" in name and args.workers == 1 else None
                 for concurrency in levels:
                     before = (
                         batch_stats(f"http://127.0.0.1:{port}/metrics") if "ours" in name else None
                     )
-                    results[(name, concurrency)] = generate(url, body, concurrency, args.duration)
+                    results[(name, concurrency)] = with_cpu(
+                        pid, lambda c=concurrency, u=url: generate(u, body, c, args.duration)
+                    )
                     if before is not None and concurrency == max(levels):
                         after = batch_stats(f"http://127.0.0.1:{port}/metrics")
                         rows_per_call = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                     time.sleep(0.5)
+                results[(f"{name}, 100 rows", args.rows_concurrency)] = with_cpu(
+                    pid, lambda u=url: generate(u, body_100, args.rows_concurrency, args.duration)
+                )
+                if "ours" in name and not args.no_grpc:
+                    run_grpc(f"127.0.0.1:{grpc_port}", row, 4, 1.0)  # warm-up
+                    for concurrency in levels:
+                        results[(f"{name}, gRPC", concurrency)] = with_cpu(
+                            pid,
+                            lambda c=concurrency: run_grpc(
+                                f"127.0.0.1:{grpc_port}", row, c, args.duration
+                            ),
+                        )
+                        time.sleep(0.5)
             finally:
                 stop(proc)
                 log.close()
@@ -247,15 +363,23 @@ def main() -> int:
     print(f"\nLoad generator: {loadgen}; {args.duration:g} s per run; one-row JSON requests "
           f"(dataframe_split), keep-alive; {os.cpu_count()} cores shared by server and load "
           f"generator; our server with {args.workers} worker(s), MLflow with 1.\n")  # fmt: skip
-    print("| server | concurrency | req/s | p50 ms | p99 ms | errors | ours/MLflow req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| server | concurrency | req/s | p50 ms | p99 ms | errors | server CPU µs/req "
+        "| ours/MLflow req/s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, concurrency), r in results.items():
         ratio = ""
-        if "ours" in name and ("mlflow models serve", concurrency) in results:
-            ratio = f"{r['rps'] / results[('mlflow models serve', concurrency)]['rps']:.1f}x"
+        peer = "mlflow models serve" + (", 100 rows" if "100 rows" in name else "")
+        if "ours" in name and "gRPC" not in name and (peer, concurrency) in results:
+            ratio = f"{r['rps'] / results[(peer, concurrency)]['rps']:.1f}x"
+        if "gRPC" in name and ("serving (ours)", concurrency) in results:
+            http = results[("serving (ours)", concurrency)]["rps"]
+            ratio = f"{r['rps'] / http:.2f}x of our HTTP"
+        cpu = f"{r['cpu_us']:.0f}" if r.get("cpu_us") is not None else ""
         print(
             f"| {name} | {concurrency} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} "
-            f"| {r['errors']} | {ratio} |"
+            f"| {r['errors']} | {cpu} | {ratio} |"
         )
     if rows_per_call is not None:
         print(f"\nOur server at concurrency {max(levels)}: {rows_per_call:.1f} rows per model call "

@@ -35,6 +35,8 @@ class Settings:
     prediction_log_dir: Path | None = None
     log_input_sample: float = 1.0
     log_buffer: int = 100_000
+    log_buffer_bytes: int | None = None  # None: sized from the memory limit (serving.predlog)
+    grpc_port: int | None = None  # OIP v2 over gRPC on this port too (serving.grpc_server)
     admin_token: str | None = None
     shutdown_timeout_s: float = 30.0
     log_level: str = "INFO"
@@ -60,6 +62,10 @@ class Settings:
         }
         if self.unix_socket is not None:
             env["SERVING_UNIX_SOCKET"] = str(self.unix_socket)
+        if self.log_buffer_bytes is not None:
+            env["SERVING_LOG_BUFFER_BYTES"] = str(self.log_buffer_bytes)
+        if self.grpc_port is not None:
+            env["SERVING_GRPC_PORT"] = str(self.grpc_port)
         if self.prediction_log_dir is not None:
             env["SERVING_PREDICTION_LOG_DIR"] = str(self.prediction_log_dir)
         if self.admin_token is not None:
@@ -101,6 +107,12 @@ _OPTIONS: list[tuple[str, str, str]] = [
         "fraction of prediction records that include inputs (default 1.0)",
     ),
     ("--log-buffer", "SERVING_LOG_BUFFER", "prediction records kept in memory (default 100000)"),
+    (
+        "--log-buffer-bytes",
+        "SERVING_LOG_BUFFER_BYTES",
+        "bytes the prediction log may hold (default: the memory limit / 8, else 64 MiB)",
+    ),
+    ("--grpc-port", "SERVING_GRPC_PORT", "also serve OIP v2 over gRPC on this port (default off)"),
     (
         "--shutdown-timeout",
         "SERVING_SHUTDOWN_TIMEOUT",
@@ -264,6 +276,16 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> S
             "--log-input-sample", raw.get("--log-input-sample", "1.0"), minimum=0, maximum=1
         ),
         log_buffer=_int("--log-buffer", raw.get("--log-buffer", "100000"), minimum=1),
+        log_buffer_bytes=(
+            _int("--log-buffer-bytes", raw["--log-buffer-bytes"], minimum=1024)
+            if "--log-buffer-bytes" in raw
+            else None
+        ),
+        grpc_port=(
+            _int("--grpc-port", raw["--grpc-port"], minimum=0, maximum=65535)
+            if "--grpc-port" in raw
+            else None
+        ),
         admin_token=_admin_token(env),
         shutdown_timeout_s=_float(
             "--shutdown-timeout", raw.get("--shutdown-timeout", "30"), minimum=0

@@ -78,6 +78,8 @@ class Metrics:
         self.ready = False
         self.log_dropped = lambda: 0
         self.log_buffered = lambda: 0
+        self.log_bytes = lambda: 0
+        self.log_max_bytes = 0
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests[(endpoint, status)] += 1
@@ -144,6 +146,12 @@ class Metrics:
             "# HELP serving_prediction_log_buffered Prediction records in the buffer.",
             "# TYPE serving_prediction_log_buffered gauge",
             f"serving_prediction_log_buffered {self.log_buffered()}",
+            "# HELP serving_prediction_log_bytes Bytes the prediction log's records hold.",
+            "# TYPE serving_prediction_log_bytes gauge",
+            f"serving_prediction_log_bytes {self.log_bytes()}",
+            "# HELP serving_prediction_log_max_bytes The most bytes the prediction log holds.",
+            "# TYPE serving_prediction_log_max_bytes gauge",
+            f"serving_prediction_log_max_bytes {self.log_max_bytes}",
             "# HELP serving_process_start_time_seconds Start time of the process (unix seconds).",
             "# TYPE serving_process_start_time_seconds gauge",
             f"serving_process_start_time_seconds {self.start_time!r}",

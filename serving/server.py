@@ -129,6 +129,20 @@ async def _serve(
         logger.error("cannot listen on %s: %s", target, exc)
         return 1
     server = await loop.create_server(lambda: HttpConnection(app), sock=sock)
+    grpc_server = None
+    if settings.grpc_port is not None:
+        from serving import grpc_server as grpc_listener
+
+        try:
+            grpc_server, grpc_port = await grpc_listener.start(
+                app, settings.host, settings.grpc_port, settings.max_body_bytes
+            )
+        except RuntimeError as exc:
+            logger.error(
+                "cannot listen for gRPC on %s:%s: %s", settings.host, settings.grpc_port, exc
+            )
+            return 1
+        logger.info("listening for gRPC (OIP v2) on %s:%d", settings.host, grpc_port)
     logger.info(
         "listening on %s (pid %d); loading model %s version %s from %s",
         where, os.getpid(), settings.name, settings.version, settings.model_dir,
@@ -173,6 +187,8 @@ async def _serve(
         except OSError:
             pass
     app.begin_shutdown()
+    if grpc_server is not None:
+        await grpc_server.stop(settings.shutdown_timeout_s)
     deadline = time.monotonic() + settings.shutdown_timeout_s
     while app.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
