@@ -344,7 +344,9 @@ def test_unknown_or_unsupported_methods_are_400_listing_the_supported_ones(serve
             {"inputs": v2_inputs(df), "parameters": {"predict_method": method}},
         )
         assert v2.status_code == 400
-        assert "supported: predict, decision_function" in v2.json()["error"]["message"]
+        # OIP v2 errors are {"error": "<message>"}, our code in a header
+        assert v2.headers["X-Error-Code"] == "unsupported_predict_method"
+        assert "supported: predict, decision_function" in v2.json()["error"]
     for bad in ({"predict_method": 3}, ["predict"]):
         answer = post(proc, "/invocations", {"dataframe_split": split(df), "params": bad})
         assert answer.status_code == 400, answer.text
