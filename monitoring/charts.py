@@ -74,6 +74,10 @@ def marker_groups(markers: list[DeploymentEvent], *, start: int, end: int) -> li
         last = cluster[-1]
         labels = [_marker_label(e) for e in cluster]
         label = labels[-1] if len(cluster) == 1 else f"{len(cluster)} events, last: {labels[-1]}"
+        rollbacks = [lab for e, lab in zip(cluster, labels, strict=True) if e.kind != "traffic"]
+        if rollbacks and last.kind == "traffic":
+            # the traffic switch a rollback causes must not hide the rollback itself
+            label += f" after {rollbacks[-1]}"
         out.append(
             MarkerGroup(
                 x=last.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

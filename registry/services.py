@@ -826,7 +826,11 @@ def approval_policy_update(
     required_approvals: int = _UNSET,
 ) -> ApprovalPolicy:
     require(actor, Right.MANAGE_POLICIES, "approval policies are managed by the admin role")
-    policy = ApprovalPolicy.objects.select_for_update().select_related("model").get(pk=policy.pk)
+    policy = (
+        ApprovalPolicy.objects.select_for_update(of=("self",))
+        .select_related("model")
+        .get(pk=policy.pk)
+    )
     before = _policy_snapshot(policy)
     model, alias = _policy_fields(
         model_name=before["model"] if model_name is _UNSET else model_name,
@@ -853,7 +857,11 @@ def approval_policy_update(
 @transaction.atomic
 def approval_policy_delete(*, policy: ApprovalPolicy, actor: AbstractBaseUser) -> None:
     require(actor, Right.MANAGE_POLICIES, "approval policies are managed by the admin role")
-    policy = ApprovalPolicy.objects.select_for_update().select_related("model").get(pk=policy.pk)
+    policy = (
+        ApprovalPolicy.objects.select_for_update(of=("self",))
+        .select_related("model")
+        .get(pk=policy.pk)
+    )
     audit_record(
         actor=actor,
         action="approval_policy.delete",

@@ -54,7 +54,7 @@ def loads(body: bytes) -> Any:
 
 
 def default(value: Any) -> Any:
-    """What numpy values and dates are written as (as `serving.model._json_default`)."""
+    """What numpy values and dates are written as (the one JSON default of the server)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -30,6 +30,8 @@ import numpy as np
 
 from serving import flavors, mlmodel
 from serving.errors import ServingError, bad_request
+from serving.fastjson import default as _json_default
+from serving.fastjson import stdlib_dumps as dumps
 from serving.inputs import NUMERIC_DTYPES, Rows, TabularSchema, tabular_schema
 
 logger = logging.getLogger("serving.model")
@@ -64,16 +66,6 @@ def v2_datatype(dtype: np.dtype) -> str:
     return _V2_DATATYPES.get(f"{dtype.kind}{dtype.itemsize}", "BYTES")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def _jsonable(value: Any) -> Any:
     """As mlflow.utils.proto_json_utils._get_jsonable_obj(value, pandas_orient="records")."""
     if isinstance(value, np.ndarray):
@@ -84,10 +76,6 @@ def _jsonable(value: Any) -> Any:
     if pd is not None and isinstance(value, pd.Series):
         return pd.DataFrame(value).to_dict(orient="records")
     return value
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
 
 
 class Outputs:

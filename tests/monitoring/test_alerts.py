@@ -349,10 +349,13 @@ def _stored_secret(rule_id: int) -> str:
         return cursor.fetchone()[0]
 
 
-@LOOPBACK
 def test_the_webhook_secret_is_encrypted_at_rest_and_survives_a_key_rotation(
     api, fleet, server, settings, django_capture_on_commit_callbacks
 ):
+    # Through the settings fixture, not @LOOPBACK: its teardown would restore the settings
+    # it saw, with LOOPBACK's override still in them, and leak it into later tests.
+    settings.CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.CONTROLPLANE_WEBHOOK_RETRIES = 3
     now = time.time()
     with Receiver() as receiver:
         rule = make_rule(api, webhook_url=receiver.url)
@@ -375,10 +378,13 @@ def test_the_webhook_secret_is_encrypted_at_rest_and_survives_a_key_rotation(
         assert sent["headers"]["X-Controlplane-Signature"] == expected
 
 
-@LOOPBACK
 def test_a_secret_no_key_opens_fails_the_delivery_instead_of_sending_it_unsigned(
     api, fleet, server, settings, django_capture_on_commit_callbacks
 ):
+    # Through the settings fixture, not @LOOPBACK: its teardown would restore the settings
+    # it saw, with LOOPBACK's override still in them, and leak it into later tests.
+    settings.CONTROLPLANE_WEBHOOK_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.CONTROLPLANE_WEBHOOK_RETRIES = 3
     now = time.time()
     with Receiver() as receiver:
         rule = make_rule(api, webhook_url=receiver.url)
