@@ -174,8 +174,9 @@ def test_close_deploy_markers_merge_into_one_labelled_line(fleet, client_logged_
     assert len(marker_lines) == 2
     # At 7 days the same events are still one line each at most, never more than at 1 h.
     _, figs = _page(client_logged_in, "?range=7d")
+    # ... and a rollback among them stays named.
     assert [a["text"] for a in figs["chart-throughput"]["layout"]["annotations"]] == [
-        "5 events, last: deploy r1 (v1)"
+        "5 events, last: deploy r1 (v1) after rollback r1 (v1)"
     ]
 
 
