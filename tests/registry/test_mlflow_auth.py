@@ -7,88 +7,17 @@ as `make run` configures it (``controlplane.run.mlflow_auth_setup``)."""
 from __future__ import annotations
 
 import io
-import os
 import re
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import requests
-from django.test import override_settings
 
 from audit.models import AuditEvent
 from controlplane.lib.errors import ApplicationError
-from controlplane.run import MLFLOW_USER, mlflow_answers_as_ours, mlflow_auth_setup
+from controlplane.run import MLFLOW_USER
 from registry.models import RegisteredModel
 from tests.conftest import with_roles
-from tests.controlplane.test_run_supervisor import free_port
-from tests.support import wait_http
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
-
-
-@dataclass(frozen=True)
-class AuthServer:
-    uri: str
-    password: str  # the control plane's (the server's admin)
-
-    def settings(self, **overrides):
-        values = dict(
-            MLFLOW_TRACKING_URI=self.uri,
-            MLFLOW_TRACKING_USERNAME=MLFLOW_USER,
-            MLFLOW_TRACKING_PASSWORD=self.password,
-        )
-        values.update(overrides)
-        return override_settings(**values)
-
-    def call(self, method: str, path: str, *, auth=None, **kwargs) -> requests.Response:
-        session = requests.Session()
-        session.trust_env = False
-        return session.request(method, self.uri + path, auth=auth, timeout=30, **kwargs)
-
-
-def start_auth_server(root: Path):
-    auth = mlflow_auth_setup(root)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--app-name",
-            "basic-auth",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, **auth.server_env, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=open(root / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    wait_http(f"{uri}/health", timeout=150, proc=proc)
-    assert mlflow_answers_as_ours(uri, auth.password)
-    return proc, AuthServer(uri, auth.password)
-
-
-@pytest.fixture(scope="module")
-def auth_mlflow(tmp_path_factory):
-    proc, server = start_auth_server(tmp_path_factory.mktemp("mlflow-auth"))
-    try:
-        yield server
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture

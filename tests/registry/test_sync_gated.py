@@ -8,8 +8,6 @@ follow logic is the reconciler's own function."""
 from __future__ import annotations
 
 import io
-import os
-import signal
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -27,19 +25,8 @@ from registry.services import (
     registered_model_create,
     registry_sync,
 )
-from tests.registry.test_mlflow_auth import start_auth_server
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def auth_mlflow(tmp_path_factory):
-    proc, server = start_auth_server(tmp_path_factory.mktemp("mlflow-auth-sync"))
-    try:
-        yield server
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ status code, its content type and its body's schema. Unsupported methods get 405
 from __future__ import annotations
 
 import pytest
-import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -16,6 +15,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+from tests.security.conftest import KNOWN, aim_at_seeded
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -28,34 +29,6 @@ CHECKS = [
 ]
 
 
-@pytest.fixture
-def seeded(django_user_model, token_for, model_zip, model_name):
-    """A superuser's full-scope token, a model with a version and a deployment, so
-    generated calls reach real objects and their full answers, not only 404s."""
-    import io
-
-    from deployments.services import deployment_create
-    from registry.services import model_version_register
-
-    admin = django_user_model.objects.create_superuser("schema", password="pw-schema-123")
-    model_version_register(
-        model_name=model_name, archive=io.BytesIO(model_zip), actor=admin, create_model=True
-    )
-    deployment_create(
-        name="schema-dep", model_name=model_name, version="1", runtime="local", actor=admin
-    )
-    return {"token": token_for(admin), "model": model_name, "deployment": "schema-dep"}
-
-
-@pytest.fixture
-def session():
-    session = requests.Session()
-    session.trust_env = False
-    yield session
-    # A kept-alive connection keeps its server thread (and its DB connection) alive.
-    session.close()
-
-
 def _live_schema(live_server, headers):
     return schemathesis.openapi.from_url(
         f"{live_server.url}/api/schema/?format=json", headers=headers, timeout=30
@@ -65,7 +38,6 @@ def _live_schema(live_server, headers):
 def test_every_answer_matches_the_served_schema(live_server, seeded, session):
     headers = {"Authorization": f"Bearer {seeded['token']}"}
     schema = _live_schema(live_server, headers)
-    known = {"version": "1", "alias": "staging", "request_id": 1, "rule_id": 1}
     mismatches: list[str] = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 30  # the whole API, not a corner of it
@@ -82,15 +54,8 @@ def test_every_answer_matches_the_served_schema(live_server, seeded, session):
         @given(case=operation.as_strategy(generation_mode=mode))
         def check(case):
             nonlocal calls
-            if mode == GenerationMode.POSITIVE and case.path_parameters:
-                for key in case.path_parameters:
-                    if key == "name":
-                        is_deployment = case.path.startswith("/api/v1/deployments")
-                        case.path_parameters[key] = seeded[
-                            "deployment" if is_deployment else "model"
-                        ]
-                    elif key in known:
-                        case.path_parameters[key] = known[key]
+            if mode == GenerationMode.POSITIVE:
+                aim_at_seeded(case, seeded)  # bodies checked by real views and services
             response = case.call(
                 base_url=live_server.url, headers=headers, session=session, timeout=60
             )
@@ -117,9 +82,7 @@ def test_every_answer_matches_the_served_schema(live_server, seeded, session):
 def test_unsupported_methods_answer_405_with_the_error_shape(live_server, seeded, session):
     headers = {"Authorization": f"Bearer {seeded['token']}"}
     raw = session.get(f"{live_server.url}/api/schema/?format=json", headers=headers).json()
-    params = {"name": seeded["model"], "version": "1", "alias": "staging", "request_id": "1"}
-    params["rule_id"] = "1"
-    params["policy_id"] = "1"
+    params = {**{k: str(v) for k, v in KNOWN.items()}, "name": seeded["model"]}
     checked = 0
     for path, item in raw["paths"].items():
         declared = {m.upper() for m in item if m != "parameters"}
