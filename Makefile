@@ -17,8 +17,11 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	exec $(BIN)/python -m controlplane.run
 
+# Test workers (pytest-xdist): most of a test's time is spent waiting on model servers,
+# MLflow and the database, so three workers use two cores well. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
