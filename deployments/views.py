@@ -32,6 +32,7 @@ from . import selectors, services
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
+from .scaling import autoscaling_view
 
 # Rollout steps in the order the reconciler goes through them (its ``phase``); the second
 # is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
@@ -382,6 +383,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "curl": curl,
             "curl_is_example": curl_is_example,
             "isolation_warning": isolation_warning(d.runtime),
+            "autoscaling": autoscaling_view(d),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),
