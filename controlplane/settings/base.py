@@ -493,6 +493,13 @@ CONTROLPLANE_AUTOSCALE_HOLD_QUEUE = env_int(
 CONTROLPLANE_AUTOSCALE_HOLD_TIMEOUT = env_int(
     "CONTROLPLANE_AUTOSCALE_HOLD_TIMEOUT", 30, minimum=1, maximum=600
 )
+# A queue of its own for the autoscaler's poll (`python -m controlplane.run` sets it and
+# runs a one-slot worker on it); unset: the default queue.
+CONTROLPLANE_AUTOSCALE_QUEUE = env_str("CONTROLPLANE_AUTOSCALE_QUEUE")
+if CONTROLPLANE_AUTOSCALE_QUEUE:
+    CELERY_TASK_ROUTES = {
+        "deployments.tasks.autoscale_all": {"queue": CONTROLPLANE_AUTOSCALE_QUEUE}
+    }
 CONTROLPLANE_AUTOSCALE_SAMPLE_RETENTION_HOURS = env_int(
     "CONTROLPLANE_AUTOSCALE_SAMPLE_RETENTION_HOURS", 48, minimum=1
 )
