@@ -28,40 +28,41 @@ def model(api, registered):
     return registered(1)
 
 
-@pytest.mark.parametrize(
-    ("autoscaling", "fragment"),
-    [
-        ("yes", "must be an object"),
-        ({"max_replicas": 4, "target_in_flight": 8, "speed": 2}, "does not take speed"),
-        ({"min_replicas": 1, "target_in_flight": 8}, "max_replicas is required"),
-        ({"min_replicas": -1, "max_replicas": 4, "target_in_flight": 8}, "min_replicas"),
-        ({"min_replicas": 1, "max_replicas": 99, "target_in_flight": 8}, "max_replicas"),
-        ({"min_replicas": 5, "max_replicas": 4, "target_in_flight": 8}, "must not exceed"),
-        ({"min_replicas": 1, "max_replicas": 4}, "target_in_flight is required"),
-        ({"min_replicas": 1, "max_replicas": 4, "target_in_flight": 0}, "target_in_flight"),
-        ({"min_replicas": 1, "max_replicas": 4, "target_in_flight": True}, "target_in_flight"),
-        ({**POLICY, "target_rps": -3}, "target_rps"),
-        ({**POLICY, "scale_down_window_s": 0}, "scale_down_window_s"),
-        ({**POLICY, "idle_before_zero_s": "soon"}, "idle_before_zero_s"),
-    ],
-)
-def test_bad_autoscaling_is_400_and_changes_nothing(api, model, autoscaling, fragment):
-    resp = api.post(
-        "/api/v1/deployments",
-        {"name": "auto", "model": model, "version": "1", "autoscaling": autoscaling},
-    )
-    assert resp.status_code == 400, resp.content
-    error = resp.json()["error"]
-    assert error["code"] == "invalid_autoscaling" and fragment in error["message"]
-    assert not Deployment.objects.exists()
-    assert not AuditEvent.objects.filter(action__startswith="deployment.").exists()
+BAD = [
+    ("yes", "must be an object"),
+    ({"max_replicas": 4, "target_in_flight": 8, "speed": 2}, "does not take speed"),
+    ({"min_replicas": 1, "target_in_flight": 8}, "max_replicas is required"),
+    ({"min_replicas": -1, "max_replicas": 4, "target_in_flight": 8}, "min_replicas"),
+    ({"min_replicas": 1, "max_replicas": 99, "target_in_flight": 8}, "max_replicas"),
+    ({"min_replicas": 5, "max_replicas": 4, "target_in_flight": 8}, "must not exceed"),
+    ({"min_replicas": 1, "max_replicas": 4}, "target_in_flight is required"),
+    ({"min_replicas": 1, "max_replicas": 4, "target_in_flight": 0}, "target_in_flight"),
+    ({"min_replicas": 1, "max_replicas": 4, "target_in_flight": True}, "target_in_flight"),
+    ({**POLICY, "target_rps": -3}, "target_rps"),
+    ({**POLICY, "scale_down_window_s": 0}, "scale_down_window_s"),
+    ({**POLICY, "idle_before_zero_s": "soon"}, "idle_before_zero_s"),
+]
 
+
+def test_bad_autoscaling_is_400_and_changes_nothing(api, model):
+    """Every case on create and on PATCH, against one model (uploads are slow)."""
     api.post("/api/v1/deployments", {"name": "fixed", "model": model, "version": "1"})
     audits = AuditEvent.objects.count()
-    resp = api.patch("/api/v1/deployments/fixed", {"autoscaling": autoscaling})
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_autoscaling"
-    d = Deployment.objects.get(name="fixed")
-    assert d.autoscaling is None and d.autoscaled_replicas is None
+    for autoscaling, fragment in BAD:
+        resp = api.post(
+            "/api/v1/deployments",
+            {"name": "auto", "model": model, "version": "1", "autoscaling": autoscaling},
+        )
+        assert resp.status_code == 400, (autoscaling, resp.content)
+        error = resp.json()["error"]
+        assert error["code"] == "invalid_autoscaling" and fragment in error["message"], error
+        assert not Deployment.objects.filter(name="auto").exists()
+
+        resp = api.patch("/api/v1/deployments/fixed", {"autoscaling": autoscaling})
+        assert resp.status_code == 400, (autoscaling, resp.content)
+        assert resp.json()["error"]["code"] == "invalid_autoscaling"
+        d = Deployment.objects.get(name="fixed")
+        assert d.autoscaling is None and d.autoscaled_replicas is None
     assert AuditEvent.objects.count() == audits
 
 
@@ -98,6 +99,32 @@ def test_the_deployment_page_shows_the_policy(api, model, client_logged_in):
     )
     page = client_logged_in.get("/deployments/auto/").content.decode()
     assert "Autoscaling" in page and "0–4 replicas" in page and "8 in flight" in page
+
+
+def test_the_scale_page_turns_autoscaling_on_and_off(api, model, client_logged_in):
+    api.post("/api/v1/deployments", {"name": "auto", "model": model, "version": "1"})
+    form = {
+        "replicas": "1",
+        "autoscale": "on",
+        "min_replicas": "0",
+        "max_replicas": "3",
+        "target_in_flight": "4",
+    }
+    review = client_logged_in.post("/deployments/auto/scale", form).content.decode()
+    assert "off (fixed replicas)" in review and "0–3 replicas, target 4 in flight" in review
+    assert not Deployment.objects.get(name="auto").autoscaling  # only the review so far
+    resp = client_logged_in.post("/deployments/auto/scale", {**form, "confirm": "yes"}, follow=True)
+    assert "Autoscaling updated: no new revision." in resp.content.decode()
+    d = Deployment.objects.get(name="auto")
+    assert d.autoscaling == {"min_replicas": 0, "max_replicas": 3, "target_in_flight": 4}
+    assert d.revisions.count() == 1
+    bad = client_logged_in.post(
+        "/deployments/auto/scale", {**form, "min_replicas": "5", "confirm": "yes"}
+    )
+    assert bad.status_code == 400 and "must not exceed max_replicas" in bad.content.decode()
+    assert Deployment.objects.get(name="auto").autoscaling["min_replicas"] == 0
+    client_logged_in.post("/deployments/auto/scale", {"replicas": "1", "confirm": "yes"})
+    assert Deployment.objects.get(name="auto").autoscaling is None
 
 
 def _post(endpoint: str) -> tuple[int, float]:
