@@ -504,6 +504,10 @@ def main() -> int:
             ],
             cwd=ROOT,
         )
+        env.setdefault(
+            "CONTROLPLANE_AUTOSCALE_QUEUE",
+            env.get("CONTROLPLANE_TASK_QUEUE", "controlplane") + "-autoscale",
+        )
         sup.spawn(
             "worker",
             [
@@ -517,6 +521,26 @@ def main() -> int:
                 env.get("CELERY_CONCURRENCY", "2"),
                 "-Q",
                 env.get("CONTROLPLANE_TASK_QUEUE", "controlplane"),
+            ],
+            cwd=ROOT,
+        )
+        # The autoscaler's 1 s poll gets a worker of its own: on the shared one it waits
+        # behind long monitoring pulls and reconcile passes (a 70 s stall measured under load).
+        sup.spawn(
+            "autoscaler",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "controlplane",
+                "worker",
+                "--loglevel",
+                "WARNING",
+                "--pool",
+                "solo",
+                "-n",
+                "autoscaler@%h",
+                "-Q",
+                env["CONTROLPLANE_AUTOSCALE_QUEUE"],
             ],
             cwd=ROOT,
         )

@@ -50,6 +50,7 @@ class DeploymentOutput(serializers.ModelSerializer):
     endpoint = serializers.CharField()
     resources = serializers.SerializerMethodField()
     predict_method = serializers.SerializerMethodField()
+    autoscaling = serializers.SerializerMethodField()
     instances = InstanceOutput(many=True)
 
     class Meta:
@@ -65,6 +66,7 @@ class DeploymentOutput(serializers.ModelSerializer):
             "env",
             "environment",
             "predict_method",
+            "autoscaling",
             "status",
             "phase",
             "phase_started_at",
@@ -96,6 +98,13 @@ class DeploymentOutput(serializers.ModelSerializer):
 
     def get_predict_method(self, obj) -> str | None:
         return obj.predict_method or None
+
+    def get_autoscaling(self, obj) -> dict | None:
+        """The policy with the windows in force, the replicas it wants now and the cold
+        starts so far; null for fixed replicas."""
+        from .scaling import autoscaling_view
+
+        return autoscaling_view(obj)
 
     def to_representation(self, instance):
         data = super().to_representation(instance)
@@ -199,6 +208,13 @@ class DeploymentListApi(APIView):
         predict_method = serializers.CharField(
             required=False, allow_null=True, allow_blank=True, max_length=64
         )
+        autoscaling = serializers.JSONField(
+            required=False,
+            allow_null=True,
+            help_text='{"min_replicas": 0-16, "max_replicas": 1-16, "target_in_flight": N, '
+            '"target_rps"?, "scale_up_window_s"?, "scale_down_window_s"?, '
+            '"idle_before_zero_s"?}; null: fixed replicas',
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -223,6 +239,7 @@ class DeploymentListApi(APIView):
             env=data.get("env"),
             environment=data.get("environment"),
             predict_method=data.get("predict_method"),
+            autoscaling=data.get("autoscaling"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -248,6 +265,13 @@ class DeploymentDetailApi(APIView):
         )
         predict_method = serializers.CharField(
             required=False, allow_null=True, allow_blank=True, max_length=64
+        )
+        autoscaling = serializers.JSONField(
+            required=False,
+            allow_null=True,
+            help_text='{"min_replicas": 0-16, "max_replicas": 1-16, "target_in_flight": N, '
+            '"target_rps"?, "scale_up_window_s"?, "scale_down_window_s"?, '
+            '"idle_before_zero_s"?}; null: fixed replicas',
         )
         stopped = serializers.BooleanField(required=False)
 

@@ -81,6 +81,19 @@ class Deployment(models.Model):
     stopped = models.BooleanField(default=False, help_text="desired: nothing runs")
     deleted = models.BooleanField(default=False, help_text="desired: stop everything, then remove")
     progress_deadline_s = models.PositiveIntegerField(default=120)
+    # Autoscaling (deployments/scaling.py): the policy, and the replica count it wants now
+    # (desired state: the reconciler runs this many instead of the revision's ``replicas``).
+    autoscaling = models.JSONField(
+        null=True, blank=True, help_text="min/max replicas and targets; empty: fixed replicas"
+    )
+    autoscaled_replicas = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="replicas the autoscaler wants now"
+    )
+    scaled_up_at = models.DateTimeField(null=True, blank=True)
+    scaled_down_at = models.DateTimeField(null=True, blank=True)
+    cold_starts = models.PositiveIntegerField(
+        default=0, help_text="times the autoscaler started a first replica from zero"
+    )
     lease_until = models.DateTimeField(null=True, blank=True)
     lease_owner = models.CharField(max_length=64, blank=True)
     created_by = models.ForeignKey(
@@ -203,3 +216,24 @@ class DeploymentEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment.name}: {self.kind}"
+
+
+class ScaleSample(models.Model):
+    """One autoscaler poll of a deployment's router: what it saw and the replicas it wanted.
+    The decision window and the replicas-over-time chart read these."""
+
+    deployment = models.ForeignKey(
+        Deployment, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    ts = models.FloatField(help_text="unix seconds")
+    replicas = models.PositiveSmallIntegerField(help_text="desired after this poll's decision")
+    ready = models.PositiveSmallIntegerField(help_text="ready instances of the serving revision")
+    in_flight = models.PositiveIntegerField(help_text="requests in flight at the router")
+    waiting = models.PositiveIntegerField(default=0, help_text="requests held (no backend)")
+    requests_total = models.BigIntegerField(default=0, help_text="the router's request counter")
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "ts"], name="dep_scalesample_dep_ts")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} @{self.ts:.0f}: {self.replicas}"

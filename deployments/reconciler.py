@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from . import router
+from . import router, scaling
 from .model_files import ensure_model_files
 from .models import Deployment, Instance, Revision
 from .runtimes import InstanceSpec, RuntimeError_, get_runtime
@@ -233,9 +233,19 @@ def _pass(deployment_id: int) -> bool:
     for inst in instances:
         _observe(d, inst, live=inst.revision_id == d.serving_revision_id)
     wanted = [i for i in instances if i.revision_id == desired.pk and i.pk]
-    replicas = desired.spec.get("replicas", 1)
-    for inst in [i for i in wanted if i.ordinal >= replicas]:
-        if desired.pk == d.serving_revision_id:
+    replicas = scaling.replicas_for(d, desired)
+    surplus = [i for i in wanted if i.ordinal >= replicas]
+    if surplus and desired.pk == d.serving_revision_id:
+        # Scaling down: out of the router first, then stopped, so no request is sent to a
+        # stopping instance.
+        rest = [i for i in wanted if i.ordinal < replicas]
+        hold = scaling.hold_for(d)
+        keep = [i.address for i in rest if i.state == Instance.State.READY] or (
+            [] if hold else [i.address for i in rest]
+        )
+        if router.write_backends(d.name, keep, hold=hold):
+            router.routes_to(d.port, keep)
+        for inst in surplus:
             _stop_instance(inst, timeout=5)
     wanted = [i for i in wanted if i.ordinal < replicas and i.pk]
     have = {i.ordinal for i in wanted}
@@ -265,8 +275,11 @@ def _pass(deployment_id: int) -> bool:
     ready = [i for i in wanted if i.state == Instance.State.READY]
     if serving is not None and serving.pk == desired.pk:
         # Steady state: route to the ready instances (all, if none is ready).
-        live = ready or wanted
-        if router.write_backends(d.name, [i.address for i in live]):
+        # Routing to instances not ready yet beats no route at all, unless the router can
+        # hold requests until one is (a deployment scaled from zero).
+        hold = scaling.hold_for(d)
+        live = ready or ([] if hold else wanted)
+        if router.write_backends(d.name, [i.address for i in live], hold=hold):
             router.routes_to(d.port, [i.address for i in live])
         _drain_others(d, desired)
         healthy = len(ready) == replicas
@@ -274,7 +287,9 @@ def _pass(deployment_id: int) -> bool:
             d,
             status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED,
             phase="",
-            status_message="" if healthy else f"{len(ready)}/{replicas} instances ready",
+            status_message=scaling.status_note(d, replicas)
+            if healthy
+            else f"{len(ready)}/{replicas} instances ready",
         )
         return healthy
 
@@ -289,7 +304,7 @@ def _pass(deployment_id: int) -> bool:
 
     # All new instances ready several times in a row: move traffic, then drain.
     _set(d, phase="switching traffic")
-    router.write_backends(d.name, [i.address for i in ready])
+    router.write_backends(d.name, [i.address for i in ready], hold=scaling.hold_for(d))
     if not router.routes_to(d.port, [i.address for i in ready]):
         _set(d, status_message="router has not picked up the new backends yet")
         return False
@@ -554,7 +569,7 @@ def _ensure_router(d: Deployment, serving: Revision | None) -> None:
         return
     if serving is not None:
         ready = Instance.objects.filter(deployment=d, revision=serving)
-        router.write_backends(d.name, [i.address for i in ready])
+        router.write_backends(d.name, [i.address for i in ready], hold=scaling.hold_for(d))
     runtime_id = router.start(d.name, d.port)
     _set(d, router_pid=runtime_id)
     event_record(d, "router", f"endpoint {d.endpoint} started")

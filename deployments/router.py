@@ -25,11 +25,15 @@ def backends_file(name: str) -> Path:
     return _dir(name) / "backends.json"
 
 
-def write_backends(name: str, addresses: list[str]) -> bool:
-    """Atomically replace the backend set; True if it changed."""
+def write_backends(name: str, addresses: list[str], *, hold: dict | None = None) -> bool:
+    """Atomically replace the backend set; True if it changed. ``hold``: ``{"queue": N,
+    "timeout_s": S}`` makes the router hold requests while it has no backend (scale to zero)."""
     path = backends_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"backends": sorted(addresses)})
+    config: dict = {"backends": sorted(addresses)}
+    if hold is not None:
+        config["hold"] = hold
+    body = json.dumps(config)
     if path.exists() and path.read_text() == body:
         return False
     tmp = path.with_suffix(".tmp")

@@ -63,6 +63,7 @@ def _deployment_snapshot(d: Deployment) -> dict:
         **_spec_snapshot(d),
         "revision": d.desired_revision.number if d.desired_revision_id else None,
         "stopped": d.stopped,
+        "autoscaling": d.autoscaling,
     }
 
 
@@ -223,8 +224,11 @@ def deployment_create(
     env: dict | None = None,
     environment: str | None = None,
     predict_method: str | None = None,
+    autoscaling: dict | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .scaling import autoscaling_apply, autoscaling_validate
+
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ApplicationError(
             "name must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
@@ -241,6 +245,7 @@ def deployment_create(
     )
     environment = _validate_environment(environment or settings.CONTROLPLANE_DEFAULT_ENVIRONMENT)
     predict_method = _validate_predict_method(predict_method)
+    autoscaling = autoscaling_validate(autoscaling)
     try:
         with transaction.atomic():
             d = Deployment.objects.create(
@@ -265,6 +270,9 @@ def deployment_create(
             code="deployment_exists",
         ) from None
     event_record(d, "created", f"created by {actor.get_username()}")
+    note = autoscaling_apply(d, autoscaling)
+    if note:
+        event_record(d, "autoscaling", note)
     _new_revision(d, mv, reason="created", actor=actor)
     d.save()
     audit_record(
@@ -301,11 +309,17 @@ def deployment_update(
     env: dict | None = None,
     environment: str | None = None,
     predict_method: str | None = UNSET,
+    autoscaling: dict | None = UNSET,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .scaling import autoscaling_apply
+
     d = _locked(deployment)
     before = _deployment_snapshot(d)
     changes = []
+    autoscaling_note = None if autoscaling is UNSET else autoscaling_apply(d, autoscaling)
+    if autoscaling_note:
+        event_record(d, "autoscaling", autoscaling_note)
     mv = d.desired_revision.model_version if d.desired_revision_id else None
     if version not in (None, "") or alias:
         mv, number, new_alias = _resolve_target(d.model, version, alias)
@@ -341,6 +355,17 @@ def deployment_update(
     current = d.desired_revision
     if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
         d.save()
+        if autoscaling_note:  # a policy change needs no new revision, nothing restarts
+            audit_record(
+                actor=actor,
+                action="deployment.update",
+                object_type="deployment",
+                object_id=d.name,
+                object_repr=d.name,
+                before=before,
+                after=_deployment_snapshot(d),
+            )
+            _kick(d)
         return d  # nothing changed: no new revision
     d.stopped = False
     _new_revision(d, mv, reason="update: " + (", ".join(changes) or "redeploy"), actor=actor)

@@ -33,3 +33,20 @@ def environments_cleanup() -> int:
     from .reconciler import cleanup_environments
 
     return len(cleanup_environments())
+
+
+@shared_task(name="deployments.tasks.autoscale_all", ignore_result=True)
+def autoscale_all() -> int:
+    """Periodic (CONTROLPLANE_AUTOSCALE_INTERVAL, 1 s): poll the routers of autoscaled
+    deployments and apply the autoscaler's decisions (deployments/scaling.py)."""
+    from .scaling import autoscale_all as run
+
+    return run()
+
+
+@shared_task(name="deployments.tasks.autoscale_samples_prune", ignore_result=True)
+def autoscale_samples_prune() -> int:
+    """Periodic (hourly): drop autoscaler samples past CONTROLPLANE_AUTOSCALE_SAMPLE_RETENTION_HOURS."""
+    from .scaling import samples_prune
+
+    return samples_prune()

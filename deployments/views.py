@@ -32,6 +32,7 @@ from . import selectors, services
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
+from .scaling import autoscaling_view
 
 # Rollout steps in the order the reconciler goes through them (its ``phase``); the second
 # is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
@@ -382,6 +383,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "curl": curl,
             "curl_is_example": curl_is_example,
             "isolation_warning": isolation_warning(d.runtime),
+            "autoscaling": autoscaling_view(d),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),
@@ -431,7 +433,38 @@ class UpdateForm(forms.Form):
 
 
 class ScaleForm(forms.Form):
-    replicas = forms.IntegerField(min_value=1, max_value=services.MAX_REPLICAS)
+    replicas = forms.IntegerField(
+        min_value=1,
+        max_value=services.MAX_REPLICAS,
+        help_text="Fixed replicas: used while autoscaling is off.",
+    )
+    autoscale = forms.BooleanField(
+        required=False, label="Autoscale on in-flight requests (replaces the fixed count)"
+    )
+    min_replicas = forms.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=services.MAX_REPLICAS,
+        help_text="0 scales to zero when idle: the first request then waits for a cold start.",
+    )
+    max_replicas = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_REPLICAS)
+    target_in_flight = forms.FloatField(
+        required=False, min_value=0.01, help_text="In-flight requests per replica to aim for."
+    )
+
+    def autoscaling(self) -> dict | None:
+        """The policy the form asks for (None: off); the service validates it."""
+        data = self.cleaned_data
+        if not data.get("autoscale"):
+            return None
+        policy = {
+            "min_replicas": data.get("min_replicas"),
+            "max_replicas": data.get("max_replicas"),
+            "target_in_flight": data.get("target_in_flight"),
+        }
+        if policy["target_in_flight"] is not None and policy["target_in_flight"].is_integer():
+            policy["target_in_flight"] = int(policy["target_in_flight"])
+        return {k: v for k, v in policy.items() if v is not None}
 
 
 UPDATE_ERROR_FIELDS = {
@@ -444,7 +477,17 @@ UPDATE_ERROR_FIELDS = {
     "invalid_resources": "cpu",
     "invalid_environment": "environment",
     "invalid_predict_method": "predict_method",
+    "invalid_autoscaling": "autoscale",
 }
+
+
+def _autoscaling_text(policy: dict | None) -> str:
+    if not policy:
+        return "off (fixed replicas)"
+    return (
+        f"{policy.get('min_replicas', 1)}–{policy.get('max_replicas')} replicas, "
+        f"target {policy.get('target_in_flight')} in flight"
+    )
 
 
 def _changes(d: Deployment, data: dict) -> list[dict]:
@@ -458,6 +501,14 @@ def _changes(d: Deployment, data: dict) -> list[dict]:
         rows.append({"what": "Target", "before": current["target"], "after": new})
     if data["replicas"] != current["replicas"]:
         rows.append({"what": "Replicas", "before": current["replicas"], "after": data["replicas"]})
+    if "autoscaling" in data and data["autoscaling"] != d.autoscaling:
+        rows.append(
+            {
+                "what": "Autoscaling",
+                "before": _autoscaling_text(d.autoscaling),
+                "after": _autoscaling_text(data["autoscaling"]),
+            }
+        )
     for key, label in (("cpu", "CPU limit (cores)"), ("memory_mb", "Memory limit (MB)")):
         if key in data and data[key] != current[key]:
             rows.append(
@@ -494,6 +545,10 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
             data["version"], data["alias"] = data["version"].strip(), data["alias"].strip()
             if "predict_method" in data:
                 data["predict_method"] = data["predict_method"].strip()
+            if scale:
+                # the form sets bounds and target; windows set through the API are kept
+                policy = form.autoscaling()
+                data["autoscaling"] = {**(d.autoscaling or {}), **policy} if policy else None
             if request.POST.get("confirm") != "yes":
                 return render(
                     request,
@@ -507,6 +562,7 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
                     },
                 )
             before = d.desired_revision_id
+            policy_before = d.autoscaling
             try:
                 d = services.deployment_update(
                     deployment=d,
@@ -515,7 +571,7 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
                     replicas=data["replicas"],
                     resources=None if scale else _resources(data["cpu"], data["memory_mb"]),
                     **(
-                        {}
+                        {"autoscaling": data["autoscaling"]}
                         if scale
                         else {
                             "environment": data["environment"] or None,
@@ -527,7 +583,9 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
             except ApplicationError as exc:
                 _add_service_error(form, exc, UPDATE_ERROR_FIELDS)
             else:
-                if d.desired_revision_id == before:
+                if d.desired_revision_id == before and d.autoscaling != policy_before:
+                    messages.success(request, "Autoscaling updated: no new revision.")
+                elif d.desired_revision_id == before:
                     messages.info(request, "Nothing changed: no new revision.")
                 else:
                     messages.success(
@@ -544,6 +602,15 @@ def _update(request: HttpRequest, name: str, *, scale: bool) -> HttpResponse:
                 "memory_mb": current["memory_mb"],
                 "environment": current["environment"],
                 "predict_method": current["predict_method"],
+                "autoscale": bool(d.autoscaling),
+                **{
+                    key: (d.autoscaling or {}).get(key, default)
+                    for key, default in (
+                        ("min_replicas", 1),
+                        ("max_replicas", max(current["replicas"], 4)),
+                        ("target_in_flight", 8),
+                    )
+                },
             }
         )
     return render(

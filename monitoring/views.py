@@ -23,6 +23,7 @@ from deployments.selectors import deployment_list
 
 from . import catalog, charts, selectors, services
 from .models import AlertRule
+from .replicas import replica_chart
 from .staticfiles import PLOTLY_JS, PLOTLY_VERSION
 
 # range name -> (seconds, step seconds): a few hundred points at most per line.
@@ -70,6 +71,20 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     )
     markers = selectors.deployment_markers(deployment=deployment, start=start, end=end)
     rules = list(selectors.alert_rule_list(deployment=deployment))
+    chart_list = charts.deployment_charts(
+        data=data,
+        start=start,
+        end=end,
+        step=step,
+        markers=markers,
+        task=selectors.model_task(model_version=revision.model_version)
+        if (revision := deployment.serving_revision or deployment.desired_revision)
+        else None,
+    )
+    scaled = replica_chart(deployment=deployment, start=start, end=end, step=step, markers=markers)
+    if scaled is not None:  # beside traffic: after the throughput chart
+        at = next((i + 1 for i, c in enumerate(chart_list) if c.id == "chart-throughput"), 0)
+        chart_list.insert(at, scaled)
     return render(
         request,
         "monitoring/deployment.html",
@@ -78,16 +93,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "ranges": list(RANGES),
             "range": range_name,
             "step": step,
-            "charts": charts.deployment_charts(
-                data=data,
-                start=start,
-                end=end,
-                step=step,
-                markers=markers,
-                task=selectors.model_task(model_version=revision.model_version)
-                if (revision := deployment.serving_revision or deployment.desired_revision)
-                else None,
-            ),
+            "charts": chart_list,
             "markers": markers,
             "rules": rules,
             "events": selectors.alert_event_list(deployment=deployment, limit=20),

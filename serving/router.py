@@ -13,7 +13,9 @@ upstream connection closes before any byte of the response: the backend did not 
 and then SIGTERMing the old ones loses no request.
 
 GET /__router/health answers 200 with the current backends; with no backends every proxied
-request gets 503. SIGTERM: stop accepting, finish in-flight requests, exit 0.
+request gets 503 (or, with "hold" in the file, waits a bounded time for a first backend:
+serving/hold.py). GET /__router/stats answers the counters as JSON. SIGTERM: stop
+accepting, finish in-flight requests, exit 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httptools
+
+from serving.hold import Hold, Traffic, parse_hold
 
 logger = logging.getLogger("serving.router")
 
@@ -155,6 +159,8 @@ class Router:
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.in_flight = 0
+        self.traffic = Traffic()
+        self.hold = Hold()
 
     # --- backends file -------------------------------------------------------------------
 
@@ -174,11 +180,13 @@ class Router:
             if not isinstance(backends, list):
                 raise ValueError("'backends' must be a list")
             parsed = [self._check(b) for b in backends]
+            hold = parse_hold(data.get("hold"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.error("ignoring %s: %s", self.backends_file, exc)
             self._stamp = stamp
             return
         self._stamp = stamp
+        self.hold.configure(hold)
         if parsed != self.backends:
             logger.info("backends: %s -> %s", self.backends, parsed)
             removed = set(self.backends) - set(parsed)
@@ -186,6 +194,8 @@ class Router:
             for backend in removed:
                 for conn in self.pool.pop(backend, []):
                     conn.close()
+            self.traffic.forget(removed)
+            self.hold.backends_changed(parsed)
 
     @staticmethod
     def _check(backend: object) -> str:
@@ -236,6 +246,10 @@ class Router:
         )
         return conn, False
 
+    def stats(self) -> dict:
+        """GET /__router/stats: each feature adds its own top-level keys."""
+        return {**self.traffic.stats(self.backends), "hold": self.hold.stats()}
+
     def release(self, conn: Upstream) -> None:
         conn.reset()
         if conn.closed or not conn.keep_alive or conn.backend not in self.backends:
@@ -249,6 +263,8 @@ class Router:
 
     async def forward(self, raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Send one request upstream, retrying where the backend cannot have processed it."""
+        if not self.backends and self.hold.enabled and not await self.hold.wait():
+            return self.hold.unavailable("no backend started in time; retry later")
         attempts = max(3, 2 * len(self.backends) + 1)
         last_error = "no backends"
         # The round-robin position is shared with concurrent requests: without this, every
@@ -257,7 +273,7 @@ class Router:
         for attempt in range(attempts):
             backend = self.pick(avoid=refused)
             if backend is None:
-                return _error(503, "no_backends", "this deployment has no running backends")
+                return self.hold.unavailable("this deployment has no running backends")
             try:
                 conn, _pooled = await self.connection(backend)
             except OSError as exc:
@@ -266,6 +282,7 @@ class Router:
                 if attempt >= len(self.backends):
                     await asyncio.sleep(0.01)  # every backend refused: give a swap a moment
                 continue
+            self.traffic.sent(backend)
             try:
                 status, headers, body = await conn.send(raw)
             except UpstreamClosedEarly as exc:
@@ -275,6 +292,8 @@ class Router:
             except UpstreamFailed as exc:
                 conn.close()
                 return _error(502, "bad_gateway", str(exc))
+            finally:
+                self.traffic.answered(backend)
             self.release(conn)
             return status, headers, body
         return _error(502, "bad_gateway", last_error)
@@ -359,8 +378,16 @@ class ClientConnection(asyncio.Protocol):
                         response = _json_response(
                             200, {"status": "ok", "backends": router.backends}
                         )
+                    elif url == b"/__router/stats":
+                        response = _json_response(200, router.stats())
                     else:
-                        response = await router.forward(_request_bytes(method, url, headers, body))
+                        router.traffic.begin()
+                        try:
+                            response = await router.forward(
+                                _request_bytes(method, url, headers, body)
+                            )
+                        finally:
+                            router.traffic.end()
                 except Exception:
                     logger.exception("proxying %s %s failed", method, url)
                     response = _error(502, "bad_gateway", "the router failed on this request")

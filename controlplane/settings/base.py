@@ -406,6 +406,15 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.apply_retention",
         "schedule": 3600.0,
     },
+    "deployments-autoscale": {
+        "task": "deployments.tasks.autoscale_all",
+        "schedule": float(env_int("CONTROLPLANE_AUTOSCALE_INTERVAL", 1, minimum=1)),
+        "options": {"expires": 2},  # a late poll is worthless: the next one is coming
+    },
+    "deployments-autoscale-prune": {
+        "task": "deployments.tasks.autoscale_samples_prune",
+        "schedule": 3600.0,
+    },
     "deployments-environments-cleanup": {
         "task": "deployments.tasks.environments_cleanup",
         "schedule": 3600.0,
@@ -462,6 +471,38 @@ CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, 
 # rollout, so a rollback is a traffic switch instead of a cold start. 0 stops them at once.
 CONTROLPLANE_ROLLBACK_WINDOW = env_int("CONTROLPLANE_ROLLBACK_WINDOW", 600, minimum=0)
 CONTROLPLANE_PROGRESS_DEADLINE = env_int("CONTROLPLANE_PROGRESS_DEADLINE", 120, minimum=5)
+
+# --- autoscaling (deployments/autoscaler.py, deployments/scaling.py) -----------------------
+# Seconds between two polls of each autoscaled deployment's router (the beat task below).
+CONTROLPLANE_AUTOSCALE_INTERVAL = env_int("CONTROLPLANE_AUTOSCALE_INTERVAL", 1, minimum=1)
+# Defaults of a deployment's "autoscaling" windows (each can be set per deployment).
+CONTROLPLANE_AUTOSCALE_SCALE_UP_WINDOW = env_int(
+    "CONTROLPLANE_AUTOSCALE_SCALE_UP_WINDOW", 6, minimum=1, maximum=600
+)
+CONTROLPLANE_AUTOSCALE_SCALE_DOWN_WINDOW = env_int(
+    "CONTROLPLANE_AUTOSCALE_SCALE_DOWN_WINDOW", 60, minimum=1, maximum=3600
+)
+CONTROLPLANE_AUTOSCALE_IDLE_BEFORE_ZERO = env_int(
+    "CONTROLPLANE_AUTOSCALE_IDLE_BEFORE_ZERO", 60, minimum=1, maximum=86400
+)
+# While scaled to zero the router holds up to this many requests this long for a first
+# instance, then answers 503 with Retry-After.
+CONTROLPLANE_AUTOSCALE_HOLD_QUEUE = env_int(
+    "CONTROLPLANE_AUTOSCALE_HOLD_QUEUE", 64, minimum=1, maximum=10000
+)
+CONTROLPLANE_AUTOSCALE_HOLD_TIMEOUT = env_int(
+    "CONTROLPLANE_AUTOSCALE_HOLD_TIMEOUT", 30, minimum=1, maximum=600
+)
+# A queue of its own for the autoscaler's poll (`python -m controlplane.run` sets it and
+# runs a one-slot worker on it); unset: the default queue.
+CONTROLPLANE_AUTOSCALE_QUEUE = env_str("CONTROLPLANE_AUTOSCALE_QUEUE")
+if CONTROLPLANE_AUTOSCALE_QUEUE:
+    CELERY_TASK_ROUTES = {
+        "deployments.tasks.autoscale_all": {"queue": CONTROLPLANE_AUTOSCALE_QUEUE}
+    }
+CONTROLPLANE_AUTOSCALE_SAMPLE_RETENTION_HOURS = env_int(
+    "CONTROLPLANE_AUTOSCALE_SAMPLE_RETENTION_HOURS", 48, minimum=1
+)
 
 # --- per-model environments (deployments/environments.py) ---------------------------------
 # "auto": the control plane's own interpreter when it has every requirement, else a built

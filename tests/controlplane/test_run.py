@@ -51,7 +51,8 @@ def test_run_starts_web_worker_beat_and_mlflow_then_stops_them_all(tmp_path):
             assert exc.code in (401, 403)
             assert json.loads(exc.read())["error"]["code"] == "not_authenticated"
         children = _children_of(proc.pid)
-        assert len(children) == 5  # mlflow, gunicorn, worker, beat, and the watchdog
+        # mlflow, gunicorn, worker, the autoscaler's worker, beat, and the watchdog
+        assert len(children) == 6
         state = tmp_path / "var"
         assert (state / "controlplane.sqlite3").exists() and (
             state / "mlflow" / "mlflow.db"
