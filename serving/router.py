@@ -33,10 +33,12 @@ from pathlib import Path
 
 import httptools
 
+from serving import mirror as mirroring
+
 logger = logging.getLogger("serving.router")
 
 REASONS = {
-    200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large", 502: b"Bad Gateway",
+    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 502: b"Bad Gateway",
     503: b"Service Unavailable",
 }  # fmt: skip
 # Hop-by-hop headers are not forwarded (RFC 9110 7.6.1); lengths are recomputed.
@@ -155,6 +157,7 @@ class Router:
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.in_flight = 0
+        self.mirror: mirroring.Mirror | None = None
 
     # --- backends file -------------------------------------------------------------------
 
@@ -179,6 +182,7 @@ class Router:
             self._stamp = stamp
             return
         self._stamp = stamp
+        self._set_mirror(data.get("mirror"))
         if parsed != self.backends:
             logger.info("backends: %s -> %s", self.backends, parsed)
             removed = set(self.backends) - set(parsed)
@@ -186,6 +190,28 @@ class Router:
             for backend in removed:
                 for conn in self.pool.pop(backend, []):
                     conn.close()
+
+    def _set_mirror(self, raw: object) -> None:
+        """Start, retarget or stop shadow traffic (serving/mirror.py) from the file's key."""
+        config = None
+        if raw is not None:
+            try:
+                config = mirroring.parse_config(raw, self._check)
+            except ValueError as exc:
+                logger.error("ignoring the mirror in %s: %s", self.backends_file, exc)
+        current = self.mirror
+        if config is None:
+            if current is not None:
+                logger.info("mirror to %s stopped", current.config["name"])
+                current.close()
+                self.mirror = None
+        elif current is not None and current.same_candidate(config):
+            current.update(config)
+        else:
+            if current is not None:
+                current.close()
+            logger.info("mirroring %.0f%% to %s", config["fraction"] * 100, config["name"])
+            self.mirror = mirroring.Mirror(config, Upstream)
 
     @staticmethod
     def _check(backend: object) -> str:
@@ -359,8 +385,18 @@ class ClientConnection(asyncio.Protocol):
                         response = _json_response(
                             200, {"status": "ok", "backends": router.backends}
                         )
-                    else:
+                    elif url.startswith(b"/__router/"):
+                        response = _router_endpoint(router, url)
+                    elif router.mirror is None:
                         response = await router.forward(_request_bytes(method, url, headers, body))
+                    else:
+                        raw, started = (
+                            _request_bytes(method, url, headers, body),
+                            time.perf_counter(),
+                        )
+                        response = await router.forward(raw)
+                        if router.mirror is not None:
+                            router.mirror.offer(method, url, raw, response, started)
                 except Exception:
                     logger.exception("proxying %s %s failed", method, url)
                     response = _error(502, "bad_gateway", "the router failed on this request")
@@ -401,6 +437,24 @@ class ClientConnection(asyncio.Protocol):
         if self.idle and not self.closed:
             self.closed = True
             self.transport.close()
+
+
+def _router_endpoint(router: Router, url: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``/__router/stats`` (counters; each feature adds its own key) and
+    ``/__router/mirror?after=SEQ&limit=N`` (the shadow pairs, serving/mirror.py)."""
+    path = url.split(b"?", 1)[0]
+    if path == b"/__router/stats":
+        stats: dict = {"backends": len(router.backends)}
+        if router.mirror is not None:
+            stats["mirror"] = router.mirror.stats()
+        return _json_response(200, stats)
+    if path == b"/__router/mirror":
+        if router.mirror is None:
+            return _json_response(200, {"active": False, "pairs": []})
+        after = mirroring.query_int(url, b"after", 0)
+        limit = min(max(mirroring.query_int(url, b"limit", 500), 1), 5000)
+        return _json_response(200, {"active": True, **router.mirror.read(after, limit)})
+    return _error(404, "not_found", "no such router endpoint")
 
 
 def _request_bytes(
