@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from . import router
+from . import router, shadow
 from .model_files import ensure_model_files
 from .models import Deployment, Instance, Revision
 from .runtimes import InstanceSpec, RuntimeError_, get_runtime
@@ -266,10 +266,13 @@ def _pass(deployment_id: int) -> bool:
     if serving is not None and serving.pk == desired.pk:
         # Steady state: route to the ready instances (all, if none is ready).
         live = ready or wanted
-        if router.write_backends(d.name, [i.address for i in live]):
+        shadow_done = shadow.shadow_converge(d)
+        mirror = shadow.shadow_mirror_key(d)
+        if router.write_backends(d.name, [i.address for i in live], mirror=mirror):
             router.routes_to(d.port, [i.address for i in live])
         _drain_others(d, desired)
-        healthy = len(ready) == replicas
+        shadow.shadow_collect(d)
+        healthy = len(ready) == replicas and shadow_done
         _set(
             d,
             status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED,
@@ -289,7 +292,7 @@ def _pass(deployment_id: int) -> bool:
 
     # All new instances ready several times in a row: move traffic, then drain.
     _set(d, phase="switching traffic")
-    router.write_backends(d.name, [i.address for i in ready])
+    router.write_backends(d.name, [i.address for i in ready], mirror=shadow.shadow_mirror_key(d))
     if not router.routes_to(d.port, [i.address for i in ready]):
         _set(d, status_message="router has not picked up the new backends yet")
         return False
@@ -341,6 +344,7 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
         Instance.objects.filter(deployment=d)
         .exclude(revision=keep)
         .exclude(revision=standby)
+        .exclude(revision__in=shadow.shadow_revision_ids(d))
         .select_related("revision")
     )
     for inst in old:
@@ -554,7 +558,9 @@ def _ensure_router(d: Deployment, serving: Revision | None) -> None:
         return
     if serving is not None:
         ready = Instance.objects.filter(deployment=d, revision=serving)
-        router.write_backends(d.name, [i.address for i in ready])
+        router.write_backends(
+            d.name, [i.address for i in ready], mirror=shadow.shadow_mirror_key(d)
+        )
     runtime_id = router.start(d.name, d.port)
     _set(d, router_pid=runtime_id)
     event_record(d, "router", f"endpoint {d.endpoint} started")

@@ -25,11 +25,15 @@ def backends_file(name: str) -> Path:
     return _dir(name) / "backends.json"
 
 
-def write_backends(name: str, addresses: list[str]) -> bool:
-    """Atomically replace the backend set; True if it changed."""
+def write_backends(name: str, addresses: list[str], *, mirror: dict | None = None) -> bool:
+    """Atomically replace the backend set (and the optional keys of the router contract:
+    ``mirror``, shadow traffic, serving/mirror.py); True if it changed."""
     path = backends_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"backends": sorted(addresses)})
+    content: dict = {"backends": sorted(addresses)}
+    if mirror is not None:
+        content["mirror"] = mirror
+    body = json.dumps(content)
     if path.exists() and path.read_text() == body:
         return False
     tmp = path.with_suffix(".tmp")

@@ -11,6 +11,11 @@ api_urlpatterns = [
     path("deployments/<str:name>/events", apis.EventListApi.as_view(), name="api-events"),
     path("deployments/<str:name>/rollback", apis.RollbackApi.as_view(), name="api-rollback"),
     path("deployments/<str:name>/logs", apis.LogsApi.as_view(), name="api-logs"),
+    path(
+        "deployments/<str:name>/shadow/promote",
+        apis.ShadowPromoteApi.as_view(),
+        name="api-shadow-promote",
+    ),
 ]
 
 urlpatterns = [
