@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from django.db.models import Q
+
 from .models import Deployment, ShadowPair, ShadowRun
 
 ATOL = 1e-6
@@ -259,8 +261,9 @@ def shadow_window(deployment: Deployment, since: datetime, until: datetime) -> d
     the window; ``run`` is None when there is none (no data: never a pass)."""
     run = (
         ShadowRun.objects.select_related("revision__model_version")
-        .filter(deployment=deployment, mirroring_since__lt=until, created_at__lt=until)
-        .order_by("-created_at", "-id")
+        .filter(deployment=deployment, mirroring_since__lt=until)
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=since))
+        .order_by("-mirroring_since", "-id")
         .first()
     )
     empty = {"requests": 0, "errors": 0, "latencies_ms": [], "latency_ms": latency_summary([])}

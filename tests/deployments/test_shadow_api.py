@@ -186,7 +186,7 @@ def test_agreement_counts_identical_labels_and_numbers_within_tolerance():
     assert (report["pairs"], report["compared"], report["agreeing"]) == (5, 4, 2)
     assert report["agreement"] == 0.5
     out = report["outputs"]["predictions"]
-    assert out["max_abs_diff"] == pytest.approx(0.25) and out["rate"] == 0.5
+    assert out["max_abs_diff"] == pytest.approx(1.0) and out["rate"] == 0.5  # the 0 vs 1 label
     assert report["candidate"]["errors"] == 1 and report["candidate"]["error_rate"] == 0.2
     assert report["primary"]["error_rate"] == 0.0
 
