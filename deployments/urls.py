@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import apis, views
+from . import apis, shadow_views, views
 
 app_name = "deployments"
 
@@ -26,6 +26,7 @@ urlpatterns = [
     path("<slug:name>/update", views.deployment_update, name="deployment-update"),
     path("<slug:name>/scale", views.deployment_scale, name="deployment-scale"),
     path("<slug:name>/rollback", views.deployment_rollback, name="deployment-rollback"),
+    path("<slug:name>/shadow", shadow_views.deployment_shadow, name="deployment-shadow"),
     path(
         "<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"
     ),

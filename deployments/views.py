@@ -32,6 +32,7 @@ from . import selectors, services
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
+from .shadow_views import shadow_panel
 
 # Rollout steps in the order the reconciler goes through them (its ``phase``); the second
 # is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
@@ -383,6 +384,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "curl_is_example": curl_is_example,
             "isolation_warning": isolation_warning(d.runtime),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
+            "shadow": shadow_panel(d),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),
                 "badges": BADGES,
