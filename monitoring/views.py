@@ -22,6 +22,8 @@ from controlplane.lib.views import error_pages
 from deployments.selectors import deployment_list
 
 from . import catalog, charts, selectors, services
+from .comparison import version_comparison
+from .comparison_charts import comparison_charts
 from .models import AlertRule
 from .staticfiles import PLOTLY_JS, PLOTLY_VERSION
 
@@ -70,6 +72,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     )
     markers = selectors.deployment_markers(deployment=deployment, start=start, end=end)
     rules = list(selectors.alert_rule_list(deployment=deployment))
+    ab = version_comparison(deployment=deployment, start=start, end=end)
     return render(
         request,
         "monitoring/deployment.html",
@@ -89,6 +92,8 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
                 else None,
             ),
             "markers": markers,
+            "ab": ab,
+            "ab_charts": comparison_charts(ab) if ab else [],
             "rules": rules,
             "events": selectors.alert_event_list(deployment=deployment, limit=20),
             "probes": selectors.probe_list(deployment=deployment, limit=10),

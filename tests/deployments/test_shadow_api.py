@@ -253,3 +253,32 @@ def test_shadow_window_gives_the_analysis_both_variants_of_the_same_requests(dep
     # a window before any mirroring: no run, no data
     early = shadow_window(deployment, now - timedelta(hours=2), now - timedelta(hours=1))
     assert early["run"] is None and early["baseline"]["requests"] == 0
+
+
+def test_the_shadow_panel_starts_shows_and_stops_a_shadow(deployment, client, django_user_model):
+    from django.urls import reverse
+
+    user = with_roles(django_user_model.objects.create_user("ui", password="x"), "deployer")
+    client.force_login(user)
+    page = reverse("deployments:deployment-detail", kwargs={"name": "churn"})
+    action = reverse("deployments:deployment-shadow", kwargs={"name": "churn"})
+    html = client.get(page).content.decode()
+    assert 'id="shadow-start-form"' in html and "No shadow." in html
+    resp = client.post(
+        action, {"action": "start", "version": "2", "fraction": "150", "percent": "1"}
+    )
+    assert resp.status_code == 302 and not ShadowRun.objects.exists()  # refused: > 100 %
+    client.post(action, {"action": "start", "version": "2", "fraction": "25", "percent": "1"})
+    run = ShadowRun.objects.get(state="active")
+    assert run.fraction == 0.25
+    ShadowPair.objects.create(
+        run=run, seq=1, ts=timezone.now(), primary_status=200, primary_ms=1.5,
+        primary_body='{"predictions": [1]}', candidate_status=200, candidate_ms=2.5,
+        candidate_body='{"predictions": [0]}',
+    )  # fmt: skip
+    html = client.get(page).content.decode()
+    assert 'id="shadow-promote"' in html and "Mirroring <strong>25 %</strong>" in html
+    assert '<p class="big" id="shadow-agreement">0.000</p>' in html
+    client.post(action, {"action": "stop"})
+    assert ShadowRun.objects.get(pk=run.pk).state == "stopped"
+    assert "was stopped" in client.get(page).content.decode()

@@ -104,3 +104,25 @@ def test_two_versions_in_a_window_are_compared_on_accuracy_errors_and_latency(ma
     FeedbackMinute.objects.filter(model_version=1).delete()
     result = version_comparison(deployment=d, start=start, end=end)
     assert result["accuracy"]["verdict"] == "no data" and result["b"]["accuracy"] is None
+
+
+@pytest.mark.django_db
+def test_the_monitoring_page_shows_the_comparison_only_with_two_versions(
+    make_deployment, client_logged_in
+):
+    from django.urls import reverse
+
+    fleet = make_deployment("abpage", (1, 2))
+    d = fleet.deployment
+    url = reverse("monitoring:deployment", kwargs={"name": d.name})
+    now = int(time.time()) // 60 * 60
+    _minute(d, 2, now - 60, 500, 5)
+    page = client_logged_in.get(url).content.decode()
+    assert 'id="ab-comparison"' not in page  # one version: nothing to compare
+    _minute(d, 1, now - 60, 400, 40, "b07")
+    _labels(d, 1, now - 60, 56, 14)
+    page = client_logged_in.get(url).content.decode()
+    assert 'id="ab-comparison"' in page and "v2 (A) and v1 (B)" in page
+    assert 'id="chart-ab-latency"' in page and 'id="chart-ab-rates"' in page
+    assert "0.0100 [" in page  # A's error rate 5/500 with its interval
+    assert "no verdict: no data" in page  # A has no labels: accuracy gets no verdict
