@@ -47,21 +47,37 @@ def comparison_charts(comparison: dict) -> list[Chart]:
             _bars(name, ["p50", "p95", "p99"], [lat["p50"], lat["p95"], lat["p99"]], color)
         )
     _layout(latency, "ms")
-    rates = go.Figure()
+    accuracy = go.Figure()
+    errors = go.Figure()
     for variant, name, color in zip((a, b), names, PALETTE, strict=False):
-        rates.add_trace(
+        accuracy.add_trace(
+            _bars(name, ["accuracy"], [variant["accuracy"]], color, ci=[variant["accuracy_ci"]])
+        )
+        rate, ci = variant["error_rate"], variant["error_ci"]
+        errors.add_trace(
             _bars(
                 name,
-                ["accuracy", "error rate"],
-                [variant["accuracy"], variant["error_rate"]],
+                ["error rate"],
+                [None if rate is None else rate * 100],
                 color,
-                ci=[variant["accuracy_ci"], variant["error_ci"]],
+                ci=[None if ci is None else (ci[0] * 100, ci[1] * 100)],
             )
         )
-    _layout(rates, "share (95 % CI)", [0, 1.05])
+    _layout(accuracy, "accuracy (95 % CI)", [0, 1.05])
+    _layout(errors, "% of requests (95 % CI)")
     has_latency = any(v["latency_ms"]["p50"] is not None for v in (a, b))
-    has_rates = any(v["accuracy"] is not None or v["error_rate"] is not None for v in (a, b))
     return [
         _render(latency, "chart-ab-latency", "Latency by variant", has_latency),
-        _render(rates, "chart-ab-rates", "Accuracy and error rate by variant", has_rates),
+        _render(
+            accuracy,
+            "chart-ab-accuracy",
+            "Accuracy from late labels by variant",
+            any(v["accuracy"] is not None for v in (a, b)),
+        ),
+        _render(
+            errors,
+            "chart-ab-errors",
+            "Error rate (5xx) by variant",
+            any(v["error_rate"] is not None for v in (a, b)),
+        ),
     ]

@@ -123,6 +123,10 @@ def test_the_monitoring_page_shows_the_comparison_only_with_two_versions(
     _labels(d, 1, now - 60, 56, 14)
     page = client_logged_in.get(url).content.decode()
     assert 'id="ab-comparison"' in page and "v2 (A) and v1 (B)" in page
-    assert 'id="chart-ab-latency"' in page and 'id="chart-ab-rates"' in page
+    assert (
+        'id="chart-ab-latency"' in page
+        and 'id="chart-ab-accuracy"' in page
+        and 'id="chart-ab-errors"' in page
+    )
     assert "0.0100 [" in page  # A's error rate 5/500 with its interval
     assert "no verdict: no data" in page  # A has no labels: accuracy gets no verdict
