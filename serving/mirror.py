@@ -153,16 +153,16 @@ class Mirror:
             counts["dropped"] += 1
             return
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        queue.put_nowait((url, raw, response[0], elapsed_ms, response[2], time.time()))
+        queue.put_nowait((url, raw, response[0], elapsed_ms, response[2], time.time(), response[1]))
         counts["sent"] += 1
 
     # --- the candidate side ----------------------------------------------------------------
 
     async def _work(self) -> None:
         while True:
-            url, raw, p_status, p_ms, p_body, ts = await self.queue.get()
+            url, raw, p_status, p_ms, p_body, ts, p_headers = await self.queue.get()
             try:
-                c_status, c_ms, c_body, error = await self._send(raw)
+                c_status, c_ms, c_body, error = await self._send(_with_request_id(raw, p_headers))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one copy stop a worker
@@ -286,6 +286,19 @@ class Mirror:
         skip = max(0, after - first + 1)
         out = [pairs[i] for i in range(skip, min(len(pairs), skip + limit))]
         return {**self.stats(), "lost": lost, "pairs": out}
+
+
+def _with_request_id(raw: bytes, primary_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The copy carries the request id the primary answered with (its own, when the caller
+    sent none), so late labels posted for that id reach both versions' predictions."""
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    if not sep or b"\r\nx-request-id:" in head.lower():
+        return raw
+    rid = next((v for k, v in primary_headers if k.lower() == b"x-request-id"), None)
+    if rid is None or b"\r" in rid or b"\n" in rid:
+        return raw
+    line_end = raw.index(b"\r\n")
+    return raw[:line_end] + b"\r\nx-request-id: " + rid + raw[line_end:]
 
 
 def query_int(url: bytes, name: bytes, default: int) -> int:

@@ -203,3 +203,14 @@ def test_mirror_settings_are_validated():
     assert not mirroring.is_prediction(b"POST", b"/v2/health/ready")
     assert mirroring.query_int(b"/x?after=12&limit=3", b"after", 0) == 12
     assert mirroring.query_int(b"/x?after=abc", b"after", 7) == 7
+
+
+def test_the_copy_carries_the_primary_request_id():
+    raw = b"POST /invocations HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+    got = mirroring._with_request_id(raw, [(b"X-Request-Id", b"abc")])
+    assert got == (
+        b"POST /invocations HTTP/1.1\r\nx-request-id: abc\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+    )
+    sent = b"POST / HTTP/1.1\r\nX-Request-Id: mine\r\n\r\n"
+    assert mirroring._with_request_id(sent, [(b"x-request-id", b"abc")]) == sent
+    assert mirroring._with_request_id(raw, []) == raw
