@@ -282,3 +282,24 @@ def test_the_shadow_panel_starts_shows_and_stops_a_shadow(deployment, client, dj
     client.post(action, {"action": "stop"})
     assert ShadowRun.objects.get(pk=run.pk).state == "stopped"
     assert "was stopped" in client.get(page).content.decode()
+
+
+def test_the_admin_promotes_and_stops_shadows_through_the_same_services(
+    deployment, admin_client, django_user_model
+):
+    from django.urls import reverse
+
+    changelist = reverse("admin:deployments_deployment_changelist")
+    admin = django_user_model.objects.get(username="admin")
+    run = shadow.shadow_start(deployment=deployment, version="2", fraction=0.5, actor=admin)
+    resp = admin_client.post(
+        changelist, {"action": "promote_shadow", "_selected_action": [deployment.pk]}
+    )
+    assert resp.status_code == 302
+    assert ShadowRun.objects.get(pk=run.pk).state == "promoted"
+    assert Deployment.objects.get(pk=deployment.pk).desired_revision_id == run.revision_id
+    resp = admin_client.post(
+        changelist, {"action": "stop_shadow", "_selected_action": [deployment.pk]}
+    )
+    assert resp.status_code == 302  # nothing active any more: nothing changes
+    assert AuditEvent.objects.filter(action="deployment.shadow_promote").count() == 1
