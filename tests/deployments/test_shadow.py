@@ -4,6 +4,8 @@ real MLflow; the reconciler runs as the Celery task would."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import urllib.request
 
 import pytest
@@ -94,6 +96,19 @@ def test_shadow_mirrors_reports_agreement_and_promotes_through_the_rollout(
     assert report["mirror"]["sent"] == 30 and report["mirror"]["dropped"] == 0
     assert report["candidate"]["error_rate"] == 0.0
     assert report["primary"]["latency_ms"]["p50"] > 0 and report["candidate"]["latency_ms"]["p99"]
+
+    # A crashed shadow server never fails a caller; the reconciler restarts it (desired state
+    # in the database) and mirroring resumes to the new process.
+    os.kill(int(shadow_inst.runtime_id.split(":")[0]), signal.SIGKILL)
+    assert [predict(d.endpoint, row) for row in rows(10)] == ["1"] * 10
+    converge(
+        "shadowed",
+        until=lambda x: (
+            Instance.objects.get(pk=shadow_inst.pk).restarts == 1
+            and Instance.objects.get(pk=shadow_inst.pk).state == "ready"
+            and "mirror" in json.loads(router.backends_file("shadowed").read_text())
+        ),
+    )
 
     # 2. A different candidate replaces it: agreement drops below 1; the old one is drained.
     assert api.patch(url, {"shadow": {"version": "3", "fraction": 1.0}}).status_code == 200
