@@ -76,6 +76,15 @@ def shadow_start(
     d = _locked(deployment)
     if version in (None, ""):
         raise ApplicationError("shadow.version is required", code="invalid_shadow")
+    text = str(version)
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, str | int)
+        or not (text.isdigit() and 0 < int(text) < 2**31)
+    ):
+        raise ApplicationError(
+            f"shadow.version {text[:30]!r} is not a version number", code="invalid_version"
+        )
     fraction = _parse_fraction(fraction)
     if d.stopped:
         raise Conflict("the deployment is stopped: start it first", code="deployment_stopped")

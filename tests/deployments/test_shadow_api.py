@@ -68,6 +68,8 @@ URL = "/api/v1/deployments/churn"
         ({"shadow": {"fraction": 0.5}}, "invalid_shadow"),
         ({"shadow": {"version": "9", "fraction": 0.5}}, "version_not_found"),
         ({"shadow": {"version": "two", "fraction": 0.5}}, "invalid_version"),
+        ({"shadow": {"version": 10**30, "fraction": 0.5}}, "invalid_version"),
+        ({"shadow": {"version": {"a": 1}, "fraction": 0.5}}, "invalid_version"),
         ({"shadow": {"version": "2", "fraction": 0.5, "extra": 1}}, "invalid_shadow"),
         ({"shadow": "v2"}, "invalid_shadow"),
         # a valid replica count with a bad shadow: the whole request changes nothing
