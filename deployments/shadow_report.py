@@ -24,7 +24,8 @@ from django.db.models import Q
 from .models import Deployment, ShadowPair, ShadowRun
 
 ATOL = 1e-6
-REPORT_PAIRS = 5000  # the report reads the latest pairs of a run, at most this many
+REPORT_PAIRS = 2000  # the report (page, API, polled) compares the latest pairs of a run
+WINDOW_PAIRS = 20_000  # shadow_window (the analysis) reads at most this many of its window
 MAX_VALUES = 10_000  # leaves compared per answer at most (a huge tensor is not walked whole)
 
 
@@ -205,13 +206,18 @@ PAIR_FIELDS = (
 )
 
 
-def _pairs(run: ShadowRun, since: datetime | None = None, until: datetime | None = None):
+def _pairs(
+    run: ShadowRun,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = REPORT_PAIRS,
+):
     qs = ShadowPair.objects.filter(run=run)
     if since is not None:
         qs = qs.filter(ts__gte=since)
     if until is not None:
         qs = qs.filter(ts__lt=until)
-    rows = list(qs.order_by("-ts", "-id").values(*PAIR_FIELDS, "ts")[:REPORT_PAIRS])
+    rows = list(qs.order_by("-ts", "-id").values(*PAIR_FIELDS, "ts")[:limit])
     rows.reverse()
     return rows
 
@@ -269,7 +275,7 @@ def shadow_window(deployment: Deployment, since: datetime, until: datetime) -> d
     empty = {"requests": 0, "errors": 0, "latencies_ms": [], "latency_ms": latency_summary([])}
     if run is None:
         return {"run": None, "baseline": dict(empty), "candidate": dict(empty), "pairs": []}
-    rows = _pairs(run, since, until)
+    rows = _pairs(run, since, until, WINDOW_PAIRS)
     out: dict[str, Any] = {
         "run": {
             "id": run.pk,
