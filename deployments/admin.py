@@ -20,7 +20,7 @@ from django.utils.html import format_html
 from accounts.permissions import Right, user_can
 from controlplane.lib.errors import ApplicationError
 
-from . import services
+from . import services, shadow
 from .models import Deployment, DeploymentEvent, Instance, Revision
 
 RECENT_EVENTS = 30
@@ -171,7 +171,7 @@ class DeploymentAdmin(ReadOnlyAdmin):
     )
     readonly_fields = fields
     inlines = [RevisionInline, InstanceInline, RecentEventInline]
-    actions = ["roll_back", "stop", "start"]
+    actions = ["roll_back", "stop", "start", "promote_shadow", "stop_shadow"]
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return user_can(request.user, Right.DEPLOY)
@@ -211,6 +211,26 @@ class DeploymentAdmin(ReadOnlyAdmin):
             lambda d: services.deployment_stop(deployment=d, actor=request.user),
             "Stop",
             "Stopping",
+        )
+
+    @admin.action(description="Promote the shadow to primary", permissions=["operate"])
+    def promote_shadow(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        _run_each(
+            request,
+            list(queryset),
+            lambda d: shadow.shadow_promote(deployment=d, actor=request.user),
+            "Shadow promotion",
+            "Promoting the shadow of",
+        )
+
+    @admin.action(description="Stop the shadow", permissions=["operate"])
+    def stop_shadow(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        _run_each(
+            request,
+            list(queryset),
+            lambda d: shadow.shadow_stop(deployment=d, actor=request.user),
+            "Stopping the shadow",
+            "Stopping the shadow of",
         )
 
     @admin.action(description="Start", permissions=["operate"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -14,8 +15,9 @@ from accounts.scopes import DEPLOY
 from controlplane.lib.apis import paginate, validated
 from controlplane.lib.errors import ApplicationError
 
-from . import selectors, services
+from . import selectors, services, shadow
 from .models import Deployment, DeploymentEvent, Instance, Revision
+from .shadow_report import shadow_summary
 
 WAIT_DONE = {Deployment.Status.READY, Deployment.Status.FAILED, Deployment.Status.STOPPED}
 
@@ -274,11 +276,19 @@ class DeploymentDetailApi(APIView):
             '"idle_before_zero_s"?}; null: fixed replicas',
         )
         stopped = serializers.BooleanField(required=False)
+        shadow = serializers.JSONField(
+            required=False,
+            allow_null=True,
+            help_text='{"version": "3", "fraction": 0.25} mirrors that share of the prediction '
+            "requests to the version (callers get the primary's answers); null stops it",
+        )
 
     @extend_schema(responses=DeploymentOutput)
     def get(self, request, name):
         d = selectors.deployment_get(name=name)
-        return Response(DeploymentOutput(d, context={"request": request}).data)
+        data = DeploymentOutput(d, context={"request": request}).data
+        data["shadow"] = shadow_summary(deployment=d)
+        return Response(data)
 
     @extend_schema(
         request=InputSerializer,
@@ -290,12 +300,32 @@ class DeploymentDetailApi(APIView):
         data = validated(self.InputSerializer, request.data)
         timeout = _wait_timeout(request)
         stopped = data.pop("stopped", None)
-        if stopped is True:
-            services.deployment_stop(deployment=d, actor=request.user)
-        elif stopped is False:
-            services.deployment_start(deployment=d, actor=request.user)
-        if data:
-            services.deployment_update(deployment=d, actor=request.user, **data)
+        has_shadow, shadow_spec = "shadow" in data, data.pop("shadow", None)
+        if has_shadow and shadow_spec is not None and not isinstance(shadow_spec, dict):
+            raise ApplicationError(
+                'shadow must be {"version": ..., "fraction": ...} or null', code="invalid_shadow"
+            )
+        if shadow_spec and set(shadow_spec) - {"version", "fraction"}:
+            raise ApplicationError(
+                "shadow takes only 'version' and 'fraction'", code="invalid_shadow"
+            )
+        # One transaction: a refused part (a shadow of a missing version) changes nothing.
+        with transaction.atomic():
+            if stopped is True:
+                services.deployment_stop(deployment=d, actor=request.user)
+            elif stopped is False:
+                services.deployment_start(deployment=d, actor=request.user)
+            if data:
+                services.deployment_update(deployment=d, actor=request.user, **data)
+            if has_shadow and shadow_spec is None:
+                shadow.shadow_stop(deployment=d, actor=request.user)
+            elif has_shadow:
+                shadow.shadow_start(
+                    deployment=d,
+                    version=shadow_spec.get("version"),
+                    fraction=shadow_spec.get("fraction"),
+                    actor=request.user,
+                )
         d = _wait(name, timeout)
         return Response(
             DeploymentOutput(d).data,
@@ -358,3 +388,17 @@ class LogsApi(APIView):
         if not 1 <= tail <= 5000:
             raise ApplicationError("tail must be between 1 and 5000", code="invalid_tail")
         return Response({"instances": selectors.deployment_logs(deployment=d, tail=tail)})
+
+
+class ShadowPromoteApi(APIView):
+    """Promote the active shadow to primary through the normal rollout."""
+
+    write_scope = DEPLOY
+
+    @extend_schema(request=None, responses={202: DeploymentOutput}, parameters=WAIT_PARAMS)
+    def post(self, request, name):
+        d = selectors.deployment_get(name=name)
+        timeout = _wait_timeout(request)
+        shadow.shadow_promote(deployment=d, actor=request.user)
+        d = _wait(name, timeout)
+        return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)

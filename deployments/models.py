@@ -237,3 +237,70 @@ class ScaleSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment_id} @{self.ts:.0f}: {self.replicas}"
+class ShadowRun(models.Model):
+    """Shadow traffic to a candidate revision: the router mirrors ``fraction`` of the live
+    prediction requests to it; callers always get the primary's answer. At most one active
+    run per deployment (the desired state; the reconciler starts the candidate's instances
+    and writes the router's mirror key once they are ready). deployments/shadow.py."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active", "Active"
+        STOPPED = "stopped", "Stopped"
+        PROMOTED = "promoted", "Promoted"
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="shadow_runs")
+    revision = models.ForeignKey(Revision, on_delete=models.CASCADE, related_name="+")
+    fraction = models.FloatField(help_text="share of prediction requests mirrored, 0 < f ≤ 1")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
+    mirroring_since = models.DateTimeField(
+        null=True, blank=True, help_text="when the router was first told to mirror"
+    )
+    cursor_epoch = models.CharField(max_length=64, blank=True, help_text="the router mirror's")
+    cursor = models.BigIntegerField(default=0, help_text="seq of the last pair pulled")
+    counters = models.JSONField(
+        default=dict, blank=True, help_text="{epoch: the router's mirror counters}"
+    )
+    lost = models.BigIntegerField(default=0, help_text="pairs that left the buffer unread")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment"],
+                condition=models.Q(state="active"),
+                name="one_active_shadow_per_deployment",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} shadow r{self.revision.number} ({self.state})"
+
+
+class ShadowPair(models.Model):
+    """One mirrored request: the primary's and the candidate's answers to it (bodies cut to
+    the router's ``body_bytes``)."""
+
+    run = models.ForeignKey(ShadowRun, on_delete=models.CASCADE, related_name="pairs")
+    seq = models.BigIntegerField()
+    ts = models.DateTimeField(help_text="when the primary answered")
+    path = models.CharField(max_length=200, blank=True)
+    primary_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    primary_ms = models.FloatField(null=True, blank=True)
+    primary_body = models.TextField(blank=True)
+    candidate_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    candidate_ms = models.FloatField(null=True, blank=True)
+    candidate_body = models.TextField(blank=True)
+    candidate_error = models.TextField(blank=True)
+    truncated = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["run", "ts", "id"]
+        indexes = [models.Index(fields=["run", "ts"], name="deploy_shadowpair_run_ts")]
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} #{self.seq}"

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from . import router, scaling
+from . import router, scaling, shadow
 from .model_files import ensure_model_files
 from .models import Deployment, Instance, Revision
 from .runtimes import InstanceSpec, RuntimeError_, get_runtime
@@ -243,7 +243,7 @@ def _pass(deployment_id: int) -> bool:
         keep = [i.address for i in rest if i.state == Instance.State.READY] or (
             [] if hold else [i.address for i in rest]
         )
-        if router.write_backends(d.name, keep, hold=hold):
+        if _write_backends(d, keep):
             router.routes_to(d.port, keep)
         for inst in surplus:
             _stop_instance(inst, timeout=5)
@@ -279,10 +279,12 @@ def _pass(deployment_id: int) -> bool:
         # hold requests until one is (a deployment scaled from zero).
         hold = scaling.hold_for(d)
         live = ready or ([] if hold else wanted)
-        if router.write_backends(d.name, [i.address for i in live], hold=hold):
+        shadow_done = shadow.shadow_converge(d)
+        if _write_backends(d, [i.address for i in live]):
             router.routes_to(d.port, [i.address for i in live])
         _drain_others(d, desired)
-        healthy = len(ready) == replicas
+        shadow.shadow_collect(d)
+        healthy = len(ready) == replicas and shadow_done
         _set(
             d,
             status=Deployment.Status.READY if healthy else Deployment.Status.DEGRADED,
@@ -304,7 +306,7 @@ def _pass(deployment_id: int) -> bool:
 
     # All new instances ready several times in a row: move traffic, then drain.
     _set(d, phase="switching traffic")
-    router.write_backends(d.name, [i.address for i in ready], hold=scaling.hold_for(d))
+    _write_backends(d, [i.address for i in ready])
     if not router.routes_to(d.port, [i.address for i in ready]):
         _set(d, status_message="router has not picked up the new backends yet")
         return False
@@ -356,6 +358,7 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
         Instance.objects.filter(deployment=d)
         .exclude(revision=keep)
         .exclude(revision=standby)
+        .exclude(revision__in=shadow.shadow_revision_ids(d))
         .select_related("revision")
     )
     for inst in old:
@@ -564,12 +567,20 @@ def _fail_revision(d: Deployment, revision: Revision, serving: Revision | None, 
     )
 
 
+def _write_backends(d: Deployment, addresses: list[str]) -> bool:
+    """The one writer of a deployment's router file: the primary backends plus every
+    optional key of the router contract that is in force (hold, mirror)."""
+    return router.write_backends(
+        d.name, addresses, hold=scaling.hold_for(d), mirror=shadow.shadow_mirror_key(d)
+    )
+
+
 def _ensure_router(d: Deployment, serving: Revision | None) -> None:
     if router.is_running(d.router_pid):
         return
     if serving is not None:
         ready = Instance.objects.filter(deployment=d, revision=serving)
-        router.write_backends(d.name, [i.address for i in ready], hold=scaling.hold_for(d))
+        _write_backends(d, [i.address for i in ready])
     runtime_id = router.start(d.name, d.port)
     _set(d, router_pid=runtime_id)
     event_record(d, "router", f"endpoint {d.endpoint} started")

@@ -25,15 +25,25 @@ def backends_file(name: str) -> Path:
     return _dir(name) / "backends.json"
 
 
-def write_backends(name: str, addresses: list[str], *, hold: dict | None = None) -> bool:
-    """Atomically replace the backend set; True if it changed. ``hold``: ``{"queue": N,
-    "timeout_s": S}`` makes the router hold requests while it has no backend (scale to zero)."""
+def write_backends(
+    name: str,
+    addresses: list[str],
+    *,
+    hold: dict | None = None,
+    mirror: dict | None = None,
+) -> bool:
+    """Atomically replace the backend set and the optional keys of the router contract
+    (``hold``: ``{"queue": N, "timeout_s": S}`` holds requests while there is no backend,
+    scale from zero; ``mirror``: shadow traffic, serving/mirror.py); True if it changed.
+    Every writer passes every key it wants kept: the file is rewritten whole."""
     path = backends_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config: dict = {"backends": sorted(addresses)}
+    content: dict = {"backends": sorted(addresses)}
     if hold is not None:
-        config["hold"] = hold
-    body = json.dumps(config)
+        content["hold"] = hold
+    if mirror is not None:
+        content["mirror"] = mirror
+    body = json.dumps(content)
     if path.exists() and path.read_text() == body:
         return False
     tmp = path.with_suffix(".tmp")

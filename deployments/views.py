@@ -33,6 +33,7 @@ from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
 from .scaling import autoscaling_view
+from .shadow_views import shadow_panel
 
 # Rollout steps in the order the reconciler goes through them (its ``phase``); the second
 # is "building image" on the docker runtime (reconciler.PREPARE_PHASES).
@@ -385,6 +386,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "isolation_warning": isolation_warning(d.runtime),
             "autoscaling": autoscaling_view(d),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
+            "shadow": shadow_panel(d),
             "live": {
                 "url": reverse("api:api-deployment", kwargs={"name": d.name}),
                 "badges": BADGES,

@@ -22,6 +22,8 @@ from controlplane.lib.views import error_pages
 from deployments.selectors import deployment_list
 
 from . import catalog, charts, selectors, services
+from .comparison import version_comparison
+from .comparison_charts import comparison_charts
 from .models import AlertRule
 from .replicas import replica_chart
 from .staticfiles import PLOTLY_JS, PLOTLY_VERSION
@@ -85,6 +87,7 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     if scaled is not None:  # beside traffic: after the throughput chart
         at = next((i + 1 for i, c in enumerate(chart_list) if c.id == "chart-throughput"), 0)
         chart_list.insert(at, scaled)
+    ab = version_comparison(deployment=deployment, start=start, end=end)
     return render(
         request,
         "monitoring/deployment.html",
@@ -95,6 +98,8 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "step": step,
             "charts": chart_list,
             "markers": markers,
+            "ab": ab,
+            "ab_charts": comparison_charts(ab) if ab else [],
             "rules": rules,
             "events": selectors.alert_event_list(deployment=deployment, limit=20),
             "probes": selectors.probe_list(deployment=deployment, limit=10),

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import httptools
 
+from serving import mirror as mirroring
 from serving.hold import Hold, Traffic, parse_hold
 
 logger = logging.getLogger("serving.router")
 
 REASONS = {
-    200: b"OK", 400: b"Bad Request", 413: b"Payload Too Large", 502: b"Bad Gateway",
+    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large", 502: b"Bad Gateway",
     503: b"Service Unavailable",
 }  # fmt: skip
 # Hop-by-hop headers are not forwarded (RFC 9110 7.6.1); lengths are recomputed.
@@ -161,6 +162,7 @@ class Router:
         self.in_flight = 0
         self.traffic = Traffic()
         self.hold = Hold()
+        self.mirror: mirroring.Mirror | None = None
 
     # --- backends file -------------------------------------------------------------------
 
@@ -187,6 +189,7 @@ class Router:
             return
         self._stamp = stamp
         self.hold.configure(hold)
+        self._set_mirror(data.get("mirror"))
         if parsed != self.backends:
             logger.info("backends: %s -> %s", self.backends, parsed)
             removed = set(self.backends) - set(parsed)
@@ -196,6 +199,28 @@ class Router:
                     conn.close()
             self.traffic.forget(removed)
             self.hold.backends_changed(parsed)
+
+    def _set_mirror(self, raw: object) -> None:
+        """Start, retarget or stop shadow traffic (serving/mirror.py) from the file's key."""
+        config = None
+        if raw is not None:
+            try:
+                config = mirroring.parse_config(raw, self._check)
+            except ValueError as exc:
+                logger.error("ignoring the mirror in %s: %s", self.backends_file, exc)
+        current = self.mirror
+        if config is None:
+            if current is not None:
+                logger.info("mirror to %s stopped", current.config["name"])
+                current.close()
+                self.mirror = None
+        elif current is not None and current.same_candidate(config):
+            current.update(config)
+        else:
+            if current is not None:
+                current.close()
+            logger.info("mirroring %.0f%% to %s", config["fraction"] * 100, config["name"])
+            self.mirror = mirroring.Mirror(config, Upstream)
 
     @staticmethod
     def _check(backend: object) -> str:
@@ -248,7 +273,10 @@ class Router:
 
     def stats(self) -> dict:
         """GET /__router/stats: each feature adds its own top-level keys."""
-        return {**self.traffic.stats(self.backends), "hold": self.hold.stats()}
+        stats = {**self.traffic.stats(self.backends), "hold": self.hold.stats()}
+        if self.mirror is not None:
+            stats["mirror"] = self.mirror.stats()
+        return stats
 
     def release(self, conn: Upstream) -> None:
         conn.reset()
@@ -378,14 +406,23 @@ class ClientConnection(asyncio.Protocol):
                         response = _json_response(
                             200, {"status": "ok", "backends": router.backends}
                         )
-                    elif url == b"/__router/stats":
-                        response = _json_response(200, router.stats())
+                    elif url.startswith(b"/__router/"):
+                        response = _router_endpoint(router, url)
                     else:
                         router.traffic.begin()
                         try:
-                            response = await router.forward(
-                                _request_bytes(method, url, headers, body)
-                            )
+                            if router.mirror is None:
+                                response = await router.forward(
+                                    _request_bytes(method, url, headers, body)
+                                )
+                            else:
+                                raw, started = (
+                                    _request_bytes(method, url, headers, body),
+                                    time.perf_counter(),
+                                )
+                                response = await router.forward(raw)
+                                if router.mirror is not None:
+                                    router.mirror.offer(method, url, raw, response, started)
                         finally:
                             router.traffic.end()
                 except Exception:
@@ -428,6 +465,21 @@ class ClientConnection(asyncio.Protocol):
         if self.idle and not self.closed:
             self.closed = True
             self.transport.close()
+
+
+def _router_endpoint(router: Router, url: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``/__router/stats`` (counters; each feature adds its own key) and
+    ``/__router/mirror?after=SEQ&limit=N`` (the shadow pairs, serving/mirror.py)."""
+    path = url.split(b"?", 1)[0]
+    if path == b"/__router/stats":
+        return _json_response(200, router.stats())
+    if path == b"/__router/mirror":
+        if router.mirror is None:
+            return _json_response(200, {"active": False, "pairs": []})
+        after = mirroring.query_int(url, b"after", 0)
+        limit = min(max(mirroring.query_int(url, b"limit", 500), 1), 5000)
+        return _json_response(200, {"active": True, **router.mirror.read(after, limit)})
+    return _error(404, "not_found", "no such router endpoint")
 
 
 def _request_bytes(

@@ -126,7 +126,9 @@ def test_the_change_form_does_not_edit_domain_fields(admin_client, user, model):
 def test_bulk_delete_is_not_offered(admin_client, user, model):
     two_revisions(user, model)
     actions = admin_client.get(CHANGELIST).context["action_form"].fields["action"].choices
-    assert [name for name, _label in actions if name] == ["roll_back", "stop", "start"]
+    assert [name for name, _label in actions if name] == [
+        "roll_back", "stop", "start", "promote_shadow", "stop_shadow",
+    ]  # fmt: skip
 
 
 def test_staff_without_the_operate_permission_get_no_actions(
