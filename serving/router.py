@@ -33,6 +33,9 @@ from pathlib import Path
 
 import httptools
 
+from serving.routing import Group, Routing
+from serving.routing import parse as parse_groups
+
 logger = logging.getLogger("serving.router")
 
 REASONS = {
@@ -155,6 +158,8 @@ class Router:
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.in_flight = 0
+        self.routing = Routing()  # canary/split weighted groups (serving/routing.py)
+        self.known: set[str] = set()  # every backend of the pool and the groups
 
     # --- backends file -------------------------------------------------------------------
 
@@ -174,15 +179,19 @@ class Router:
             if not isinstance(backends, list):
                 raise ValueError("'backends' must be a list")
             parsed = [self._check(b) for b in backends]
+            groups, sticky = parse_groups(data, self._check)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.error("ignoring %s: %s", self.backends_file, exc)
             self._stamp = stamp
             return
         self._stamp = stamp
+        self.routing.configure(groups, sticky)
+        known = set(parsed) | self.routing.backends()
         if parsed != self.backends:
             logger.info("backends: %s -> %s", self.backends, parsed)
-            removed = set(self.backends) - set(parsed)
-            self.backends = parsed
+        self.backends = parsed
+        removed, self.known = self.known - known, known
+        if removed:
             for backend in removed:
                 for conn in self.pool.pop(backend, []):
                     conn.close()
@@ -206,9 +215,18 @@ class Router:
 
     # --- choosing and connecting -----------------------------------------------------------
 
-    def pick(self, avoid: set[str] | frozenset[str] = frozenset()) -> str | None:
-        """The next backend round-robin, skipping those in ``avoid`` (the ones that refused
-        this request) unless that is all of them."""
+    def pick(
+        self, avoid: set[str] | frozenset[str] = frozenset(), group: Group | None = None
+    ) -> str | None:
+        """The next backend round-robin (of ``group``, else of the pool), skipping those in
+        ``avoid`` (the ones that refused this request) unless that is all of them."""
+        if group is not None:
+            backends = group.backends
+            for _ in range(len(backends)):
+                group.rr = (group.rr + 1) % len(backends)
+                if backends[group.rr] not in avoid:
+                    break
+            return backends[group.rr]
         backends = self.backends
         if not backends:
             return None
@@ -238,7 +256,7 @@ class Router:
 
     def release(self, conn: Upstream) -> None:
         conn.reset()
-        if conn.closed or not conn.keep_alive or conn.backend not in self.backends:
+        if conn.closed or not conn.keep_alive or conn.backend not in self.known:
             conn.close()
             return
         idle = self.pool.setdefault(conn.backend, [])
@@ -247,15 +265,19 @@ class Router:
         else:
             idle.append(conn)
 
-    async def forward(self, raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Send one request upstream, retrying where the backend cannot have processed it."""
-        attempts = max(3, 2 * len(self.backends) + 1)
+    async def forward(
+        self, raw: bytes, group: Group | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send one request upstream (to ``group`` if given), retrying where the backend
+        cannot have processed it."""
+        pool = group.backends if group is not None else self.backends
+        attempts = max(3, 2 * len(pool) + 1)
         last_error = "no backends"
         # The round-robin position is shared with concurrent requests: without this, every
         # retry of one request could land on the same dead backend.
         refused: set[str] = set()
         for attempt in range(attempts):
-            backend = self.pick(avoid=refused)
+            backend = self.pick(avoid=refused, group=group)
             if backend is None:
                 return _error(503, "no_backends", "this deployment has no running backends")
             try:
@@ -263,7 +285,7 @@ class Router:
             except OSError as exc:
                 last_error = f"cannot connect to {backend}: {exc}"
                 refused.add(backend)
-                if attempt >= len(self.backends):
+                if attempt >= len(pool):
                     await asyncio.sleep(0.01)  # every backend refused: give a swap a moment
                 continue
             try:
@@ -278,6 +300,28 @@ class Router:
             self.release(conn)
             return status, headers, body
         return _error(502, "bad_gateway", last_error)
+
+    def stats(self) -> dict:
+        """GET /__router/stats: each feature adds its own top-level keys."""
+        stats: dict = {}
+        stats.update(self.routing.snapshot())
+        return stats
+
+
+async def _forward_grouped(router: Router, method, url, headers, body):
+    """A request of a deployment with weighted groups: choose one, count it per group."""
+    group = router.routing.choose(headers)
+    stats = group.stats
+    stats.in_flight += 1
+    started = time.perf_counter()
+    status = 502
+    try:
+        response = await router.forward(_request_bytes(method, url, headers, body), group)
+        status = response[0]
+        return response
+    finally:
+        stats.in_flight -= 1
+        stats.record(status, (time.perf_counter() - started) * 1000.0)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -359,6 +403,10 @@ class ClientConnection(asyncio.Protocol):
                         response = _json_response(
                             200, {"status": "ok", "backends": router.backends}
                         )
+                    elif url == b"/__router/stats":
+                        response = _json_response(200, router.stats())
+                    elif router.routing.enabled:
+                        response = await _forward_grouped(router, method, url, headers, body)
                     else:
                         response = await router.forward(_request_bytes(method, url, headers, body))
                 except Exception:
