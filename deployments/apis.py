@@ -51,6 +51,8 @@ class DeploymentOutput(serializers.ModelSerializer):
     resources = serializers.SerializerMethodField()
     predict_method = serializers.SerializerMethodField()
     instances = InstanceOutput(many=True)
+    strategy = serializers.SerializerMethodField()
+    rollout = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
@@ -74,9 +76,19 @@ class DeploymentOutput(serializers.ModelSerializer):
             "model_version",
             "endpoint",
             "instances",
+            "strategy",
+            "rollout",
             "created_at",
             "updated_at",
         ]
+
+    def get_strategy(self, obj) -> dict:
+        return obj.strategy or {"type": "rolling"}
+
+    def get_rollout(self, obj) -> dict | None:
+        from .rollouts import rollout_summary
+
+        return rollout_summary(obj)
 
     def get_version(self, obj) -> str | None:
         return str(obj.target_version) if obj.target_version else None
@@ -199,6 +211,9 @@ class DeploymentListApi(APIView):
         predict_method = serializers.CharField(
             required=False, allow_null=True, allow_blank=True, max_length=64
         )
+        strategy = serializers.JSONField(
+            required=False, help_text='rolling (default) or {"type": "canary", "steps": [...]}'
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -223,6 +238,7 @@ class DeploymentListApi(APIView):
             env=data.get("env"),
             environment=data.get("environment"),
             predict_method=data.get("predict_method"),
+            strategy=data.get("strategy"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -250,6 +266,11 @@ class DeploymentDetailApi(APIView):
             required=False, allow_null=True, allow_blank=True, max_length=64
         )
         stopped = serializers.BooleanField(required=False)
+        strategy = serializers.JSONField(
+            required=False,
+            help_text='how this and later rollouts go: {"type": "rolling"} or '
+            '{"type": "canary", "steps": [{"weight": 10, "seconds": 120}, ...]}',
+        )
 
     @extend_schema(responses=DeploymentOutput)
     def get(self, request, name):
@@ -321,6 +342,30 @@ class RollbackApi(APIView):
         )
         d = _wait(name, timeout)
         return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
+
+
+class RolloutActionApi(APIView):
+    """POST /deployments/{name}/rollout/{promote,abort,pause,resume}."""
+
+    write_scope = DEPLOY
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=2000
+        )
+
+    @extend_schema(request=InputSerializer, responses={202: DeploymentOutput})
+    def post(self, request, name, action):
+        from .rollouts import rollout_control
+
+        d = selectors.deployment_get(name=name)
+        data = validated(self.InputSerializer, request.data or {})
+        rollout_control(deployment=d, action=action, actor=request.user, reason=data["reason"])
+        d = selectors.deployment_get(name=name)
+        return Response(
+            DeploymentOutput(d, context={"request": request}).data,
+            status=status.HTTP_202_ACCEPTED,
+        )
 
 
 class LogsApi(APIView):

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from . import router
+from . import canary, router
 from .model_files import ensure_model_files
 from .models import Deployment, Instance, Revision
 from .runtimes import InstanceSpec, RuntimeError_, get_runtime
@@ -249,7 +249,9 @@ def _pass(deployment_id: int) -> bool:
     if desired.state == Revision.State.ROLLING_OUT:
         crashes = sum(i.restarts for i in wanted)
         started = desired.rollout_started_at or timezone.now()
-        overdue = timezone.now() - started > timedelta(seconds=d.progress_deadline_s)
+        overdue = timezone.now() - started > timedelta(
+            seconds=d.progress_deadline_s
+        ) and not canary.bake_overdue_exempt(desired)
         if crashes >= CRASH_LIMIT or overdue:
             why = (
                 f"r{desired.number} crash-looped ({crashes} restarts)"
@@ -278,6 +280,9 @@ def _pass(deployment_id: int) -> bool:
         )
         return healthy
 
+    stepped = canary.drive(d, desired, serving, wanted, ready, replicas)
+    if stepped is not None:
+        return stepped
     if len(ready) < replicas:
         _set(
             d,

@@ -25,11 +25,24 @@ def backends_file(name: str) -> Path:
     return _dir(name) / "backends.json"
 
 
-def write_backends(name: str, addresses: list[str]) -> bool:
-    """Atomically replace the backend set; True if it changed."""
+def write_backends(
+    name: str,
+    addresses: list[str],
+    *,
+    groups: list[dict] | None = None,
+    sticky: dict | None = None,
+) -> bool:
+    """Atomically replace the backend set; True if it changed. ``groups`` (canary/split:
+    ``[{"name", "revision", "weight", "backends"}]``) and ``sticky`` (``{"header": H}``)
+    follow the router contract; None leaves the key out."""
     path = backends_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"backends": sorted(addresses)})
+    data: dict = {"backends": sorted(addresses)}
+    if groups is not None:
+        data["groups"] = [{**g, "backends": sorted(g["backends"])} for g in groups]
+    if sticky is not None:
+        data["sticky"] = sticky
+    body = json.dumps(data)
     if path.exists() and path.read_text() == body:
         return False
     tmp = path.with_suffix(".tmp")
@@ -86,6 +99,42 @@ def routes_to(port: int, addresses: list[str], *, timeout: float = 3.0) -> bool:
         except (http.HttpError, ValueError):
             pass
         time.sleep(0.05)
+    return False
+
+
+def read_backends(name: str) -> dict:
+    """What the backends file says now ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads(backends_file(name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stats(port: int, *, timeout: float = 1.0) -> dict | None:
+    """GET /__router/stats of the router on ``port`` (None when it does not answer)."""
+    try:
+        return http.request(
+            "GET", f"http://127.0.0.1:{port}/__router/stats", timeout=timeout
+        ).json()
+    except (http.HttpError, ValueError):
+        return None
+
+
+def routes_groups(port: int, groups: list[dict], *, timeout: float = 3.0) -> bool:
+    """Wait until the router on ``port`` reports exactly ``groups`` (names, weights and
+    backends); ``[]`` waits for a router without groups."""
+    deadline = time.monotonic() + timeout
+    wanted = {g["name"]: (g["weight"], sorted(g["backends"])) for g in groups}
+    while time.monotonic() < deadline:
+        got = stats(port)
+        if got is not None:
+            seen = {
+                name: (g.get("weight"), sorted(g.get("backends", [])))
+                for name, g in (got.get("groups") or {}).items()
+            }
+            if seen == wanted:
+                return True
+        time.sleep(0.02)
     return False
 
 

@@ -63,6 +63,7 @@ def _deployment_snapshot(d: Deployment) -> dict:
         **_spec_snapshot(d),
         "revision": d.desired_revision.number if d.desired_revision_id else None,
         "stopped": d.stopped,
+        "strategy": d.strategy or {"type": "rolling"},
     }
 
 
@@ -207,6 +208,9 @@ def _new_revision(
     event_record(
         d, "revision", f"revision {number}: {mv.model.name} v{mv.version} ({reason})", revision
     )
+    from .rollouts import rollout_for_new_revision
+
+    rollout_for_new_revision(d, revision)
     return revision
 
 
@@ -223,8 +227,11 @@ def deployment_create(
     env: dict | None = None,
     environment: str | None = None,
     predict_method: str | None = None,
+    strategy: dict | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .rollouts import validate_strategy
+
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ApplicationError(
             "name must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit",
@@ -241,6 +248,7 @@ def deployment_create(
     )
     environment = _validate_environment(environment or settings.CONTROLPLANE_DEFAULT_ENVIRONMENT)
     predict_method = _validate_predict_method(predict_method)
+    strategy = validate_strategy(strategy)
     try:
         with transaction.atomic():
             d = Deployment.objects.create(
@@ -255,6 +263,7 @@ def deployment_create(
                 env=env,
                 environment=environment,
                 predict_method=predict_method,
+                strategy=strategy,
                 port=allocate_port(),
                 progress_deadline_s=settings.CONTROLPLANE_PROGRESS_DEADLINE,
                 created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -301,10 +310,16 @@ def deployment_update(
     env: dict | None = None,
     environment: str | None = None,
     predict_method: str | None = UNSET,
+    strategy: dict | None = UNSET,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .rollouts import validate_strategy
+
     d = _locked(deployment)
     before = _deployment_snapshot(d)
+    if strategy is not UNSET:
+        # Part of the deployment's spec: this rollout and later ones (alias moves) use it.
+        d.strategy = validate_strategy(strategy)
     changes = []
     mv = d.desired_revision.model_version if d.desired_revision_id else None
     if version not in (None, "") or alias:
@@ -341,7 +356,17 @@ def deployment_update(
     current = d.desired_revision
     if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
         d.save()
-        return d  # nothing changed: no new revision
+        if before["strategy"] != _deployment_snapshot(d)["strategy"]:
+            audit_record(
+                actor=actor,
+                action="deployment.update",
+                object_type="deployment",
+                object_id=d.name,
+                object_repr=d.name,
+                before=before,
+                after=_deployment_snapshot(d),
+            )
+        return d  # nothing else changed: no new revision
     d.stopped = False
     _new_revision(d, mv, reason="update: " + (", ".join(changes) or "redeploy"), actor=actor)
     d.save()
@@ -422,6 +447,9 @@ def deployment_rollback(
         Revision.objects.filter(pk=target.pk).update(state=Revision.State.PENDING, failure="")
     kind = "auto_rollback" if automatic else "rollback"
     why = reason or ("automatic" if automatic else f"by {actor.get_username()}")
+    from .rollouts import rollouts_cancel
+
+    rollouts_cancel(d, f"rollback to r{target.number}: {why}")
     event_record(
         d,
         kind,

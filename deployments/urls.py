@@ -11,6 +11,11 @@ api_urlpatterns = [
     path("deployments/<str:name>/events", apis.EventListApi.as_view(), name="api-events"),
     path("deployments/<str:name>/rollback", apis.RollbackApi.as_view(), name="api-rollback"),
     path("deployments/<str:name>/logs", apis.LogsApi.as_view(), name="api-logs"),
+    path(
+        "deployments/<str:name>/rollout/<str:action>",
+        apis.RolloutActionApi.as_view(),
+        name="api-rollout-action",
+    ),
 ]
 
 urlpatterns = [
@@ -21,6 +26,7 @@ urlpatterns = [
     path("<slug:name>/update", views.deployment_update, name="deployment-update"),
     path("<slug:name>/scale", views.deployment_scale, name="deployment-scale"),
     path("<slug:name>/rollback", views.deployment_rollback, name="deployment-rollback"),
+    path("<slug:name>/rollout/<str:action>", views.deployment_rollout, name="deployment-rollout"),
     path(
         "<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"
     ),

@@ -647,3 +647,25 @@ def deployment_lifecycle(request: HttpRequest, name: str, action: str) -> HttpRe
         "deployments/lifecycle_confirm.html",
         {"d": d, "action": action, "badge": _badge(d.status), "ready": ready, "total": total},
     )
+
+
+@requires(Right.DEPLOY)
+@_ui
+@require_http_methods(["POST"])
+def deployment_rollout(request: HttpRequest, name: str, action: str) -> HttpResponse:
+    """POST: promote, abort, pause or resume the rollout in progress (the panel's buttons)."""
+    from .rollouts import rollout_control
+
+    d = selectors.deployment_get(name=name)
+    try:
+        rollout_control(
+            deployment=d,
+            action=action,
+            actor=request.user,
+            reason=request.POST.get("reason", "").strip()[:2000],
+        )
+    except ApplicationError as exc:
+        messages.error(request, f"Rollout {action} refused: {exc.message}")
+    else:
+        messages.success(request, f"Rollout: {action} requested.")
+    return redirect(_detail_url(d.name))
