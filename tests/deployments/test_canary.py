@@ -5,12 +5,14 @@ promote path then the abort path on one deployment (servers are the expensive pa
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
+from django.utils import timezone
 
 from audit.models import AuditEvent
 from deployments.models import Deployment, DeploymentEvent, Revision, Rollout
+from deployments.reconciler import reconcile
 from tests.deployments.canary_support import TimedLoad, model_zip
 from tests.deployments.conftest import converge
 
@@ -18,7 +20,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.timeout(300)]
 
 STEPS = {
     "type": "canary",
-    "steps": [{"weight": 30, "seconds": 2}, {"weight": 60, "seconds": 2}],
+    "steps": [{"weight": 30, "seconds": 3}, {"weight": 60, "seconds": 2}],
     "analysis": {"min_samples": 40},
     "inconclusive_deadline_s": 60,
 }
@@ -52,6 +54,22 @@ def test_a_good_candidate_is_promoted_step_by_step_and_a_failing_one_aborted_at_
         time.sleep(0.5)
         resp = api.patch("/api/v1/deployments/cnry", {"version": "2", "strategy": STEPS})
         assert resp.status_code in (200, 202), resp.content
+        # A worker dies mid-canary (its lease left behind): the next one resumes the same
+        # step with the same clock, from the database.
+        deadline = time.monotonic() + 60
+        while not Rollout.objects.filter(
+            revision__deployment=d, revision__number=2, step=0
+        ).exists():
+            assert time.monotonic() < deadline, "the canary never started"
+            reconcile(d.pk, budget=0.3)
+        first = Rollout.objects.get(revision__deployment=d, revision__number=2)
+        Deployment.objects.filter(pk=d.pk).update(
+            lease_owner="dead-worker", lease_until=timezone.now() - timedelta(seconds=1)
+        )
+        reconcile(d.pk, budget=0.2)
+        resumed = Rollout.objects.get(pk=first.pk)
+        assert (resumed.step, resumed.step_started_at) == (0, first.step_started_at)
+        assert resumed.window_start == first.window_start
         d = converge(
             "cnry",
             until=lambda dep: (

@@ -68,6 +68,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-events", "GET"): READERS,
     ("api:api-rollback", "POST"): DEPLOYERS,
     ("api:api-logs", "GET"): READERS,
+    ("api:api-rollout-action", "POST"): DEPLOYERS,
     # --- API: monitoring
     ("api:api-metrics", "GET"): READERS,
     ("api:api-feedback", "POST"): DEPLOYERS,
@@ -118,6 +119,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("deployments:deployment-scale", "POST"): DEPLOYERS,
     ("deployments:deployment-rollback", "GET"): DEPLOYERS,
     ("deployments:deployment-rollback", "POST"): DEPLOYERS,
+    ("deployments:deployment-rollout", "POST"): DEPLOYERS,
     ("deployments:deployment-stop", "GET"): DEPLOYERS,
     ("deployments:deployment-stop", "POST"): DEPLOYERS,
     ("deployments:deployment-start", "GET"): DEPLOYERS,
