@@ -24,6 +24,7 @@ from .services import event_record
 
 logger = logging.getLogger(__name__)
 
+WAIT_RETRY_S = 1.0  # an inconclusive analysis is repeated this often
 MAX_PREDICTIONS = 50_000  # rows per variant read for the divergence check
 
 
@@ -141,9 +142,25 @@ def _window(d, ro, rev: Revision, counters_now: dict, *, same_version: bool) -> 
     return analysis.window_from(counters, predictions, labeled, correct)
 
 
-def evaluate(d: Deployment, ro: Rollout, serving: Revision, desired: Revision) -> analysis.Verdict:
+def _figures(rev: Revision, w: analysis.Window) -> dict:
+    from serving.routing import percentile
+
+    return {
+        "revision": rev.number,
+        "version": rev.model_version.version,
+        "requests": w.requests,
+        "errors": w.errors,
+        "p95_ms": percentile(w.latency_buckets, 0.95) if w.latency_buckets else None,
+        "predictions": None if w.predictions is None else len(w.predictions),
+    }
+
+
+def evaluate(
+    d: Deployment, ro: Rollout, serving: Revision, desired: Revision
+) -> tuple[analysis.Verdict, dict]:
     """The analysis over the current step's window, with figures fresh at decision time:
-    the router's per-group counters and the prediction log pulled now."""
+    the router's per-group counters and the prediction log pulled now. Also the figures of
+    both variants (baseline, candidate) for the deployment page's chart."""
     from monitoring.services.collection import deployment_pull
 
     try:
@@ -155,18 +172,33 @@ def evaluate(d: Deployment, ro: Rollout, serving: Revision, desired: Revision) -
     same = serving.model_version_id == desired.model_version_id
     base = _window(d, ro, serving, counters, same_version=same)
     cand = _window(d, ro, desired, counters, same_version=same)
-    return analysis.analyse(base, cand, ro.strategy.get("analysis"))
+    verdict = analysis.analyse(base, cand, ro.strategy.get("analysis"))
+    return verdict, {"baseline": _figures(serving, base), "candidate": _figures(desired, cand)}
 
 
 def abort(
-    d: Deployment, ro: Rollout, serving: Revision, desired: Revision, why: str, checks
+    d: Deployment,
+    ro: Rollout,
+    serving: Revision,
+    desired: Revision,
+    why: str,
+    checks,
+    figures: dict | None = None,
 ) -> None:
     """100 % back to the baseline at once (verified), then the candidate fails."""
     from .reconciler import _fail_revision
 
     ok, ms = _to_baseline(d, serving)
     with transaction.atomic():
-        _decide(ro, "abort", why, checks, to_baseline_ms=round(ms, 1), router_confirmed=ok)
+        _decide(
+            ro,
+            "abort",
+            why,
+            checks,
+            to_baseline_ms=round(ms, 1),
+            router_confirmed=ok,
+            variants=figures or {},
+        )
         _save(ro, state=Rollout.State.ABORTED, weights={f"r{serving.number}": 100})
         event_record(
             d,
@@ -239,10 +271,12 @@ def drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, re
     if elapsed < step["seconds"]:
         _phase(d, ro, elapsed)
         return False
-    verdict = evaluate(d, ro, serving, desired)
+    if ro.decision == "wait" and (timezone.now() - ro.updated_at).total_seconds() < WAIT_RETRY_S:
+        return False  # waiting for data: ask again shortly, not on every 0.1 s pass
+    verdict, figures = evaluate(d, ro, serving, desired)
     checks = [c.as_dict() for c in verdict.checks]
     if verdict.decision == analysis.FAIL:
-        abort(d, ro, serving, desired, verdict.reason, checks)
+        abort(d, ro, serving, desired, verdict.reason, checks, figures)
         return False
     if verdict.decision == analysis.INCONCLUSIVE:
         deadline = ro.strategy.get("inconclusive_deadline_s", 600)
@@ -254,6 +288,7 @@ def drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, re
                 desired,
                 f"inconclusive past its deadline ({deadline} s): {verdict.reason}",
                 checks,
+                figures,
             )
             return False
         if ro.decision != "wait":
@@ -268,7 +303,9 @@ def drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, re
         return False
     # pass
     with transaction.atomic():
-        _decide(ro, "promote", f"step {ro.step + 1} passed: {verdict.reason}", checks)
+        _decide(
+            ro, "promote", f"step {ro.step + 1} passed: {verdict.reason}", checks, variants=figures
+        )
         _audit(
             d,
             "deployment.rollout_decision",

@@ -363,10 +363,25 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     serving = d.serving_revision or d.desired_revision
     curl, curl_is_example = _curl_example(d, serving.model_version if serving else None)
     settled = _settled_statuses(d)
+    from monitoring.staticfiles import PLOTLY_JS, PLOTLY_VERSION
+
+    from .rollout_chart import rollout_chart
+    from .rollouts import rollout_summary
+
+    rollout = rollout_summary(d)
     return render(
         request,
         "deployments/deployment_detail.html",
         {
+            "rollout": rollout,
+            "rollout_chart": rollout_chart(rollout),
+            "rollout_actions": {
+                "running": ["pause", "promote", "abort"],
+                "paused": ["resume", "promote", "abort"],
+                "promoting": ["abort"],
+            }.get(rollout["state"] if rollout else "", []),
+            "plotly_js": PLOTLY_JS,
+            "plotly_version": PLOTLY_VERSION,
             "d": d,
             "badge": _badge(d.status),
             "current": _current(d),

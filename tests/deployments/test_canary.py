@@ -93,7 +93,7 @@ def test_a_good_candidate_is_promoted_step_by_step_and_a_failing_one_aborted_at_
         ]
         steps = DeploymentEvent.objects.filter(deployment=d, kind="canary_step")
         assert sorted(e.message.split(" gets ")[1] for e in steps) == [
-            "30 % for 2 s",
+            "30 % for 3 s",
             "60 % for 2 s",
         ]
         before_abort = load.snapshot()
