@@ -271,6 +271,13 @@ class DeploymentDetailApi(APIView):
             help_text='how this and later rollouts go: {"type": "rolling"} or '
             '{"type": "canary", "steps": [{"weight": 10, "seconds": 120}, ...]}',
         )
+        variants = serializers.JSONField(
+            required=False,
+            help_text='A/B split: [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]',
+        )
+        sticky = serializers.CharField(
+            required=False, allow_blank=True, max_length=80, help_text='"header:X-User-Id"'
+        )
 
     @extend_schema(responses=DeploymentOutput)
     def get(self, request, name):
@@ -287,6 +294,20 @@ class DeploymentDetailApi(APIView):
         data = validated(self.InputSerializer, request.data)
         timeout = _wait_timeout(request)
         stopped = data.pop("stopped", None)
+        if "variants" in data or "sticky" in data:
+            from .rollouts import deployment_split
+
+            if set(data) - {"variants", "sticky"} or stopped is not None:
+                raise ApplicationError(
+                    "variants and sticky go without other fields", code="invalid_split"
+                )
+            deployment_split(
+                deployment=d,
+                variants=data.get("variants"),
+                sticky=data.get("sticky"),
+                actor=request.user,
+            )
+            data = {}
         if stopped is True:
             services.deployment_stop(deployment=d, actor=request.user)
         elif stopped is False:

@@ -230,6 +230,8 @@ def drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, re
             # A canary was superseded or cancelled: its weights go at once.
             _to_baseline(d, serving)
         return None
+    if ro.strategy.get("type") == "split":
+        return _split(d, ro, serving, desired, wanted, replicas)
     if ro.baseline_id != serving.pk:
         # What served changed under it (a rollback of the baseline): start over on the new one.
         _save(ro, baseline_id=serving.pk, step=-1, step_started_at=None, window_start={})
@@ -343,3 +345,62 @@ def _phase(d: Deployment, ro: Rollout, elapsed, *, paused=False, waiting=False) 
 def bake_overdue_exempt(desired: Revision) -> bool:
     """Once a canary moved traffic, its steps (not the progress deadline) time it."""
     return Rollout.objects.filter(revision=desired, state__in=Rollout.ACTIVE, step__gte=0).exists()
+
+
+def _split(d: Deployment, ro: Rollout, serving: Revision, desired: Revision, wanted, replicas):
+    """A fixed A/B split: both revisions serve with their weights (sticky by a header's hash
+    if asked) until promote (100 % candidate) or abort (back to the baseline)."""
+    from .reconciler import _set
+    from .services import deployment_rollback
+
+    if ro.state == Rollout.State.ABORTING or ro.baseline_id != serving.pk:
+        _to_baseline(d, serving)
+        why = "split ended: back to the baseline"
+        deployment_rollback(
+            deployment=d, revision=serving.number, actor=None, reason=why, automatic=True
+        )
+        return False
+    if ro.state == Rollout.State.PROMOTING:
+        with transaction.atomic():
+            _decide(ro, "promote", "split promoted: the candidate takes 100 %", [])
+            _save(ro, state=Rollout.State.PROMOTED, weights={f"r{desired.number}": 100})
+            _audit(d, "deployment.rollout_promoted", {"revision": desired.number, "split": True})
+        return None
+    candidates = [i for i in wanted if i.state == Instance.State.READY]
+    if len(candidates) < replicas:
+        return None  # nothing moves before every candidate instance is ready
+    variants = {v["revision"]: v["weight"] for v in ro.strategy["variants"]}
+    base = _baseline_addresses(d, serving)
+    cand = [i.address for i in candidates]
+    groups = [
+        _group(serving, variants.get(serving.number, 0), base),
+        _group(desired, variants.get(desired.number, 0), cand),
+    ]
+    sticky = {"header": ro.strategy["sticky"]} if ro.strategy.get("sticky") else None
+    if router.write_backends(d.name, base + cand, groups=groups, sticky=sticky):
+        router.routes_groups(d.port, groups)
+    if ro.step < 0:
+        with transaction.atomic():
+            _save(
+                ro,
+                step=0,
+                step_started_at=timezone.now(),
+                weights={g["name"]: g["weight"] for g in groups},
+                decision="split",
+                reason="fixed weights",
+            )
+            event_record(
+                d,
+                "split",
+                "split: "
+                + ", ".join(f"{g['name']} {g['weight']} %" for g in groups)
+                + (f", sticky by {ro.strategy['sticky']}" if sticky else ""),
+                desired,
+            )
+    _set(
+        d,
+        status=Deployment.Status.READY,
+        phase="split " + " / ".join(f"{g['name']} {g['weight']} %" for g in groups),
+        status_message="",
+    )
+    return True

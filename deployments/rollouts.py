@@ -12,6 +12,7 @@ Strategy JSON (a deployment's ``strategy``; ``{}`` or ``{"type": "rolling"}`` is
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -212,3 +213,101 @@ def rollout_summary(d: Deployment) -> dict | None:
         "reason": ro.reason,
         "decisions": ro.decisions[-20:],
     }
+
+
+HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+
+
+def _split_invalid(message: str) -> ApplicationError:
+    return ApplicationError(message, code="invalid_split")
+
+
+def validate_split(variants: Any, sticky: Any) -> tuple[list[tuple[str, int]], str | None]:
+    """Two variants ``[{"version": V, "weight": W}, ...]`` (weights 1..99 summing to 100)
+    and an optional ``"header:NAME"``."""
+    if not isinstance(variants, list) or len(variants) != 2:
+        raise _split_invalid('variants must be a list of two {"version", "weight"} objects')
+    out = []
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or set(v) != {"version", "weight"}:
+            raise _split_invalid(f'variants[{i}] must be {{"version": V, "weight": W}}')
+        if not _int(v["weight"]) or not 1 <= v["weight"] <= 99:
+            raise _split_invalid(f"variants[{i}].weight must be an integer from 1 to 99")
+        out.append((str(v["version"]), v["weight"]))
+    if sum(w for _, w in out) != 100:
+        raise _split_invalid("variant weights must add up to 100")
+    if out[0][0] == out[1][0]:
+        raise _split_invalid("the two variants must be different versions")
+    header = None
+    if sticky not in (None, ""):
+        if not isinstance(sticky, str) or not sticky.startswith("header:"):
+            raise _split_invalid('sticky must be "header:NAME"')
+        header = sticky[len("header:") :]
+        if not HEADER_RE.match(header):
+            raise _split_invalid(f"{header!r} is not a header name")
+    return out, header
+
+
+@transaction.atomic
+def deployment_split(
+    *, deployment: Deployment, variants: Any, sticky: Any = None, actor: AbstractBaseUser
+) -> Rollout:
+    """An A/B split: fixed weights between the version serving now (the baseline) and one
+    other version (a new revision), both kept serving; optionally sticky by a header's hash.
+    It lasts until the next update, a rollback, or promote/abort."""
+    from .services import (
+        _deployment_snapshot,
+        _kick,
+        _locked,
+        _new_revision,
+        _resolve_target,
+    )
+
+    pairs, header = validate_split(variants, sticky)
+    d = _locked(deployment)
+    serving = (
+        Revision.objects.filter(pk=d.serving_revision_id).select_related("model_version").first()
+    )
+    if serving is None:
+        raise Conflict("a split needs a revision serving now (the baseline)", code="no_baseline")
+    serving_version = str(serving.model_version.version)
+    if serving_version not in {v for v, _ in pairs}:
+        raise Conflict(
+            f"one variant must be the version serving now (v{serving_version})",
+            code="baseline_not_a_variant",
+        )
+    (other, other_weight) = next((v, w) for v, w in pairs if v != serving_version)
+    mv, number, _ = _resolve_target(d.model, other, None)
+    before = _deployment_snapshot(d)
+    d.target_version, d.target_alias = number, ""
+    d.stopped = False
+    revision = _new_revision(d, mv, reason=f"split: v{serving_version}/v{other}", actor=actor)
+    d.save()
+    strategy = {
+        "type": "split",
+        "variants": [
+            {"version": serving_version, "revision": serving.number, "weight": 100 - other_weight},
+            {"version": other, "revision": revision.number, "weight": other_weight},
+        ],
+        "sticky": header,
+    }
+    ro, _ = Rollout.objects.update_or_create(
+        revision=revision,
+        defaults={
+            "deployment": d,
+            "baseline": serving,
+            "strategy": strategy,
+            "state": Rollout.State.RUNNING,
+        },
+    )
+    audit_record(
+        actor=actor,
+        action="deployment.split",
+        object_type="deployment",
+        object_id=d.name,
+        object_repr=d.name,
+        before=before,
+        after={**_deployment_snapshot(d), "split": strategy},
+    )
+    _kick(d)
+    return ro

@@ -13,7 +13,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from deployments.models import Deployment, DeploymentEvent, Revision, Rollout
 from deployments.reconciler import reconcile
-from tests.deployments.canary_support import TimedLoad, model_zip
+from tests.deployments.canary_support import TimedLoad, body, model_zip
 from tests.deployments.conftest import converge
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -132,3 +132,48 @@ def test_a_good_candidate_is_promoted_step_by_step_and_a_failing_one_aborted_at_
     assert {c["name"]: c["verdict"] for c in got["rollout"]["checks"]}["error_rate"] == "fail"
     assert DeploymentEvent.objects.filter(deployment=d, kind="canary_abort").exists()
     assert AuditEvent.objects.filter(action="deployment.rollout_abort", object_id="cnry").exists()
+
+    # A sticky A/B split on the same deployment: v2 (serving) and v1 at 50/50, both serving;
+    # one caller always gets the same variant; abort returns to the baseline.
+    resp = api.patch(
+        "/api/v1/deployments/cnry",
+        {
+            "variants": [{"version": "2", "weight": 50}, {"version": "1", "weight": 50}],
+            "sticky": "header:X-User-Id",
+        },
+    )
+    assert resp.status_code in (200, 202), resp.content
+    d = converge("cnry", until=lambda dep: dep.phase.startswith("split"), timeout=90)
+    seen: dict[str, set[str]] = {}
+    for _ in range(3):
+        for user in range(12):
+            _, version = predict(d.port, {"X-User-Id": f"user-{user}"})
+            seen.setdefault(f"user-{user}", set()).add(version)
+    assert all(len(v) == 1 for v in seen.values()), seen
+    assert set().union(*seen.values()) == {"1", "2"}
+    assert api.post("/api/v1/deployments/cnry/rollout/abort", {}).status_code == 202
+    d = converge(
+        "cnry",
+        until=lambda dep: (
+            dep.desired_revision.number == 2 and dep.status == Deployment.Status.READY
+        ),
+        timeout=60,
+    )
+    assert {predict(d.port, {"X-User-Id": f"user-{u}"})[1] for u in range(12)} == {"2"}
+
+
+def predict(port: int, headers: dict) -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(
+        "POST",
+        "/invocations",
+        body=body(0.5),
+        headers={"Content-Type": "application/json", **headers},
+    )
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 200
+    return resp.status, resp.getheader("X-Model-Version", "")

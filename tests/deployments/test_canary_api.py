@@ -142,3 +142,63 @@ def test_a_rollback_during_a_canary_cancels_it_and_wants_the_baseline(api, servi
     assert d.desired_revision.number == 1
     ro = Rollout.objects.get()
     assert ro.state == "aborted" and "rollback to r1" in ro.reason
+
+
+def test_a_bad_split_is_a_400_or_409_and_changes_nothing(api, serving):
+    url = "/api/v1/deployments/svc"
+    cases = [
+        ({"variants": [{"version": "1", "weight": 50}]}, 400, "invalid_split"),
+        (
+            {"variants": [{"version": "1", "weight": 60}, {"version": "2", "weight": 50}]},
+            400,
+            "invalid_split",
+        ),
+        (
+            {"variants": [{"version": "1", "weight": 50}, {"version": "1", "weight": 50}]},
+            400,
+            "invalid_split",
+        ),
+        (
+            {
+                "variants": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "sticky": "cookie:x",
+            },
+            400,
+            "invalid_split",
+        ),
+        (
+            {
+                "variants": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "replicas": 2,
+            },
+            400,
+            "invalid_split",
+        ),
+        (
+            {"variants": [{"version": "2", "weight": 50}, {"version": "9", "weight": 50}]},
+            409,
+            "baseline_not_a_variant",
+        ),
+        (
+            {"variants": [{"version": "1", "weight": 50}, {"version": "9", "weight": 50}]},
+            404,
+            "version_not_found",
+        ),
+    ]
+    for payload, code, error in cases:
+        resp = api.patch(url, payload)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (code, error), payload
+    assert Deployment.objects.get(pk=serving.pk).desired_revision_id == serving.desired_revision_id
+    assert not Rollout.objects.exists()
+    resp = api.patch(
+        url,
+        {
+            "variants": [{"version": "1", "weight": 70}, {"version": "2", "weight": 30}],
+            "sticky": "header:X-User-Id",
+        },
+    )
+    assert resp.status_code == 202, resp.content
+    rollout = resp.json()["rollout"]
+    assert rollout["strategy"]["type"] == "split" and rollout["strategy"]["sticky"] == "X-User-Id"
+    assert [v["weight"] for v in rollout["strategy"]["variants"]] == [70, 30]
+    assert AuditEvent.objects.filter(action="deployment.split", object_id="svc").exists()
