@@ -42,7 +42,40 @@ SCENARIOS = {"fail": "(a) fails on ~30 %", "slow": "(b) 10× slower", "flip": "(
              "good": "(d) identical"}  # fmt: skip
 
 
-def run_scenario(api: Api, mode: str, version: str, strategy: dict, clients: int) -> dict:
+class Shots:
+    """Screenshots of the deployment page in Chromium (``--screenshots DIR``)."""
+
+    def __init__(self, base: str, directory: Path) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"]
+        )
+        self.page = self.browser.new_context(
+            viewport={"width": 1366, "height": 1400}, base_url=base
+        ).new_page()
+        self.page.goto("/")
+        self.page.get_by_label("Username").fill("admin")
+        self.page.get_by_label("Password").fill("bench-password-1")
+        self.page.get_by_role("button", name="Log in").click()
+        self.page.wait_for_selector(".userbox .username")
+
+    def take(self, name: str, file: str) -> None:
+        self.page.goto(f"/deployments/{name}/")
+        self.page.wait_for_timeout(800)  # the chart renders
+        self.page.screenshot(path=str(self.directory / file), full_page=True)
+
+    def close(self) -> None:
+        self.browser.close()
+        self._pw.stop()
+
+
+def run_scenario(
+    api: Api, mode: str, version: str, strategy: dict, clients: int, shots: Shots | None = None
+) -> dict:
     name = f"canary-{mode}"
     d = api.call(
         "POST",
@@ -56,9 +89,13 @@ def run_scenario(api: Api, mode: str, version: str, strategy: dict, clients: int
         time.sleep(2)
         started = time.time()
         api.call("PATCH", f"/deployments/{name}", {"version": version, "strategy": strategy})
+        mid_shot = False
         while True:
             got = api.call("GET", f"/deployments/{name}")
             ro = got.get("rollout") or {}
+            if shots and not mid_shot and ro.get("step", -1) >= 1 and ro.get("state") == "running":
+                shots.take(name, f"{mode}-during.png")
+                mid_shot = True
             if ro.get("revision", 0) >= 2 and ro.get("state") in ("promoted", "aborted"):
                 if got["status"] == "ready":
                     break
@@ -67,6 +104,8 @@ def run_scenario(api: Api, mode: str, version: str, strategy: dict, clients: int
             time.sleep(0.2)
         time.sleep(2)
     results = load.snapshot()
+    if shots:
+        shots.take(name, f"{mode}-after.png")
     api.call("DELETE", f"/deployments/{name}")
     final = ro["decisions"][-1]
     decided_at = datetime.fromisoformat(final["at"]).timestamp()
@@ -111,6 +150,7 @@ def main() -> None:
     parser.add_argument("--only", default="fail,slow,flip,good")
     parser.add_argument("--sleep-ms", type=float, default=30.0, help="the slow candidate's delay")
     parser.add_argument("--min-samples", type=int, default=100)
+    parser.add_argument("--screenshots", type=Path, help="save deployment-page screenshots here")
     args = parser.parse_args()
     steps = [
         {"weight": int(w), "seconds": int(s)}
@@ -164,10 +204,13 @@ def main() -> None:
             api.call("POST", "/models/canary/versions", files=payload)
             if i > 1:
                 versions[mode] = str(i)
+        shots = Shots(f"http://127.0.0.1:{port}", args.screenshots) if args.screenshots else None
         for mode in args.only.split(","):
-            row = run_scenario(api, mode, versions[mode], strategy, args.clients)
+            row = run_scenario(api, mode, versions[mode], strategy, args.clients, shots)
             rows.append(row)
             print(row, flush=True)
+        if shots:
+            shots.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
