@@ -50,7 +50,7 @@ def test_a_good_candidate_is_promoted_step_by_step_and_a_failing_one_aborted_at_
     assert resp.status_code in (201, 202), resp.content
     d = converge("cnry", timeout=90)
 
-    with TimedLoad(d.port, clients=4) as load:
+    with TimedLoad(d.port, clients=2) as load:
         time.sleep(0.5)
         resp = api.patch("/api/v1/deployments/cnry", {"version": "2", "strategy": STEPS})
         assert resp.status_code in (200, 202), resp.content
