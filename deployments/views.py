@@ -666,12 +666,15 @@ def deployment_lifecycle(request: HttpRequest, name: str, action: str) -> HttpRe
 
 @requires(Right.DEPLOY)
 @_ui
-@require_http_methods(["POST"])
+@require_http_methods(["GET", "POST"])
 def deployment_rollout(request: HttpRequest, name: str, action: str) -> HttpResponse:
-    """POST: promote, abort, pause or resume the rollout in progress (the panel's buttons)."""
+    """POST: promote, abort, pause or resume the rollout in progress (the panel's buttons).
+    GET: back to the deployment page, where the buttons are."""
     from .rollouts import rollout_control
 
     d = selectors.deployment_get(name=name)
+    if request.method == "GET":
+        return redirect(_detail_url(d.name))
     try:
         rollout_control(
             deployment=d,

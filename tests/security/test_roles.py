@@ -119,6 +119,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("deployments:deployment-scale", "POST"): DEPLOYERS,
     ("deployments:deployment-rollback", "GET"): DEPLOYERS,
     ("deployments:deployment-rollback", "POST"): DEPLOYERS,
+    ("deployments:deployment-rollout", "GET"): DEPLOYERS,
     ("deployments:deployment-rollout", "POST"): DEPLOYERS,
     ("deployments:deployment-stop", "GET"): DEPLOYERS,
     ("deployments:deployment-stop", "POST"): DEPLOYERS,
