@@ -133,7 +133,12 @@ def run_scenario(
         "requests": len(results),
         "in_step": len(in_step),
         "failed_in_step": len(failed_in_step),
-        "bound": candidate_weight / 100 * (0.3 if mode == "fail" else 0.0) * len(in_step),
+        # weight × the candidate's measured failure share (its error rate in the step) ×
+        # requests in the step; the nominal share is ~30 % of inputs.
+        "bound": candidate_weight
+        / 100
+        * ((checks.get("error_rate", {}).get("value") or 0.0) if mode == "fail" else 0.0)
+        * len(in_step),
         "failed_total": sum(1 for r in results if r[1] != 200),
         "failed_after": len(failed_after),
         "to_baseline_ms": final.get("to_baseline_ms"),
@@ -236,7 +241,7 @@ def main() -> None:
     )
     print(
         "| candidate | decision | in step (weight) | decided by | requests in step | failed in step "
-        "| bound (weight × share × requests) | failed after decision | decision → 100 % baseline "
+        "| bound (weight × candidate's failure share × requests) | failed after decision | decision → 100 % baseline "
         "| last candidate answer after decision |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -202,3 +202,16 @@ def test_a_bad_split_is_a_400_or_409_and_changes_nothing(api, serving):
     assert rollout["strategy"]["type"] == "split" and rollout["strategy"]["sticky"] == "X-User-Id"
     assert [v["weight"] for v in rollout["strategy"]["variants"]] == [70, 30]
     assert AuditEvent.objects.filter(action="deployment.split", object_id="svc").exists()
+
+
+def test_the_deployment_page_shows_the_rollout_panel_with_its_buttons(api, client, user, serving):
+    api.patch("/api/v1/deployments/svc", {"version": "2", "strategy": CANARY})
+    client.force_login(user)
+    page = client.get("/deployments/svc/").content.decode()
+    assert 'id="dep-rollout"' in page and "10 % for 120 s" in page
+    for action in ("pause", "promote", "abort"):
+        assert f"/deployments/svc/rollout/{action}" in page
+    resp = client.post("/deployments/svc/rollout/pause")
+    assert resp.status_code == 302
+    assert Rollout.objects.get().state == "paused"
+    assert "/deployments/svc/rollout/resume" in client.get("/deployments/svc/").content.decode()
