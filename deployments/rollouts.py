@@ -190,12 +190,8 @@ def rollout_control(
 def rollout_summary(d: Deployment) -> dict | None:
     """The ``rollout`` field of GET /api/v1/deployments/{name}: the desired revision's
     rollout, else the last one (so a finished canary's verdict stays visible)."""
-    ro = (
-        Rollout.objects.select_related("revision", "baseline")
-        .filter(deployment=d)
-        .order_by("-revision__number")
-        .first()
-    )
+    # Prefetched by selectors.deployment_list (no query per deployment in a list).
+    ro = max(d.rollouts.all(), key=lambda r: r.revision.number, default=None)
     if ro is None:
         return None
     steps = ro.strategy.get("steps", [])
