@@ -12,6 +12,10 @@ upstream connection closes before any byte of the response: the backend did not 
 (our servers only close idle connections). So swapping the set from old servers to new ones
 and then SIGTERMing the old ones loses no request.
 
+With "groups" (and "sticky") in the file, each request first picks a weighted group
+(serving/routing.py: canary and split), then a backend of that group; GET /__router/stats
+reports per-group counters.
+
 GET /__router/health answers 200 with the current backends; with no backends every proxied
 request gets 503. SIGTERM: stop accepting, finish in-flight requests, exit 0.
 """
