@@ -171,7 +171,17 @@ class DeploymentAdmin(ReadOnlyAdmin):
     )
     readonly_fields = fields
     inlines = [RevisionInline, InstanceInline, RecentEventInline]
-    actions = ["roll_back", "stop", "start", "promote_shadow", "stop_shadow"]
+    actions = [
+        "roll_back",
+        "stop",
+        "start",
+        "rollout_promote",
+        "rollout_abort",
+        "rollout_pause",
+        "rollout_resume",
+        "promote_shadow",
+        "stop_shadow",
+    ]
 
     def has_operate_permission(self, request: HttpRequest) -> bool:
         return user_can(request.user, Right.DEPLOY)
@@ -242,6 +252,37 @@ class DeploymentAdmin(ReadOnlyAdmin):
             "Start",
             "Starting",
         )
+
+    def _rollout(self, request: HttpRequest, queryset, action: str) -> None:
+        from .rollouts import rollout_control
+
+        _run_each(
+            request,
+            list(queryset),
+            lambda d: rollout_control(
+                deployment=d, action=action, actor=request.user, reason=f"admin {action}"
+            ),
+            f"Rollout {action}",
+            f"Rollout {action} requested",
+        )
+
+    @admin.action(description="Rollout: promote the candidate now", permissions=["operate"])
+    def rollout_promote(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._rollout(request, queryset, "promote")
+
+    @admin.action(
+        description="Rollout: abort (all traffic to the baseline)", permissions=["operate"]
+    )
+    def rollout_abort(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._rollout(request, queryset, "abort")
+
+    @admin.action(description="Rollout: pause", permissions=["operate"])
+    def rollout_pause(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._rollout(request, queryset, "pause")
+
+    @admin.action(description="Rollout: resume", permissions=["operate"])
+    def rollout_resume(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._rollout(request, queryset, "resume")
 
 
 @admin.register(Revision)

@@ -54,6 +54,8 @@ class DeploymentOutput(serializers.ModelSerializer):
     predict_method = serializers.SerializerMethodField()
     autoscaling = serializers.SerializerMethodField()
     instances = InstanceOutput(many=True)
+    strategy = serializers.SerializerMethodField()
+    rollout = serializers.SerializerMethodField()
 
     class Meta:
         model = Deployment
@@ -78,9 +80,19 @@ class DeploymentOutput(serializers.ModelSerializer):
             "model_version",
             "endpoint",
             "instances",
+            "strategy",
+            "rollout",
             "created_at",
             "updated_at",
         ]
+
+    def get_strategy(self, obj) -> dict:
+        return obj.strategy or {"type": "rolling"}
+
+    def get_rollout(self, obj) -> dict | None:
+        from .rollouts import rollout_summary
+
+        return rollout_summary(obj)
 
     def get_version(self, obj) -> str | None:
         return str(obj.target_version) if obj.target_version else None
@@ -217,6 +229,9 @@ class DeploymentListApi(APIView):
             '"target_rps"?, "scale_up_window_s"?, "scale_down_window_s"?, '
             '"idle_before_zero_s"?}; null: fixed replicas',
         )
+        strategy = serializers.JSONField(
+            required=False, help_text='rolling (default) or {"type": "canary", "steps": [...]}'
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -242,6 +257,7 @@ class DeploymentListApi(APIView):
             environment=data.get("environment"),
             predict_method=data.get("predict_method"),
             autoscaling=data.get("autoscaling"),
+            strategy=data.get("strategy"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -282,6 +298,18 @@ class DeploymentDetailApi(APIView):
             help_text='{"version": "3", "fraction": 0.25} mirrors that share of the prediction '
             "requests to the version (callers get the primary's answers); null stops it",
         )
+        strategy = serializers.JSONField(
+            required=False,
+            help_text='how this and later rollouts go: {"type": "rolling"} or '
+            '{"type": "canary", "steps": [{"weight": 10, "seconds": 120}, ...]}',
+        )
+        variants = serializers.JSONField(
+            required=False,
+            help_text='A/B split: [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]',
+        )
+        sticky = serializers.CharField(
+            required=False, allow_blank=True, max_length=80, help_text='"header:X-User-Id"'
+        )
 
     @extend_schema(responses=DeploymentOutput)
     def get(self, request, name):
@@ -309,6 +337,20 @@ class DeploymentDetailApi(APIView):
             raise ApplicationError(
                 "shadow takes only 'version' and 'fraction'", code="invalid_shadow"
             )
+        if "variants" in data or "sticky" in data:
+            from .rollouts import deployment_split
+
+            if set(data) - {"variants", "sticky"} or stopped is not None or has_shadow:
+                raise ApplicationError(
+                    "variants and sticky go without other fields", code="invalid_split"
+                )
+            deployment_split(
+                deployment=d,
+                variants=data.get("variants"),
+                sticky=data.get("sticky"),
+                actor=request.user,
+            )
+            data = {}
         # One transaction: a refused part (a shadow of a missing version) changes nothing.
         with transaction.atomic():
             if stopped is True:
@@ -375,6 +417,30 @@ class RollbackApi(APIView):
         )
         d = _wait(name, timeout)
         return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
+
+
+class RolloutActionApi(APIView):
+    """POST /deployments/{name}/rollout/{promote,abort,pause,resume}."""
+
+    write_scope = DEPLOY
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=2000
+        )
+
+    @extend_schema(request=InputSerializer, responses={202: DeploymentOutput})
+    def post(self, request, name, action):
+        from .rollouts import rollout_control
+
+        d = selectors.deployment_get(name=name)
+        data = validated(self.InputSerializer, request.data or {})
+        rollout_control(deployment=d, action=action, actor=request.user, reason=data["reason"])
+        d = selectors.deployment_get(name=name)
+        return Response(
+            DeploymentOutput(d, context={"request": request}).data,
+            status=status.HTTP_202_ACCEPTED,
+        )
 
 
 class LogsApi(APIView):

@@ -94,6 +94,11 @@ class Deployment(models.Model):
     cold_starts = models.PositiveIntegerField(
         default=0, help_text="times the autoscaler started a first replica from zero"
     )
+    strategy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="how new revisions roll out (updates and alias moves): {} is rolling",
+    )
     lease_until = models.DateTimeField(null=True, blank=True)
     lease_owner = models.CharField(max_length=64, blank=True)
     created_by = models.ForeignKey(
@@ -237,6 +242,8 @@ class ScaleSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment_id} @{self.ts:.0f}: {self.replicas}"
+
+
 class ShadowRun(models.Model):
     """Shadow traffic to a candidate revision: the router mirrors ``fraction`` of the live
     prediction requests to it; callers always get the primary's answer. At most one active
@@ -304,3 +311,49 @@ class ShadowPair(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.run_id} #{self.seq}"
+
+
+class Rollout(models.Model):
+    """The progressive delivery of one revision (canary steps or a fixed split) against the
+    revision serving before it: where it is, its weights, and every analysis decision with
+    its figures. The reconciler drives it from these fields alone (a restarted worker
+    resumes the same step: its timing comes from ``step_started_at``)."""
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        PAUSED = "paused", "Paused"
+        PROMOTING = "promoting", "Promoting"
+        ABORTING = "aborting", "Aborting"
+        PROMOTED = "promoted", "Promoted"
+        ABORTED = "aborted", "Aborted"
+        SUPERSEDED = "superseded", "Superseded"
+
+    ACTIVE = (State.RUNNING, State.PAUSED, State.PROMOTING, State.ABORTING)
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="rollouts")
+    revision = models.OneToOneField(Revision, on_delete=models.CASCADE, related_name="rollout")
+    baseline = models.ForeignKey(
+        Revision, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    strategy = models.JSONField(help_text="type (canary|split), steps, analysis thresholds")
+    state = models.CharField(
+        max_length=16, choices=State.choices, default=State.RUNNING, db_index=True
+    )
+    step = models.IntegerField(default=-1, help_text="index into steps; -1: not started")
+    step_started_at = models.DateTimeField(null=True, blank=True)
+    weights = models.JSONField(default=dict, blank=True, help_text="group name -> weight now")
+    window_start = models.JSONField(
+        default=dict, blank=True, help_text="router counters per group when the step began"
+    )
+    checks = models.JSONField(default=list, blank=True, help_text="the last analysis's checks")
+    decision = models.CharField(max_length=16, blank=True)
+    reason = models.TextField(blank=True)
+    decisions = models.JSONField(default=list, blank=True, help_text="every decision, in order")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name} r{self.revision.number} {self.strategy.get('type')}"

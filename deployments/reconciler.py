@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 
-from . import router, scaling, shadow
+from . import canary, router, scaling, shadow
 from .model_files import ensure_model_files
 from .models import Deployment, Instance, Revision
 from .runtimes import InstanceSpec, RuntimeError_, get_runtime
@@ -259,7 +259,9 @@ def _pass(deployment_id: int) -> bool:
     if desired.state == Revision.State.ROLLING_OUT:
         crashes = sum(i.restarts for i in wanted)
         started = desired.rollout_started_at or timezone.now()
-        overdue = timezone.now() - started > timedelta(seconds=d.progress_deadline_s)
+        overdue = timezone.now() - started > timedelta(
+            seconds=d.progress_deadline_s
+        ) and not canary.bake_overdue_exempt(desired)
         if crashes >= CRASH_LIMIT or overdue:
             why = (
                 f"r{desired.number} crash-looped ({crashes} restarts)"
@@ -295,6 +297,9 @@ def _pass(deployment_id: int) -> bool:
         )
         return healthy
 
+    stepped = canary.drive(d, desired, serving, wanted, ready, replicas)
+    if stepped is not None:
+        return stepped
     if len(ready) < replicas:
         _set(
             d,
@@ -570,9 +575,7 @@ def _fail_revision(d: Deployment, revision: Revision, serving: Revision | None, 
 def _write_backends(d: Deployment, addresses: list[str]) -> bool:
     """The one writer of a deployment's router file: the primary backends plus every
     optional key of the router contract that is in force (hold, mirror)."""
-    return router.write_backends(
-        d.name, addresses, hold=scaling.hold_for(d), mirror=shadow.shadow_mirror_key(d)
-    )
+    return router.write_deployment(d, addresses)
 
 
 def _ensure_router(d: Deployment, serving: Revision | None) -> None:

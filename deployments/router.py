@@ -29,27 +29,53 @@ def write_backends(
     name: str,
     addresses: list[str],
     *,
+    groups: list[dict] | None = None,
+    sticky: dict | None = None,
     hold: dict | None = None,
     mirror: dict | None = None,
 ) -> bool:
-    """Atomically replace the backend set and the optional keys of the router contract
-    (``hold``: ``{"queue": N, "timeout_s": S}`` holds requests while there is no backend,
-    scale from zero; ``mirror``: shadow traffic, serving/mirror.py); True if it changed.
-    Every writer passes every key it wants kept: the file is rewritten whole."""
+    """Atomically replace the backend set and the optional keys of the router contract;
+    True if it changed. ``groups`` (canary/split: ``[{"name", "revision", "weight",
+    "backends"}]``) and ``sticky`` (``{"header": H}``); ``hold`` (``{"queue": N,
+    "timeout_s": S}``: hold requests while there is no backend, scale from zero); ``mirror``
+    (shadow traffic, serving/mirror.py). None leaves the key out. The file is rewritten whole:
+    use ``write_deployment``, which adds the keys in force."""
     path = backends_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content: dict = {"backends": sorted(addresses)}
+    data: dict = {"backends": sorted(addresses)}
+    if groups is not None:
+        data["groups"] = [{**g, "backends": sorted(g["backends"])} for g in groups]
+    if sticky is not None:
+        data["sticky"] = sticky
     if hold is not None:
-        content["hold"] = hold
+        data["hold"] = hold
     if mirror is not None:
-        content["mirror"] = mirror
-    body = json.dumps(content)
+        data["mirror"] = mirror
+    body = json.dumps(data)
     if path.exists() and path.read_text() == body:
         return False
     tmp = path.with_suffix(".tmp")
     tmp.write_text(body)
     os.replace(tmp, path)
     return True
+
+
+def write_deployment(
+    d, addresses: list[str], *, groups: list[dict] | None = None, sticky: dict | None = None
+) -> bool:
+    """The one writer of a deployment's router file: ``addresses`` (and canary/split groups)
+    plus every other key of the router contract in force for ``d`` (hold while scaled to
+    zero, the shadow's mirror)."""
+    from . import scaling, shadow
+
+    return write_backends(
+        d.name,
+        addresses,
+        groups=groups,
+        sticky=sticky,
+        hold=scaling.hold_for(d),
+        mirror=shadow.shadow_mirror_key(d),
+    )
 
 
 def is_running(runtime_id: str) -> bool:
@@ -100,6 +126,42 @@ def routes_to(port: int, addresses: list[str], *, timeout: float = 3.0) -> bool:
         except (http.HttpError, ValueError):
             pass
         time.sleep(0.05)
+    return False
+
+
+def read_backends(name: str) -> dict:
+    """What the backends file says now ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads(backends_file(name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stats(port: int, *, timeout: float = 1.0) -> dict | None:
+    """GET /__router/stats of the router on ``port`` (None when it does not answer)."""
+    try:
+        return http.request(
+            "GET", f"http://127.0.0.1:{port}/__router/stats", timeout=timeout
+        ).json()
+    except (http.HttpError, ValueError):
+        return None
+
+
+def routes_groups(port: int, groups: list[dict], *, timeout: float = 3.0) -> bool:
+    """Wait until the router on ``port`` reports exactly ``groups`` (names, weights and
+    backends); ``[]`` waits for a router without groups."""
+    deadline = time.monotonic() + timeout
+    wanted = {g["name"]: (g["weight"], sorted(g["backends"])) for g in groups}
+    while time.monotonic() < deadline:
+        got = stats(port)
+        if got is not None:
+            seen = {
+                name: (g.get("weight"), sorted(g.get("backends", [])))
+                for name, g in (got.get("groups") or {}).items()
+            }
+            if seen == wanted:
+                return True
+        time.sleep(0.02)
     return False
 
 

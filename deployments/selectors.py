@@ -4,7 +4,7 @@ from django.db.models import Prefetch, QuerySet
 
 from controlplane.lib.errors import NotFound
 
-from .models import Deployment, DeploymentEvent, Instance, Revision
+from .models import Deployment, DeploymentEvent, Instance, Revision, Rollout
 
 
 def deployment_list() -> QuerySet[Deployment]:
@@ -14,7 +14,8 @@ def deployment_list() -> QuerySet[Deployment]:
             "model", "desired_revision__model_version", "serving_revision__model_version"
         )
         .prefetch_related(
-            Prefetch("instances", queryset=Instance.objects.select_related("revision"))
+            Prefetch("instances", queryset=Instance.objects.select_related("revision")),
+            Prefetch("rollouts", queryset=Rollout.objects.select_related("revision", "baseline")),
         )
         .order_by("name")
     )

@@ -64,6 +64,7 @@ def _deployment_snapshot(d: Deployment) -> dict:
         "revision": d.desired_revision.number if d.desired_revision_id else None,
         "stopped": d.stopped,
         "autoscaling": d.autoscaling,
+        "strategy": d.strategy or {"type": "rolling"},
     }
 
 
@@ -208,6 +209,9 @@ def _new_revision(
     event_record(
         d, "revision", f"revision {number}: {mv.model.name} v{mv.version} ({reason})", revision
     )
+    from .rollouts import rollout_for_new_revision
+
+    rollout_for_new_revision(d, revision)
     return revision
 
 
@@ -225,8 +229,10 @@ def deployment_create(
     environment: str | None = None,
     predict_method: str | None = None,
     autoscaling: dict | None = None,
+    strategy: dict | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .rollouts import validate_strategy
     from .scaling import autoscaling_apply, autoscaling_validate
 
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -246,6 +252,7 @@ def deployment_create(
     environment = _validate_environment(environment or settings.CONTROLPLANE_DEFAULT_ENVIRONMENT)
     predict_method = _validate_predict_method(predict_method)
     autoscaling = autoscaling_validate(autoscaling)
+    strategy = validate_strategy(strategy)
     try:
         with transaction.atomic():
             d = Deployment.objects.create(
@@ -260,6 +267,7 @@ def deployment_create(
                 env=env,
                 environment=environment,
                 predict_method=predict_method,
+                strategy=strategy,
                 port=allocate_port(),
                 progress_deadline_s=settings.CONTROLPLANE_PROGRESS_DEADLINE,
                 created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -310,12 +318,17 @@ def deployment_update(
     environment: str | None = None,
     predict_method: str | None = UNSET,
     autoscaling: dict | None = UNSET,
+    strategy: dict | None = UNSET,
     actor: AbstractBaseUser,
 ) -> Deployment:
+    from .rollouts import validate_strategy
     from .scaling import autoscaling_apply
 
     d = _locked(deployment)
     before = _deployment_snapshot(d)
+    if strategy is not UNSET:
+        # Part of the deployment's spec: this rollout and later ones (alias moves) use it.
+        d.strategy = validate_strategy(strategy)
     changes = []
     autoscaling_note = None if autoscaling is UNSET else autoscaling_apply(d, autoscaling)
     if autoscaling_note:
@@ -355,7 +368,8 @@ def deployment_update(
     current = d.desired_revision
     if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
         d.save()
-        if autoscaling_note:  # a policy change needs no new revision, nothing restarts
+        # A policy or strategy change needs no new revision; nothing restarts.
+        if autoscaling_note or before["strategy"] != _deployment_snapshot(d)["strategy"]:
             audit_record(
                 actor=actor,
                 action="deployment.update",
@@ -366,7 +380,7 @@ def deployment_update(
                 after=_deployment_snapshot(d),
             )
             _kick(d)
-        return d  # nothing changed: no new revision
+        return d  # nothing else changed: no new revision
     d.stopped = False
     _new_revision(d, mv, reason="update: " + (", ".join(changes) or "redeploy"), actor=actor)
     d.save()
@@ -447,6 +461,9 @@ def deployment_rollback(
         Revision.objects.filter(pk=target.pk).update(state=Revision.State.PENDING, failure="")
     kind = "auto_rollback" if automatic else "rollback"
     why = reason or ("automatic" if automatic else f"by {actor.get_username()}")
+    from .rollouts import rollouts_cancel
+
+    rollouts_cancel(d, f"rollback to r{target.number}: {why}")
     event_record(
         d,
         kind,

@@ -16,6 +16,11 @@ api_urlpatterns = [
         apis.ShadowPromoteApi.as_view(),
         name="api-shadow-promote",
     ),
+    path(
+        "deployments/<str:name>/rollout/<str:action>",
+        apis.RolloutActionApi.as_view(),
+        name="api-rollout-action",
+    ),
 ]
 
 urlpatterns = [
@@ -27,6 +32,7 @@ urlpatterns = [
     path("<slug:name>/scale", views.deployment_scale, name="deployment-scale"),
     path("<slug:name>/rollback", views.deployment_rollback, name="deployment-rollback"),
     path("<slug:name>/shadow", shadow_views.deployment_shadow, name="deployment-shadow"),
+    path("<slug:name>/rollout/<str:action>", views.deployment_rollout, name="deployment-rollout"),
     path(
         "<slug:name>/stop", views.deployment_lifecycle, {"action": "stop"}, name="deployment-stop"
     ),

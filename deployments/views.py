@@ -365,10 +365,25 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
     serving = d.serving_revision or d.desired_revision
     curl, curl_is_example = _curl_example(d, serving.model_version if serving else None)
     settled = _settled_statuses(d)
+    from monitoring.staticfiles import PLOTLY_JS, PLOTLY_VERSION
+
+    from .rollout_chart import rollout_chart
+    from .rollouts import rollout_summary
+
+    rollout = rollout_summary(d)
     return render(
         request,
         "deployments/deployment_detail.html",
         {
+            "rollout": rollout,
+            "rollout_chart": rollout_chart(rollout),
+            "rollout_actions": {
+                "running": ["pause", "promote", "abort"],
+                "paused": ["resume", "promote", "abort"],
+                "promoting": ["abort"],
+            }.get(rollout["state"] if rollout else "", []),
+            "plotly_js": PLOTLY_JS,
+            "plotly_version": PLOTLY_VERSION,
             "d": d,
             "badge": _badge(d.status),
             "current": _current(d),
@@ -716,3 +731,28 @@ def deployment_lifecycle(request: HttpRequest, name: str, action: str) -> HttpRe
         "deployments/lifecycle_confirm.html",
         {"d": d, "action": action, "badge": _badge(d.status), "ready": ready, "total": total},
     )
+
+
+@requires(Right.DEPLOY)
+@_ui
+@require_http_methods(["GET", "POST"])
+def deployment_rollout(request: HttpRequest, name: str, action: str) -> HttpResponse:
+    """POST: promote, abort, pause or resume the rollout in progress (the panel's buttons).
+    GET: back to the deployment page, where the buttons are."""
+    from .rollouts import rollout_control
+
+    d = selectors.deployment_get(name=name)
+    if request.method == "GET":
+        return redirect(_detail_url(d.name))
+    try:
+        rollout_control(
+            deployment=d,
+            action=action,
+            actor=request.user,
+            reason=request.POST.get("reason", "").strip()[:2000],
+        )
+    except ApplicationError as exc:
+        messages.error(request, f"Rollout {action} refused: {exc.message}")
+    else:
+        messages.success(request, f"Rollout: {action} requested.")
+    return redirect(_detail_url(d.name))

@@ -12,6 +12,10 @@ upstream connection closes before any byte of the response: the backend did not 
 (our servers only close idle connections). So swapping the set from old servers to new ones
 and then SIGTERMing the old ones loses no request.
 
+With "groups" (and "sticky") in the file, each request first picks a weighted group
+(serving/routing.py: canary and split), then a backend of that group; GET /__router/stats
+reports per-group counters.
+
 GET /__router/health answers 200 with the current backends; with no backends every proxied
 request gets 503 (or, with "hold" in the file, waits a bounded time for a first backend:
 serving/hold.py). GET /__router/stats answers the counters as JSON. SIGTERM: stop
@@ -37,6 +41,8 @@ import httptools
 
 from serving import mirror as mirroring
 from serving.hold import Hold, Traffic, parse_hold
+from serving.routing import Group, Routing
+from serving.routing import parse as parse_groups
 
 logger = logging.getLogger("serving.router")
 
@@ -163,6 +169,8 @@ class Router:
         self.traffic = Traffic()
         self.hold = Hold()
         self.mirror: mirroring.Mirror | None = None
+        self.routing = Routing()  # canary/split weighted groups (serving/routing.py)
+        self.known: set[str] = set()  # every backend of the pool and the groups
 
     # --- backends file -------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class Router:
                 raise ValueError("'backends' must be a list")
             parsed = [self._check(b) for b in backends]
             hold = parse_hold(data.get("hold"))
+            groups, sticky = parse_groups(data, self._check)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.error("ignoring %s: %s", self.backends_file, exc)
             self._stamp = stamp
@@ -190,14 +199,19 @@ class Router:
         self._stamp = stamp
         self.hold.configure(hold)
         self._set_mirror(data.get("mirror"))
-        if parsed != self.backends:
+        self.routing.configure(groups, sticky)
+        known = set(parsed) | self.routing.backends()
+        changed = parsed != self.backends
+        if changed:
             logger.info("backends: %s -> %s", self.backends, parsed)
-            removed = set(self.backends) - set(parsed)
-            self.backends = parsed
-            for backend in removed:
-                for conn in self.pool.pop(backend, []):
-                    conn.close()
+        self.backends = parsed
+        removed, self.known = self.known - known, known
+        for backend in removed:
+            for conn in self.pool.pop(backend, []):
+                conn.close()
+        if removed:
             self.traffic.forget(removed)
+        if changed:
             self.hold.backends_changed(parsed)
 
     def _set_mirror(self, raw: object) -> None:
@@ -241,9 +255,18 @@ class Router:
 
     # --- choosing and connecting -----------------------------------------------------------
 
-    def pick(self, avoid: set[str] | frozenset[str] = frozenset()) -> str | None:
-        """The next backend round-robin, skipping those in ``avoid`` (the ones that refused
-        this request) unless that is all of them."""
+    def pick(
+        self, avoid: set[str] | frozenset[str] = frozenset(), group: Group | None = None
+    ) -> str | None:
+        """The next backend round-robin (of ``group``, else of the pool), skipping those in
+        ``avoid`` (the ones that refused this request) unless that is all of them."""
+        if group is not None:
+            backends = group.backends
+            for _ in range(len(backends)):
+                group.rr = (group.rr + 1) % len(backends)
+                if backends[group.rr] not in avoid:
+                    break
+            return backends[group.rr]
         backends = self.backends
         if not backends:
             return None
@@ -274,13 +297,14 @@ class Router:
     def stats(self) -> dict:
         """GET /__router/stats: each feature adds its own top-level keys."""
         stats = {**self.traffic.stats(self.backends), "hold": self.hold.stats()}
+        stats.update(self.routing.snapshot())
         if self.mirror is not None:
             stats["mirror"] = self.mirror.stats()
         return stats
 
     def release(self, conn: Upstream) -> None:
         conn.reset()
-        if conn.closed or not conn.keep_alive or conn.backend not in self.backends:
+        if conn.closed or not conn.keep_alive or conn.backend not in self.known:
             conn.close()
             return
         idle = self.pool.setdefault(conn.backend, [])
@@ -289,17 +313,23 @@ class Router:
         else:
             idle.append(conn)
 
-    async def forward(self, raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Send one request upstream, retrying where the backend cannot have processed it."""
-        if not self.backends and self.hold.enabled and not await self.hold.wait():
-            return self.hold.unavailable("no backend started in time; retry later")
-        attempts = max(3, 2 * len(self.backends) + 1)
+    async def forward(
+        self, raw: bytes, group: Group | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send one request upstream (to ``group`` if given), retrying where the backend
+        cannot have processed it. With no backend at all and holding on (scale from zero),
+        wait for one first."""
+        if group is None and not self.backends and self.hold.enabled:
+            if not await self.hold.wait():
+                return self.hold.unavailable("no backend started in time; retry later")
+        pool = group.backends if group is not None else self.backends
+        attempts = max(3, 2 * len(pool) + 1)
         last_error = "no backends"
         # The round-robin position is shared with concurrent requests: without this, every
         # retry of one request could land on the same dead backend.
         refused: set[str] = set()
         for attempt in range(attempts):
-            backend = self.pick(avoid=refused)
+            backend = self.pick(avoid=refused, group=group)
             if backend is None:
                 return self.hold.unavailable("this deployment has no running backends")
             try:
@@ -307,7 +337,7 @@ class Router:
             except OSError as exc:
                 last_error = f"cannot connect to {backend}: {exc}"
                 refused.add(backend)
-                if attempt >= len(self.backends):
+                if attempt >= len(pool):
                     await asyncio.sleep(0.01)  # every backend refused: give a swap a moment
                 continue
             self.traffic.sent(backend)
@@ -325,6 +355,22 @@ class Router:
             self.release(conn)
             return status, headers, body
         return _error(502, "bad_gateway", last_error)
+
+
+async def _forward_grouped(router: Router, raw: bytes, headers):
+    """A request of a deployment with weighted groups: choose one, count it per group."""
+    group = router.routing.choose(headers)
+    stats = group.stats
+    stats.in_flight += 1
+    started = time.perf_counter()
+    status = 502
+    try:
+        response = await router.forward(raw, group)
+        status = response[0]
+        return response
+    finally:
+        stats.in_flight -= 1
+        stats.record(status, (time.perf_counter() - started) * 1000.0)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -411,18 +457,14 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         router.traffic.begin()
                         try:
-                            if router.mirror is None:
-                                response = await router.forward(
-                                    _request_bytes(method, url, headers, body)
-                                )
+                            raw = _request_bytes(method, url, headers, body)
+                            started = time.perf_counter()
+                            if router.routing.enabled:
+                                response = await _forward_grouped(router, raw, headers)
                             else:
-                                raw, started = (
-                                    _request_bytes(method, url, headers, body),
-                                    time.perf_counter(),
-                                )
                                 response = await router.forward(raw)
-                                if router.mirror is not None:
-                                    router.mirror.offer(method, url, raw, response, started)
+                            if router.mirror is not None:
+                                router.mirror.offer(method, url, raw, response, started)
                         finally:
                             router.traffic.end()
                 except Exception:

@@ -11,8 +11,8 @@ from django.contrib.auth.models import Permission
 
 from audit.models import AuditEvent
 from deployments import services
-from deployments.models import Deployment, DeploymentEvent, Instance, Revision
-from tests.deployments.test_ui import deploy, two_revisions
+from deployments.models import Deployment, DeploymentEvent, Instance, Revision, Rollout
+from tests.deployments.test_ui import deploy, serving, two_revisions
 
 pytestmark = pytest.mark.django_db
 
@@ -127,8 +127,16 @@ def test_bulk_delete_is_not_offered(admin_client, user, model):
     two_revisions(user, model)
     actions = admin_client.get(CHANGELIST).context["action_form"].fields["action"].choices
     assert [name for name, _label in actions if name] == [
-        "roll_back", "stop", "start", "promote_shadow", "stop_shadow",
-    ]  # fmt: skip
+        "roll_back",
+        "stop",
+        "start",
+        "rollout_promote",
+        "rollout_abort",
+        "rollout_pause",
+        "rollout_resume",
+        "promote_shadow",
+        "stop_shadow",
+    ]
 
 
 def test_staff_without_the_operate_permission_get_no_actions(
@@ -161,3 +169,19 @@ def test_revisions_instances_and_events_are_read_only(admin_client, user, model,
     assert change.status_code == 200 and 'name="_save"' not in change.content.decode()
     assert admin_client.post(f"{base}{obj.pk}/change/", {}).status_code == 403
     assert admin_client.post(f"{base}{obj.pk}/delete/").status_code == 403
+
+
+def test_the_rollout_actions_call_the_rollout_service_and_record_the_admin(
+    admin_client, admin_user, user, model
+):
+    d = deploy(user, model)
+    serving(d, 1)
+    canary = {"type": "canary", "steps": [{"weight": 10, "seconds": 60}]}
+    services.deployment_update(deployment=d, version="2", strategy=canary, actor=user)
+    resp = act(admin_client, "rollout_pause", d)
+    assert messages_of(resp) == ["Rollout pause requested: web."]
+    assert Rollout.objects.get(deployment=d).state == Rollout.State.PAUSED
+    event = AuditEvent.objects.get(action="deployment.rollout_pause", object_id="web")
+    assert event.actor == admin_user and event.after["reason"] == "admin pause"
+    resp = act(admin_client, "rollout_pause", d)  # already paused: refused, as a message
+    assert "Rollout pause of web refused" in messages_of(resp)[0]

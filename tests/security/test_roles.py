@@ -69,6 +69,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-rollback", "POST"): DEPLOYERS,
     ("api:api-logs", "GET"): READERS,
     ("api:api-shadow-promote", "POST"): DEPLOYERS,
+    ("api:api-rollout-action", "POST"): DEPLOYERS,
     # --- API: monitoring
     ("api:api-metrics", "GET"): READERS,
     ("api:api-feedback", "POST"): DEPLOYERS,
@@ -121,6 +122,8 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("deployments:deployment-rollback", "POST"): DEPLOYERS,
     ("deployments:deployment-shadow", "GET"): DEPLOYERS,  # 405
     ("deployments:deployment-shadow", "POST"): DEPLOYERS,
+    ("deployments:deployment-rollout", "GET"): DEPLOYERS,
+    ("deployments:deployment-rollout", "POST"): DEPLOYERS,
     ("deployments:deployment-stop", "GET"): DEPLOYERS,
     ("deployments:deployment-stop", "POST"): DEPLOYERS,
     ("deployments:deployment-start", "GET"): DEPLOYERS,
