@@ -23,6 +23,7 @@ WAIT_DONE = {Deployment.Status.READY, Deployment.Status.FAILED, Deployment.Statu
 class InstanceOutput(serializers.ModelSerializer):
     revision = serializers.IntegerField(source="revision.number")
     address = serializers.CharField()
+    node = serializers.CharField()
 
     class Meta:
         model = Instance
@@ -31,6 +32,7 @@ class InstanceOutput(serializers.ModelSerializer):
             "ordinal",
             "runtime",
             "runtime_id",
+            "node",
             "address",
             "state",
             "restarts",
@@ -62,6 +64,7 @@ class DeploymentOutput(serializers.ModelSerializer):
             "runtime",
             "replicas",
             "resources",
+            "placement",
             "env",
             "environment",
             "predict_method",
@@ -92,7 +95,7 @@ class DeploymentOutput(serializers.ModelSerializer):
         return str(rev.model_version.version) if rev else None
 
     def get_resources(self, obj) -> dict:
-        return {"cpu": obj.cpu, "memory_mb": obj.memory_mb}
+        return {"cpu": obj.cpu, "memory_mb": obj.memory_mb, "gpu": obj.gpu}
 
     def get_predict_method(self, obj) -> str | None:
         return obj.predict_method or None
@@ -141,6 +144,7 @@ class EventOutput(serializers.ModelSerializer):
 class ResourcesInput(serializers.Serializer):
     cpu = serializers.FloatField(required=False, allow_null=True)
     memory_mb = serializers.IntegerField(required=False, allow_null=True)
+    gpu = serializers.FloatField(required=False, allow_null=True, help_text="ray runtime")
 
 
 def _wait_timeout(request) -> float | None:
@@ -199,6 +203,11 @@ class DeploymentListApi(APIView):
         predict_method = serializers.CharField(
             required=False, allow_null=True, allow_blank=True, max_length=64
         )
+        placement = serializers.DictField(
+            child=serializers.CharField(max_length=63),
+            required=False,
+            help_text="node labels every instance must run on (ray runtime)",
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -223,6 +232,7 @@ class DeploymentListApi(APIView):
             env=data.get("env"),
             environment=data.get("environment"),
             predict_method=data.get("predict_method"),
+            placement=data.get("placement"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -248,6 +258,11 @@ class DeploymentDetailApi(APIView):
         )
         predict_method = serializers.CharField(
             required=False, allow_null=True, allow_blank=True, max_length=64
+        )
+        placement = serializers.DictField(
+            child=serializers.CharField(max_length=63),
+            required=False,
+            help_text="node labels every instance must run on (ray runtime)",
         )
         stopped = serializers.BooleanField(required=False)
 
@@ -334,3 +349,13 @@ class LogsApi(APIView):
         if not 1 <= tail <= 5000:
             raise ApplicationError("tail must be between 1 and 5000", code="invalid_tail")
         return Response({"instances": selectors.deployment_logs(deployment=d, tail=tail)})
+
+
+class ClusterApi(APIView):
+    """The nodes deployments can run on, per runtime, with their resources."""
+
+    @extend_schema(responses=dict)
+    def get(self, request):
+        from .cluster import cluster_nodes
+
+        return Response(cluster_nodes())

@@ -11,6 +11,7 @@ api_urlpatterns = [
     path("deployments/<str:name>/events", apis.EventListApi.as_view(), name="api-events"),
     path("deployments/<str:name>/rollback", apis.RollbackApi.as_view(), name="api-rollback"),
     path("deployments/<str:name>/logs", apis.LogsApi.as_view(), name="api-logs"),
+    path("cluster", apis.ClusterApi.as_view(), name="api-cluster"),
 ]
 
 urlpatterns = [

@@ -68,6 +68,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-events", "GET"): READERS,
     ("api:api-rollback", "POST"): DEPLOYERS,
     ("api:api-logs", "GET"): READERS,
+    ("api:api-cluster", "GET"): READERS,
     # --- API: monitoring
     ("api:api-metrics", "GET"): READERS,
     ("api:api-feedback", "POST"): DEPLOYERS,
