@@ -1,8 +1,8 @@
 """A real multi-node Ray cluster on loopback for tests and benchmarks (ray.cluster_utils).
 
-Every node binds 127.0.0.1 only (``node_ip_address``), with no dashboard; the head has no
-CPU, so model servers run on the worker nodes only and a worker node can be removed (a
-removed head would take the cluster with it). ``loopback_listeners`` reads what the cluster's
+Every node binds 127.0.0.1 only (``node_ip_address``), with no dashboard. The head runs
+model servers too (each node is one more raylet to start on a 2-core machine); only worker
+nodes are removed (a removed head takes the cluster with it). ``loopback_listeners`` reads what the cluster's
 processes listen on and talk to, for the bind check.
 """
 
@@ -29,7 +29,7 @@ class LoopbackCluster:
     """The cluster, its worker nodes by name and its address (``host:port``)."""
 
     cluster: object
-    workers: dict[str, object] = field(default_factory=dict)
+    workers: dict[str, object] = field(default_factory=dict)  # by name; "head" included
     temp_dir: str = ""
 
     @property
@@ -57,6 +57,8 @@ class LoopbackCluster:
 
     def remove_worker(self, name: str) -> None:
         """Kill a worker node at once (no graceful shutdown: a lost machine)."""
+        if name == "head":
+            raise ValueError("the head node holds the cluster's GCS: remove a worker node")
         self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
 
     def shutdown(self) -> None:
@@ -66,8 +68,14 @@ class LoopbackCluster:
         self.cluster.shutdown()
 
 
-def start_cluster(workers: Iterable[tuple[str, int, dict[str, str]]]) -> LoopbackCluster:
-    """A head (no CPU) and ``workers`` (name, cpus, labels), all on 127.0.0.1."""
+def start_cluster(
+    workers: Iterable[tuple[str, int, dict[str, str]]],
+    *,
+    head_cpus: int = 0,
+    head_labels: dict[str, str] | None = None,
+) -> LoopbackCluster:
+    """A head (``head_cpus``, ``head_labels``, named "head" when it has CPUs) and ``workers``
+    (name, cpus, labels), all on 127.0.0.1. Labels are custom resources ``key:value``."""
     import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
@@ -78,13 +86,16 @@ def start_cluster(workers: Iterable[tuple[str, int, dict[str, str]]]) -> Loopbac
         initialize_head=True,
         head_node_args={
             "node_ip_address": "127.0.0.1",
-            "num_cpus": 0,
+            "num_cpus": head_cpus,
+            "resources": {f"{k}:{v}": 100.0 for k, v in (head_labels or {}).items()},
             "include_dashboard": False,
             "temp_dir": temp_dir,
             "_system_config": SYSTEM_CONFIG,
         },
     )
     out = LoopbackCluster(cluster=cluster, temp_dir=temp_dir)
+    if head_cpus:
+        out.workers["head"] = cluster.head_node
     try:
         for name, cpus, labels in workers:
             out.add_worker(name, cpus=cpus, labels=labels)

@@ -2,8 +2,8 @@
 placement by label, spread over nodes, node loss and rescheduling, adoption after a control
 plane restart, the stray sweep, and no Ray process bound outside 127.0.0.1.
 
-One cluster for the whole module (a head without CPUs and two worker nodes, zone a and zone
-b); the node-loss test removes a worker, so it runs last. Without Ray these tests skip, except
+One cluster for the whole module: two nodes, the head (zone a) and a worker (zone b); the
+node-loss test removes the worker, so it runs last. Without Ray these tests skip, except
 under REQUIRE_RAY=1 (CI), where they fail."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def ray_cluster():
     try:
         from tests.ray_support import start_cluster
 
-        cluster = start_cluster([("a", 2, {"zone": "a"}), ("b", 2, {"zone": "b"})])
+        cluster = start_cluster([("b", 2, {"zone": "b"})], head_cpus=2, head_labels={"zone": "a"})
     except Exception as exc:
         if os.environ.get("REQUIRE_RAY") == "1":
             pytest.fail(f"REQUIRE_RAY=1 but a Ray cluster cannot start: {exc}", pytrace=False)
@@ -96,7 +96,7 @@ def test_a_deployment_on_ray_serves_from_replicas_spread_over_nodes(
 ):
     create("spread", replicas=2)
     d = converge("spread", timeout=90)
-    assert nodes_of(d, ray_cluster) == ["a", "b"]  # SPREAD: one replica per node
+    assert nodes_of(d, ray_cluster) == ["b", "head"]  # SPREAD: one replica per node
     out, version = predict(d.endpoint)
     assert version == "1" and len(out["predictions"]) == 1
     got = api.get("/api/v1/deployments/spread").json()
@@ -108,16 +108,17 @@ def test_a_deployment_on_ray_serves_from_replicas_spread_over_nodes(
     assert len(nodes) == 2
     page = client_logged_in.get("/deployments/spread/").content.decode()
     assert all(node in page for node in nodes)
-    # GET /api/v1/cluster: this host and the three Ray nodes, each worker running one replica.
+    # GET /api/v1/cluster: this host and the two Ray nodes, each running one replica.
     cluster = api.get("/api/v1/cluster").json()
     assert cluster["runtimes"]["ray"] == {"configured": True, "error": ""}
     by_id = {n["node_id"]: n for n in cluster["nodes"] if n["runtime"] == "ray"}
-    assert len(by_id) == 3 and all(
+    assert len(by_id) == 2 and all(
         n["alive"] and n["address"] == "127.0.0.1" for n in by_id.values()
     )
     for name, node in ray_cluster.workers.items():
         resources = by_id[node.node_id]["resources"]
-        assert resources["total"]["CPU"] == 2 and resources["total"][f"zone:{name}"] == 100
+        zone = "a" if name == "head" else name
+        assert resources["total"]["CPU"] == 2 and resources["total"][f"zone:{zone}"] == 100
         assert resources["used"]["CPU"] == 1 and resources["free"]["CPU"] == 1
     local = next(n for n in cluster["nodes"] if n["runtime"] == "local")
     assert local["resources"]["total"]["CPU"] >= 1 and local["resources"]["total"]["memory"] > 0
@@ -184,15 +185,15 @@ def test_a_lost_node_is_replaced_on_the_remaining_nodes_and_the_endpoint_answers
 ):
     create("lossy", replicas=2)
     d = converge("lossy", timeout=90)
-    assert nodes_of(d, ray_cluster) == ["a", "b"]
+    assert nodes_of(d, ray_cluster) == ["b", "head"]
     body = json.dumps(ROW).encode()
     with Load("127.0.0.1", d.port, "/invocations", body, clients=4) as load:
         time.sleep(1.0)
-        ray_cluster.remove_worker("a")
+        ray_cluster.remove_worker("b")
         lost_at = time.monotonic()
         d = converge(
             "lossy",
-            until=lambda x: x.status == "ready" and nodes_of(x, ray_cluster) == ["b", "b"],
+            until=lambda x: x.status == "ready" and nodes_of(x, ray_cluster) == ["head", "head"],
             timeout=90,
         )
         recovered = time.monotonic() - lost_at
