@@ -46,6 +46,8 @@ def wait_replicas(api: Api, name: str, count: int, *, avoid_node: str = "", time
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         d = api.call("GET", f"/deployments/{name}")
+        if d["status"] == "failed":
+            raise SystemExit(f"{name} failed: {d['status_message']}")
         serving = [i for i in d["instances"] if i["revision"] == d["serving_revision"]]
         ready = [
             i

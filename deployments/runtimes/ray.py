@@ -19,10 +19,13 @@ at the node's ip and the instance's port, and the deployment page shows the node
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import logging
+import os
 import secrets
+import sys
 import tarfile
 import threading
 from collections.abc import Callable
@@ -47,6 +50,22 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@contextlib.contextmanager
+def _real_std_streams():
+    """sys.stdout/sys.stderr with file descriptors while Ray connects: ray.init enables
+    faulthandler on sys.stderr, which Celery's worker replaces by a LoggingProxy without one."""
+    saved = sys.stdout, sys.stderr
+    for name in ("stdout", "stderr"):
+        try:
+            getattr(sys, name).fileno()
+        except (AttributeError, OSError, ValueError):
+            setattr(sys, name, getattr(sys, f"__{name}__") or open(os.devnull, "w"))
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def split_runtime_id(runtime_id: str) -> tuple[str, str, str]:
@@ -119,14 +138,15 @@ class RayRuntime:
                 # stay on loopback (the driver would otherwise dial the host's public IP).
                 ray_constants.ENABLE_RAY_CLUSTER = False
             try:
-                ray.init(
-                    address=self.cluster_address,
-                    namespace=self.namespace,
-                    _node_ip_address=self.node_ip,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
+                with _real_std_streams():
+                    ray.init(
+                        address=self.cluster_address,
+                        namespace=self.namespace,
+                        _node_ip_address=self.node_ip,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                        configure_logging=False,
+                    )
             except Exception as exc:
                 raise RuntimeError_(
                     f"cannot connect to the Ray cluster at {self.cluster_address}: {exc}"
