@@ -3,7 +3,7 @@ placement by label, spread over nodes, node loss and rescheduling, adoption afte
 plane restart, the stray sweep, and no Ray process bound outside 127.0.0.1.
 
 One cluster for the whole module: two nodes, the head (zone a) and a worker (zone b); the
-node-loss test removes the worker, so it runs last. Without Ray these tests skip, except
+node-loss part of the end-to-end test removes the worker, so that test runs last. Without Ray these tests skip, except
 under REQUIRE_RAY=1 (CI), where they fail."""
 
 from __future__ import annotations
@@ -91,11 +91,68 @@ def nodes_of(d: Deployment, cluster) -> list[str]:
     )
 
 
-def test_a_deployment_on_ray_serves_from_replicas_spread_over_nodes(
+def test_placement_labels_choose_the_nodes(api, create, ray_cluster):
+    create("zoned", replicas=2, placement={"zone": "b"})
+    d = converge("zoned", timeout=90)
+    assert nodes_of(d, ray_cluster) == ["b", "b"]  # spread gives way to the label
+    assert d.desired_revision.spec["placement"] == {"zone": "b"}
+    # A label no node has: the revision fails before anything starts, saying why.
+    create("nowhere", placement={"zone": "c"})
+    d = converge("nowhere", until=lambda x: x.status == "failed", timeout=30)
+    assert "zone:c" in d.status_message
+    assert not Instance.objects.filter(deployment=d).exists()
+    # Placement and GPUs are the ray runtime's: refused elsewhere, nothing created.
+    resp = api.post(
+        "/api/v1/deployments",
+        {"name": "gpu-local", "model": "x", "runtime": "local", "placement": {"zone": "a"}},
+    )
+    assert resp.status_code in (400, 404)
+
+
+def test_actors_are_adopted_after_a_restart_and_strays_are_swept(create, ray_cluster):
+    create("adopt")
+    d = converge("adopt", timeout=90)
+    inst = Instance.objects.select_related("revision__model_version__model").get(deployment=d)
+    runtimes._build.cache_clear()  # a new control plane: a new runtime object, no memory
+    d = converge("adopt")
+    assert list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)) == [
+        inst.runtime_id
+    ]
+    runtime = get_runtime("ray")
+    assert [s.runtime_id for s in runtime.list_owned()] == [inst.runtime_id]
+    # The server's log, read from its node through the actor.
+    log = runtime.logs(inst.runtime_id, tail=200)
+    assert f"listening on http://127.0.0.1:{inst.port}" in log
+    # A second actor under the same labels (a start repeated around a worker crash): swept.
+    twin = runtime.start(instance_spec(inst, port=allocate_port()))
+    assert sweep_strays() == 1
+    assert runtime.inspect(twin.runtime_id) is None
+    assert runtime.inspect(inst.runtime_id).running
+    assert predict(d.endpoint)[1] == "1"
+    # The record lost (a deployment deleted while the worker was down): the actor is swept.
+    Instance.objects.filter(pk=inst.pk).delete()
+    assert sweep_strays() == 1
+    assert runtime.inspect(inst.runtime_id) is None
+    assert runtime.list_owned() == []
+
+
+def test_ray_processes_bind_loopback_only(ray_cluster):
+    from tests.ray_support import descendants, listeners, non_loopback_sockets
+
+    pids = descendants(os.getpid())
+    bound = listeners(pids)
+    names = " ".join(proc for _, proc in bound)
+    assert "gcs_server" in names and "raylet" in names  # the check sees the cluster
+    assert non_loopback_sockets(pids) == []
+
+
+def test_a_deployment_on_ray_spreads_serves_and_outlives_a_lost_node(
     api, client_logged_in, create, ray_cluster
 ):
+    """One end-to-end test (each deployment costs tens of seconds): it removes a node, so it
+    runs last."""
     create("spread", replicas=2)
-    d = converge("spread", timeout=90)
+    d = converge("spread", timeout=120)
     assert nodes_of(d, ray_cluster) == ["b", "head"]  # SPREAD: one replica per node
     out, version = predict(d.endpoint)
     assert version == "1" and len(out["predictions"]) == 1
@@ -126,73 +183,14 @@ def test_a_deployment_on_ray_serves_from_replicas_spread_over_nodes(
     from tests.ray_support import descendants, non_loopback_sockets
 
     assert non_loopback_sockets(descendants(os.getpid())) == []
-
-
-def test_placement_labels_choose_the_nodes(api, create, ray_cluster):
-    create("zoned", replicas=2, placement={"zone": "b"})
-    d = converge("zoned", timeout=90)
-    assert nodes_of(d, ray_cluster) == ["b", "b"]  # spread gives way to the label
-    assert d.desired_revision.spec["placement"] == {"zone": "b"}
-    # A label no node has: the revision fails before anything starts, saying why.
-    create("nowhere", placement={"zone": "c"})
-    d = converge("nowhere", until=lambda x: x.status == "failed", timeout=30)
-    assert "zone:c" in d.status_message
-    assert not Instance.objects.filter(deployment=d).exists()
-    # Placement and GPUs are the ray runtime's: refused elsewhere, nothing created.
-    resp = api.post(
-        "/api/v1/deployments",
-        {"name": "gpu-local", "model": "x", "runtime": "local", "placement": {"zone": "a"}},
-    )
-    assert resp.status_code in (400, 404)
-
-
-def test_actors_are_adopted_after_a_restart_and_strays_are_swept(create, ray_cluster):
-    create("adopt")
-    d = converge("adopt", timeout=90)
-    inst = Instance.objects.select_related("revision__model_version__model").get(deployment=d)
-    runtimes._build.cache_clear()  # a new control plane: a new runtime object, no memory
-    d = converge("adopt")
-    assert list(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)) == [
-        inst.runtime_id
-    ]
-    runtime = get_runtime("ray")
-    assert [s.runtime_id for s in runtime.list_owned()] == [inst.runtime_id]
-    # A second actor under the same labels (a start repeated around a worker crash): swept.
-    twin = runtime.start(instance_spec(inst, port=allocate_port()))
-    assert sweep_strays() == 1
-    assert runtime.inspect(twin.runtime_id) is None
-    assert runtime.inspect(inst.runtime_id).running
-    assert predict(d.endpoint)[1] == "1"
-    # The record lost (a deployment deleted while the worker was down): the actor is swept.
-    Instance.objects.filter(pk=inst.pk).delete()
-    assert sweep_strays() == 1
-    assert runtime.inspect(inst.runtime_id) is None
-    assert runtime.list_owned() == []
-
-
-def test_ray_processes_bind_loopback_only(ray_cluster):
-    from tests.ray_support import descendants, listeners, non_loopback_sockets
-
-    pids = descendants(os.getpid())
-    bound = listeners(pids)
-    names = " ".join(proc for _, proc in bound)
-    assert "gcs_server" in names and "raylet" in names  # the check sees the cluster
-    assert non_loopback_sockets(pids) == []
-
-
-def test_a_lost_node_is_replaced_on_the_remaining_nodes_and_the_endpoint_answers(
-    create, ray_cluster
-):
-    create("lossy", replicas=2)
-    d = converge("lossy", timeout=90)
-    assert nodes_of(d, ray_cluster) == ["b", "head"]
+    # Node loss under load: the replica on the lost node is replaced on the remaining one.
     body = json.dumps(ROW).encode()
     with Load("127.0.0.1", d.port, "/invocations", body, clients=4) as load:
         time.sleep(1.0)
         ray_cluster.remove_worker("b")
         lost_at = time.monotonic()
         d = converge(
-            "lossy",
+            "spread",
             until=lambda x: x.status == "ready" and nodes_of(x, ray_cluster) == ["head", "head"],
             timeout=90,
         )
