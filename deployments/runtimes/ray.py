@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sys
 import tarfile
 import threading
@@ -66,6 +67,17 @@ def _real_std_streams():
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+def _reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail at once when nothing answers at the cluster's address: ray.init retries a dead
+    GCS for minutes, which would hold an API request or a reconcile pass that long."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RuntimeError_(f"the Ray cluster at {address} does not answer: {exc}") from exc
 
 
 def split_runtime_id(runtime_id: str) -> tuple[str, str, str]:
@@ -137,6 +149,7 @@ class RayRuntime:
                 # unless it thinks multi-node clusters are off: a cluster on loopback must
                 # stay on loopback (the driver would otherwise dial the host's public IP).
                 ray_constants.ENABLE_RAY_CLUSTER = False
+            _reachable(self.cluster_address)
             try:
                 with _real_std_streams():
                     ray.init(

@@ -2,9 +2,9 @@
 placement by label, spread over nodes, node loss and rescheduling, adoption after a control
 plane restart, the stray sweep, and no Ray process bound outside 127.0.0.1.
 
-One cluster for the whole module: two nodes, the head (zone a) and a worker (zone b); the
-node-loss part of the end-to-end test removes the worker, so that test runs last. Without Ray these tests skip, except
-under REQUIRE_RAY=1 (CI), where they fail."""
+One cluster for the whole module: two nodes, the head (zone a) and a worker (zone b). The
+node-loss part of the end-to-end test removes the worker, so that test runs last. Without
+Ray these tests skip, except under REQUIRE_RAY=1 (CI), where they fail."""
 
 from __future__ import annotations
 

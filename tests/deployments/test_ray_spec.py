@@ -3,6 +3,8 @@ validation of ``gpu`` and ``placement``, and GET /api/v1/cluster without a Ray c
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from deployments.models import Deployment
@@ -112,3 +114,21 @@ def test_ray_connects_from_a_celery_worker_whose_streams_have_no_descriptor(monk
     with _real_std_streams():
         assert sys.stderr.fileno() >= 0
     assert sys.stderr is proxy
+
+
+def test_an_unreachable_cluster_is_reported_at_once(api, settings):
+    from tests.support import free_port
+
+    settings.CONTROLPLANE_RAY_ADDRESS = f"127.0.0.1:{free_port()}"  # nothing listens there
+    from deployments import runtimes
+
+    runtimes._build.cache_clear()
+    try:
+        started = time.monotonic()
+        body = api.get("/api/v1/cluster").json()
+        assert time.monotonic() - started < 10
+    finally:
+        runtimes._build.cache_clear()
+    assert body["runtimes"]["ray"]["configured"] is True
+    assert "does not answer" in body["runtimes"]["ray"]["error"]
+    assert [n["runtime"] for n in body["nodes"]] == ["local"]
