@@ -9,6 +9,7 @@ processes listen on and talk to, for the bind check.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -66,6 +67,8 @@ class LoopbackCluster:
 
         ray.shutdown()
         self.cluster.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)  # sessions: logs, sockets
 
 
 def start_cluster(

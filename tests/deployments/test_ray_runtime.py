@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -19,7 +22,7 @@ from django.conf import settings
 from deployments import runtimes
 from deployments.models import Deployment, Instance, Revision
 from deployments.reconciler import sweep_strays
-from deployments.runtimes import get_runtime
+from deployments.runtimes import get_runtime, install_id
 from deployments.runtimes.ray import split_runtime_id
 from deployments.services import allocate_port
 from tests.deployments.conftest import converge, instance_spec
@@ -59,6 +62,10 @@ def ray_cluster():
         settings.CONTROLPLANE_RAY_ADDRESS = before
         runtimes._build.cache_clear()
         cluster.shutdown()
+        # What the actors unpacked on their nodes (all on this host here).
+        shutil.rmtree(
+            Path(tempfile.gettempdir()) / "controlplane-ray" / install_id(), ignore_errors=True
+        )
 
 
 @pytest.fixture(autouse=True)
