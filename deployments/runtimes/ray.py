@@ -339,14 +339,18 @@ class RayRuntime:
         if actor is None:
             return None
         info = self._ask(ray, [actor])[0]
-        if info is None:  # its node is gone or unreachable: not alive
+        if info is None:
+            # No answer in time: not alive if Ray says its node is dead (the actor follows
+            # soon); else a slow worker on a loaded node, left to the readiness probe rather
+            # than restarted for it.
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             return InstanceStatus(
                 runtime_id=runtime_id,
                 deployment="",
                 revision=0,
                 ordinal=0,
                 address=address_of(runtime_id, 0),
-                running=False,
+                running=bool(node) and any(n.startswith(node) for n in alive),
             )
         return self._status(runtime_id, info)
 
@@ -371,17 +375,9 @@ class RayRuntime:
         found = []
         for (name, _), info in zip(handles, self._ask(ray, [h for _, h in handles]), strict=True):
             if info is None:
-                deployment, revision, ordinal, _ = name.rsplit(".", 3)
-                found.append(
-                    InstanceStatus(
-                        runtime_id=f"{name}@",
-                        deployment=deployment,
-                        revision=int(revision.lstrip("r") or 0),
-                        ordinal=int(ordinal),
-                        address="",
-                        running=False,
-                    )
-                )
+                # Not answering (a dying node, a busy worker): left out rather than reported
+                # under a runtime id no record has, which the sweep would take for a stray.
+                # A dead one is gone from Ray soon; a slow one is listed on the next call.
                 continue
             if info.get("labels", {}).get("owner") != self.owner:
                 continue
