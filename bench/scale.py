@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,6 +237,12 @@ def main() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         # The model servers die with their actors, the actors with the cluster.
         cluster.shutdown()
+        owner = work / "var" / "install_id"
+        if owner.exists():  # what the actors unpacked on their nodes (all on this host)
+            shutil.rmtree(
+                Path(tempfile.gettempdir()) / "controlplane-ray" / owner.read_text().strip(),
+                ignore_errors=True,
+            )
 
 
 if __name__ == "__main__":
