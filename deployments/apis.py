@@ -25,6 +25,7 @@ WAIT_DONE = {Deployment.Status.READY, Deployment.Status.FAILED, Deployment.Statu
 class InstanceOutput(serializers.ModelSerializer):
     revision = serializers.IntegerField(source="revision.number")
     address = serializers.CharField()
+    node = serializers.CharField()
 
     class Meta:
         model = Instance
@@ -33,6 +34,7 @@ class InstanceOutput(serializers.ModelSerializer):
             "ordinal",
             "runtime",
             "runtime_id",
+            "node",
             "address",
             "state",
             "restarts",
@@ -67,6 +69,7 @@ class DeploymentOutput(serializers.ModelSerializer):
             "runtime",
             "replicas",
             "resources",
+            "placement",
             "env",
             "environment",
             "predict_method",
@@ -108,7 +111,7 @@ class DeploymentOutput(serializers.ModelSerializer):
         return str(rev.model_version.version) if rev else None
 
     def get_resources(self, obj) -> dict:
-        return {"cpu": obj.cpu, "memory_mb": obj.memory_mb}
+        return {"cpu": obj.cpu, "memory_mb": obj.memory_mb, "gpu": obj.gpu}
 
     def get_predict_method(self, obj) -> str | None:
         return obj.predict_method or None
@@ -164,6 +167,7 @@ class EventOutput(serializers.ModelSerializer):
 class ResourcesInput(serializers.Serializer):
     cpu = serializers.FloatField(required=False, allow_null=True)
     memory_mb = serializers.IntegerField(required=False, allow_null=True)
+    gpu = serializers.FloatField(required=False, allow_null=True, help_text="ray runtime")
 
 
 def _wait_timeout(request) -> float | None:
@@ -232,6 +236,11 @@ class DeploymentListApi(APIView):
         strategy = serializers.JSONField(
             required=False, help_text='rolling (default) or {"type": "canary", "steps": [...]}'
         )
+        placement = serializers.DictField(
+            child=serializers.CharField(max_length=63),
+            required=False,
+            help_text="node labels every instance must run on (ray runtime)",
+        )
 
     @extend_schema(responses=DeploymentOutput(many=True))
     def get(self, request):
@@ -258,6 +267,7 @@ class DeploymentListApi(APIView):
             predict_method=data.get("predict_method"),
             autoscaling=data.get("autoscaling"),
             strategy=data.get("strategy"),
+            placement=data.get("placement"),
             actor=request.user,
         )
         d = _wait(d.name, timeout)
@@ -290,6 +300,11 @@ class DeploymentDetailApi(APIView):
             help_text='{"min_replicas": 0-16, "max_replicas": 1-16, "target_in_flight": N, '
             '"target_rps"?, "scale_up_window_s"?, "scale_down_window_s"?, '
             '"idle_before_zero_s"?}; null: fixed replicas',
+        )
+        placement = serializers.DictField(
+            child=serializers.CharField(max_length=63),
+            required=False,
+            help_text="node labels every instance must run on (ray runtime)",
         )
         stopped = serializers.BooleanField(required=False)
         shadow = serializers.JSONField(
@@ -468,3 +483,13 @@ class ShadowPromoteApi(APIView):
         shadow.shadow_promote(deployment=d, actor=request.user)
         d = _wait(name, timeout)
         return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
+
+
+class ClusterApi(APIView):
+    """The nodes deployments can run on, per runtime, with their resources."""
+
+    @extend_schema(responses=dict)
+    def get(self, request):
+        from .cluster import cluster_nodes
+
+        return Response(cluster_nodes())

@@ -42,6 +42,10 @@ class Deployment(models.Model):
     replicas = models.PositiveSmallIntegerField(default=1)
     cpu = models.FloatField(null=True, blank=True, help_text="CPU limit in cores")
     memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    gpu = models.FloatField(null=True, blank=True, help_text="GPUs per instance (ray)")
+    placement = models.JSONField(
+        default=dict, blank=True, help_text="node labels every instance must run on (ray)"
+    )
     env = models.JSONField(default=dict, blank=True)
     environment = models.CharField(
         max_length=16,
@@ -202,7 +206,14 @@ class Instance(models.Model):
         """``127.0.0.1:PORT`` or ``unix:/path``: the runtime derives it from the port."""
         from .runtimes import instance_address
 
-        return instance_address(self.runtime, self.port)
+        return instance_address(self.runtime, self.port, self.runtime_id)
+
+    @property
+    def node(self) -> str:
+        """Where the instance runs: its Ray node (ip/node id), else this host's runtime."""
+        from .cluster import instance_node
+
+        return instance_node(self.runtime, self.runtime_id)
 
 
 class DeploymentEvent(models.Model):

@@ -372,7 +372,11 @@ def _drain_others(d: Deployment, keep: Revision) -> None:
         event_record(d, "drained", f"stopped {len(old)} instance(s) of earlier revisions")
 
 
-PREPARE_PHASES = {"local": "preparing environment", "docker": "building image"}
+PREPARE_PHASES = {
+    "local": "preparing environment",
+    "docker": "building image",
+    "ray": "checking the Ray cluster",
+}
 
 
 def fatal_record(log: str) -> dict | None:
@@ -497,6 +501,8 @@ def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> Instanc
         # Revisions from before environments existed ran on the control plane's interpreter.
         environment=spec.get("environment", "shared"),
         predict_method=spec.get("predict_method"),
+        gpu=spec.get("gpu"),
+        placement=spec.get("placement") or {},
     )
 
 

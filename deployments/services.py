@@ -52,6 +52,9 @@ def _spec_snapshot(d: Deployment) -> dict:
         "env": d.env,
         "environment": d.environment,
         "predict_method": d.predict_method or None,
+        # Only when set: revisions from before these existed compare equal.
+        **({"gpu": d.gpu} if d.gpu else {}),
+        **({"placement": d.placement} if d.placement else {}),
     }
 
 
@@ -133,9 +136,9 @@ def _validate_spec(
             f"replicas must be an integer from 1 to {MAX_REPLICAS}", code="invalid_replicas"
         )
     resources = resources or {}
-    if not isinstance(resources, dict) or set(resources) - {"cpu", "memory_mb"}:
+    if not isinstance(resources, dict) or set(resources) - {"cpu", "memory_mb", "gpu"}:
         raise ApplicationError(
-            "resources takes only 'cpu' (cores) and 'memory_mb'", code="invalid_resources"
+            "resources takes only 'cpu' (cores), 'memory_mb' and 'gpu'", code="invalid_resources"
         )
     cpu, memory = resources.get("cpu"), resources.get("memory_mb")
     if cpu is not None and (
@@ -164,6 +167,37 @@ def _validate_spec(
             "env may not set CONTROLPLANE_* or SERVING_* variables", code="invalid_env"
         )
     return runtime, replicas, float(cpu) if cpu is not None else None, memory, env
+
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _validate_scheduling(runtime: str, gpu: Any, placement: Any) -> tuple[float | None, dict]:
+    """``resources.gpu`` (fractional GPUs) and ``placement`` (node labels): ray only."""
+    if gpu is not None and (
+        not isinstance(gpu, int | float) or isinstance(gpu, bool) or not 0 < gpu <= 64
+    ):
+        raise ApplicationError(
+            "resources.gpu must be a number of GPUs above 0, at most 64", code="invalid_resources"
+        )
+    placement = placement or {}
+    if (
+        not isinstance(placement, dict)
+        or len(placement) > 16
+        or not all(
+            isinstance(k, str) and isinstance(v, str) and LABEL_RE.match(k) and LABEL_RE.match(v)
+            for k, v in placement.items()
+        )
+    ):
+        raise ApplicationError(
+            "placement must map up to 16 label names to values (letters, digits, '_.-')",
+            code="invalid_placement",
+        )
+    if (gpu or placement) and runtime != "ray":
+        raise ApplicationError(
+            "resources.gpu and placement need the ray runtime", code="invalid_placement"
+        )
+    return (float(gpu) if gpu else None), dict(sorted(placement.items()))
 
 
 def _validate_environment(environment: Any) -> str:
@@ -230,6 +264,7 @@ def deployment_create(
     predict_method: str | None = None,
     autoscaling: dict | None = None,
     strategy: dict | None = None,
+    placement: dict | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
     from .rollouts import validate_strategy
@@ -249,6 +284,7 @@ def deployment_create(
     runtime, replicas, cpu, memory, env = _validate_spec(
         runtime or settings.CONTROLPLANE_DEFAULT_RUNTIME, replicas, resources, env
     )
+    gpu, placement = _validate_scheduling(runtime, (resources or {}).get("gpu"), placement)
     environment = _validate_environment(environment or settings.CONTROLPLANE_DEFAULT_ENVIRONMENT)
     predict_method = _validate_predict_method(predict_method)
     autoscaling = autoscaling_validate(autoscaling)
@@ -264,6 +300,8 @@ def deployment_create(
                 replicas=replicas,
                 cpu=cpu,
                 memory_mb=memory,
+                gpu=gpu,
+                placement=placement,
                 env=env,
                 environment=environment,
                 predict_method=predict_method,
@@ -319,6 +357,7 @@ def deployment_update(
     predict_method: str | None = UNSET,
     autoscaling: dict | None = UNSET,
     strategy: dict | None = UNSET,
+    placement: dict | None = None,
     actor: AbstractBaseUser,
 ) -> Deployment:
     from .rollouts import validate_strategy
@@ -338,7 +377,7 @@ def deployment_update(
         mv, number, new_alias = _resolve_target(d.model, version, alias)
         d.target_version, d.target_alias = number, new_alias
         changes.append(f"alias {new_alias}" if new_alias else f"version {number}")
-    new_resources = {"cpu": d.cpu, "memory_mb": d.memory_mb}
+    new_resources = {"cpu": d.cpu, "memory_mb": d.memory_mb, "gpu": d.gpu}
     if resources is not None:
         if not isinstance(resources, dict):
             raise ApplicationError("resources must be an object", code="invalid_resources")
@@ -351,8 +390,13 @@ def deployment_update(
     )
     if new_replicas != d.replicas:
         changes.append(f"replicas {d.replicas}→{new_replicas}")
-    if (cpu, memory) != (d.cpu, d.memory_mb):
+    gpu, new_placement = _validate_scheduling(
+        d.runtime, new_resources.get("gpu"), d.placement if placement is None else placement
+    )
+    if (cpu, memory, gpu) != (d.cpu, d.memory_mb, d.gpu):
         changes.append("resources")
+    if new_placement != d.placement:
+        changes.append("placement")
     if new_env != d.env:
         changes.append("env")
     new_environment = _validate_environment(d.environment if environment is None else environment)
@@ -364,6 +408,7 @@ def deployment_update(
     if new_method != d.predict_method:
         changes.append(f"predict_method {new_method or 'default'}")
     d.replicas, d.cpu, d.memory_mb, d.env = new_replicas, cpu, memory, new_env
+    d.gpu, d.placement = gpu, new_placement
     d.environment, d.predict_method = new_environment, new_method
     current = d.desired_revision
     if current and current.model_version_id == mv.pk and current.spec == _spec_snapshot(d):
@@ -449,6 +494,7 @@ def deployment_rollback(
         spec.get("memory_mb"),
         spec.get("env") or {},
     )
+    d.gpu, d.placement = spec.get("gpu"), spec.get("placement") or {}
     # Revisions made before environments existed ran on the control plane's interpreter.
     d.environment = spec.get("environment", "shared")
     d.predict_method = spec.get("predict_method") or ""

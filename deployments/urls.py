@@ -21,6 +21,7 @@ api_urlpatterns = [
         apis.RolloutActionApi.as_view(),
         name="api-rollout-action",
     ),
+    path("cluster", apis.ClusterApi.as_view(), name="api-cluster"),
 ]
 
 urlpatterns = [

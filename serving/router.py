@@ -58,6 +58,9 @@ _HOP = {
 MAX_BODY = 64 * 1024 * 1024
 MAX_IDLE_PER_BACKEND = 256
 POLL_INTERVAL_S = 0.05
+# A backend on a node that died may not refuse but drop the connection attempt: give up on it
+# after this long (TimeoutError is an OSError: forward() tries the next backend).
+CONNECT_TIMEOUT_S = 2.0
 
 
 class UpstreamClosedEarly(Exception):
@@ -289,8 +292,9 @@ class Router:
             _, conn = await loop.create_unix_connection(lambda: Upstream(backend), backend[5:])
             return conn, False
         host, _, port = backend.rpartition(":")
-        _, conn = await loop.create_connection(
-            lambda: Upstream(backend), host.strip("[]"), int(port)
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Upstream(backend), host.strip("[]"), int(port)),
+            CONNECT_TIMEOUT_S,
         )
         return conn, False
 

@@ -450,8 +450,13 @@ LOGGING = {
 
 # --- product settings -------------------------------------------------------------
 CONTROLPLANE_DEFAULT_RUNTIME = env_choice(
-    "CONTROLPLANE_DEFAULT_RUNTIME", "local", ("local", "docker")
+    "CONTROLPLANE_DEFAULT_RUNTIME", "local", ("local", "docker", "ray")
 )
+# The Ray cluster of the "ray" runtime (its GCS address, host:port; Ray's own RAY_ADDRESS
+# when unset); empty: no cluster. CONTROLPLANE_RAY_NODE_IP: the address this control plane's
+# Ray driver listens on (default: 127.0.0.1 for a cluster on loopback, else Ray's choice).
+CONTROLPLANE_RAY_ADDRESS = env_str("CONTROLPLANE_RAY_ADDRESS", os.environ.get("RAY_ADDRESS", ""))
+CONTROLPLANE_RAY_NODE_IP = env_str("CONTROLPLANE_RAY_NODE_IP")
 CONTROLPLANE_ADMIN_PASSWORD = env_str("CONTROLPLANE_ADMIN_PASSWORD")
 CONTROLPLANE_TOKEN_DEFAULT_DAYS = env_int("CONTROLPLANE_TOKEN_DEFAULT_DAYS", 90, minimum=1)
 CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")

@@ -23,7 +23,7 @@ __all__ = [
     "RUNTIMES",
 ]
 
-RUNTIMES = ("local", "docker")
+RUNTIMES = ("local", "docker", "ray")
 
 
 def install_id() -> str:
@@ -92,12 +92,28 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             admin_token=serving_admin_token,
             index=functools.cache(index_options),
         )
+    if name == "ray":
+        from .ray import RayRuntime
+
+        return RayRuntime(
+            address=settings.CONTROLPLANE_RAY_ADDRESS,
+            owner=owner,
+            code_root=settings.BASE_DIR,
+            admin_token=serving_admin_token,
+            index=functools.cache(index_options),
+            node_ip=settings.CONTROLPLANE_RAY_NODE_IP or None,
+        )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 
 
-def instance_address(runtime: str, port: int) -> str:
+def instance_address(runtime: str, port: int, runtime_id: str = "") -> str:
     """Where the instance of ``runtime`` given ``port`` answers: ``127.0.0.1:PORT``, or
-    ``unix:/path`` for a sandboxed local server or a docker container without a network."""
+    ``unix:/path`` for a sandboxed local server or a docker container without a network;
+    on ray, the ip of the node its runtime id names."""
+    if runtime == "ray":
+        from .ray import address_of
+
+        return address_of(runtime_id, port)
     try:
         return get_runtime(runtime).address(port)
     except RuntimeError_:

@@ -47,6 +47,9 @@ class InstanceSpec:
     environment: str = "shared"
     # The model's method answering predictions by default (SERVING_PREDICT_METHOD), or None.
     predict_method: str | None = None
+    gpu: float | None = None  # GPUs (fractional), where the runtime schedules them (ray)
+    # Node labels the instance must run on ({"zone": "a"}), where the runtime places (ray).
+    placement: dict[str, str] = field(default_factory=dict)
 
     @property
     def instance_name(self) -> str:
@@ -57,7 +60,7 @@ class InstanceSpec:
 class InstanceStatus:
     """What a runtime observes about one instance it owns."""
 
-    runtime_id: str  # pid for local, container id for docker
+    runtime_id: str  # pid for local, container id for docker, actor name@node for ray
     deployment: str
     revision: int
     ordinal: int

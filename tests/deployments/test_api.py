@@ -71,7 +71,7 @@ def test_create_returns_the_contract_fields(api, model):
     ).json()
     assert body["status"] == "pending" and body["revision"] == 1 and body["version"] == "2"
     assert body["model_version"] == "2" and body["replicas"] == 2
-    assert body["resources"] == {"cpu": 0.5, "memory_mb": 512}
+    assert body["resources"] == {"cpu": 0.5, "memory_mb": 512, "gpu": None}
     assert body["endpoint"].startswith("http://127.0.0.1:")
     assert body["instances"] == []
 

@@ -70,6 +70,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-logs", "GET"): READERS,
     ("api:api-shadow-promote", "POST"): DEPLOYERS,
     ("api:api-rollout-action", "POST"): DEPLOYERS,
+    ("api:api-cluster", "GET"): READERS,
     # --- API: monitoring
     ("api:api-metrics", "GET"): READERS,
     ("api:api-feedback", "POST"): DEPLOYERS,

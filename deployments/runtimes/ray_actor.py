@@ -1,0 +1,244 @@
+"""The Ray actor that runs one model server on a Ray node (the node-side half of ray.py).
+
+Shipped to the cluster by value (cloudpickle), so a node needs Ray and Python, not this
+repository: the model files and the model server's code arrive as one tar archive through
+Ray's object store, and the model's environment is built on the node (uv, else venv + pip).
+Nothing here imports Django or the rest of the control plane.
+
+The server process is a child of the actor's worker process with PR_SET_PDEATHSIG: when the
+actor is killed, or its node dies (the raylet takes its workers with it), the server goes too,
+so a server never outlives the actor that the control plane sees.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+_PASS_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGKILL when the actor's worker thread exits."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _unpack(data: bytes, target: Path) -> None:
+    """Unpack ``data`` into ``target`` once (by digest), atomically."""
+    if (target / ".complete").exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(staging, filter="data")
+    (staging / ".complete").write_text("")
+    try:
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another replica on this node won
+
+
+def _satisfied(requirements: list[str]) -> bool:
+    """Whether this node's interpreter has every requirement (``packaging`` comes with Ray)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    for line in requirements:
+        req = Requirement(line)
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            return False
+    return True
+
+
+def _find_uv() -> str | None:
+    try:
+        import uv
+
+        return uv.find_uv_bin()
+    except Exception:
+        return shutil.which("uv")
+
+
+def _build_environment(root: Path, plan: dict, log) -> str:
+    """The python of the environment ``plan`` describes on this node, built if missing."""
+    target = root / "environments" / plan["key"]
+    python = target / "bin" / "python"
+    if (target / ".complete").exists():
+        return str(python)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    shutil.rmtree(staging)
+    reqs = target.parent / f".{plan['key']}.txt"
+    reqs.write_text("\n".join(plan["requirements"]) + "\n")
+    env = {**os.environ, **plan.get("uv_env", {})}
+    uv = _find_uv()
+    started = time.monotonic()
+    if uv:
+        steps = [
+            [uv, "venv", "--python", plan.get("python") or sys.executable, str(staging)],
+            [uv, "pip", "install", "--python", str(staging / "bin" / "python"), "-r", str(reqs)]
+            + list(plan.get("uv_args", [])),
+        ]
+    else:
+        steps = [
+            [sys.executable, "-m", "venv", str(staging)],
+            [str(staging / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(reqs)]
+            + list(plan.get("pip_args", [])),
+        ]
+    for argv in steps:
+        log.write(f"[controlplane] {' '.join(argv[:3])} ...\n".encode())
+        log.flush()
+        done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=1800)
+        if done.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RuntimeError(f"building the environment failed: {argv[:3]} -> {done.returncode}")
+    (staging / ".complete").write_text("")
+    try:
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.write(f"[controlplane] environment built in {time.monotonic() - started:.1f} s\n".encode())
+    return str(python)
+
+
+class ModelServerActor:
+    """One model-server instance: prepares its files and environment on this node, starts
+    ``python -m serving`` and watches it. Its name (in the control plane's namespace) and
+    ``labels`` say which instance it is."""
+
+    def __init__(self, labels: dict, spec: dict, bundle: bytes, environment: dict | None):
+        import ray
+
+        self.labels = labels
+        self.spec = spec
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        self.root = Path(tempfile.gettempdir()) / "controlplane-ray" / labels["owner"]
+        self.log_path = self.root / "logs" / f"{labels['instance']}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self.exit_code: int | None = None
+        self.error = ""
+        self.stopping = False
+        self._bundle, self._environment = bundle, environment
+        # The server is started and waited on by this thread, which lives as long as the
+        # server: PR_SET_PDEATHSIG fires when the *thread* that forked it ends.
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        with open(self.log_path, "ab", buffering=0) as log:
+            try:
+                argv, env = self._prepare(log)
+                if self.stopping:
+                    return
+                self.proc = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=env["PYTHONPATH"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    close_fds=True,
+                    preexec_fn=_die_with_parent,
+                )
+                self.exit_code = self.proc.wait()
+            except Exception as exc:
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.write(f"[controlplane] cannot start the model server: {self.error}\n".encode())
+                self.exit_code = -1
+
+    def _prepare(self, log) -> tuple[list[str], dict]:
+        digest = hashlib.sha256(self._bundle).hexdigest()[:24]
+        bundle_dir = self.root / "bundles" / digest
+        _unpack(self._bundle, bundle_dir)
+        self._bundle = b""
+        python = sys.executable
+        plan = self._environment
+        if plan and plan.get("requirements"):
+            if plan.get("mode") == "auto" and _satisfied(plan["requirements"]):
+                log.write(b"[controlplane] environment auto: the node's Python serves it\n")
+            else:
+                python = _build_environment(self.root, plan, log)
+        spec = self.spec
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        env.update(spec.get("env") or {})
+        env.update(spec.get("server_env") or {})
+        env.update(
+            PYTHONPATH=str(bundle_dir / "code"),
+            PYTHONUNBUFFERED="1",
+            MLFLOW_DISABLE_TELEMETRY="true",
+        )
+        argv = [
+            python,
+            "-m",
+            "serving",
+            "--model-dir",
+            str(bundle_dir / "model"),
+            "--name",
+            spec["model_name"],
+            "--version",
+            spec["model_version"],
+            "--host",
+            self.node_ip,
+            "--port",
+            str(spec["port"]),
+            "--max-batch-size",
+            str(spec["max_batch_size"]),
+            "--max-batch-delay-ms",
+            str(spec["max_batch_delay_ms"]),
+        ]
+        return argv, env
+
+    def status(self) -> dict:
+        running = self.exit_code is None and not self.stopping
+        return {
+            "labels": self.labels,
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "pid": self.proc.pid if self.proc else None,
+            "running": running,
+            "exit_code": self.exit_code,
+            "error": self.error,
+        }
+
+    def logs(self, tail: int = 100) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 256 * 1024))
+                data = fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(data.splitlines()[-tail:])
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (in-flight requests finish), SIGKILL after ``timeout``."""
+        self.stopping = True
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return self.exit_code
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
