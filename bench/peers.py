@@ -172,7 +172,8 @@ def _address(host_hex: str, width: int) -> str:
     words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
     import ipaddress
 
-    return str(ipaddress.IPv6Address(b"".join(words)))
+    address = ipaddress.IPv6Address(b"".join(words))
+    return str(address.ipv4_mapped or address)  # ::ffff:127.0.0.1 (gRPC's) as 127.0.0.1
 
 
 def check_loopback_only(pid: int, name: str) -> list[str]:
