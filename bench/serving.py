@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,6 +361,7 @@ def in_process_floor(
 
     model = mlflow.sklearn.load_model(str(model_dir))
     x = np.asarray([row], dtype=np.float64)
+    warnings.simplefilter("ignore", UserWarning)  # "X does not have valid feature names"
     for _ in range(200):
         model.predict(x)
     n, started = 0, time.perf_counter()
@@ -476,6 +478,7 @@ def main() -> int:
         servers.pop("MLServer 1.7.1", None)
         servers.pop("KServe 0.21 ModelServer", None)
     floor = None
+    peer_names = [n for n in servers if n not in (ours, "mlflow models serve")]
     try:
         for name, (command, ready, path, make_body) in servers.items():
             body, body_100 = make_body([row]), make_body(hundred)
@@ -499,7 +502,10 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}{path}"
                 generate(url, body, 4, 1.0)  # warm-up
                 # a server with one worker is one process: its CPU per request is measured
-                pid = proc.pid if (name != ours or args.workers == 1) else None
+                # (`mlflow models serve` answers from uvicorn children: not measured)
+                pid = (
+                    proc.pid if (name == ours and args.workers == 1) or name in peer_names else None
+                )
                 for concurrency in levels:
                     before = (
                         batch_stats(f"http://127.0.0.1:{port}/metrics") if name == ours else None
