@@ -56,6 +56,9 @@ BYTECODE_MARKER = ".bytecode"  # written when every module's bytecode is on disk
 BYTECODE_MODES = ("background", "build", "off")
 # compileall -x: what no server imports (test suites are a third of a scientific stack's files)
 _BYTECODE_SKIP = r"/(tests?|testing)/"
+# The env's interpreter runs as this process's user to compile: isolated and without the site
+# module, so no .pth file or module of the model's packages runs (compiling executes nothing).
+_NO_SITE = ("-I", "-S")
 LAST_USED = ".last-used"  # its mtime is the last time a revision prepared or started on it
 METADATA = "environment.json"
 _TMP_PREFIX = ".build-"
@@ -735,7 +738,9 @@ class EnvironmentBuilder:
         if site is None:
             return
         script = self._compile_script(site, _site_packages(shown_as, must_exist=False), None, None)
-        self._run([str(venv / "bin" / "python"), "-c", script], what="compiling bytecode")
+        self._run(
+            [str(venv / "bin" / "python"), *_NO_SITE, "-c", script], what="compiling bytecode"
+        )
         (venv / BYTECODE_MARKER).write_text("done\n")
 
     def _start_bytecode(self, key: str) -> None:
@@ -759,6 +764,7 @@ class EnvironmentBuilder:
             argv = [
                 *([nice, "-n", "19"] if nice else []),
                 str(env / "bin" / "python"),
+                *_NO_SITE,
                 "-c",
                 script,
             ]

@@ -596,6 +596,9 @@ def _fake_env(builder: EnvironmentBuilder, key: str) -> Path:
     (site / "pkg" / "tests" / "test_pkg.py").write_text("def test(): pass\n")
     (env / "bin").mkdir()
     (env / "bin" / "python").symlink_to(sys.executable)
+    # a real venv: its interpreter's site-packages is this one (and its .pth files would run)
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    (env / "pyvenv.cfg").write_text(f"home = {os.path.dirname(base)}\n")
     (env / COMPLETE_MARKER).write_text(key)
     return site
 
@@ -607,6 +610,9 @@ def test_bytecode_is_compiled_in_the_background_for_servers_that_cannot_write_it
     builder = EnvironmentBuilder(tmp_path / "envs", bytecode="background")
     key = "b" * 64
     site = _fake_env(builder, key)
+    # a package's .pth file runs at interpreter start-up: the compile must not start one
+    ran = tmp_path / "pth-ran"
+    (site / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(ran)!r}).touch()\n")
     (tmp_path / "envs" / ".locks").mkdir(parents=True, exist_ok=True)
     assert not builder.bytecode_ready(key)
     builder._start_bytecode(key)  # what ensure() does for a complete env without the marker
@@ -615,6 +621,7 @@ def test_bytecode_is_compiled_in_the_background_for_servers_that_cannot_write_it
     assert len(compiled) == 1 and compiled[0].stat().st_mode & 0o644 == 0o644
     assert not (site / "pkg" / "tests" / "__pycache__").exists()
     assert (builder.path(key) / environments.BYTECODE_MARKER).is_file()
+    assert not ran.exists()
     first = builder._compiling[key]
     assert first.wait(timeout=30) == 0
     # done: a later prepare starts nothing
