@@ -29,7 +29,7 @@ from tests.deployments.docker_support import (
 from tests.frameworks.test_frameworks import call, check, requests_for
 from tests.support import free_port, wait_http
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Its own image repository: the other docker tests prune the images of theirs.
 IMAGE_PREFIX = "controlplane-serving-test-xgboost"
