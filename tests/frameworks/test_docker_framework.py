@@ -13,6 +13,7 @@ copy of the model, as an operator would pin it for a CPU-only fleet).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -97,3 +98,19 @@ def test_an_xgboost_model_on_docker_answers_like_xgboost(docker_runtime, cpu_mod
         assert set(t.expected) >= {"predict", "predict_proba"}
     finally:
         docker_runtime.stop(status.runtime_id, timeout=5)
+        _remove_older_images(keep=docker_runtime.ensure_image(spec))
+
+
+def _remove_older_images(keep: str) -> None:
+    """Each change of the serving code makes a new image: only the newest is worth its disk."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        for image in client.images.list(name=IMAGE_PREFIX):
+            for tag in image.tags:
+                if tag != keep:
+                    with contextlib.suppress(docker.errors.APIError):  # in use, or gone
+                        client.images.remove(tag)
+    finally:
+        client.close()
