@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,6 +264,134 @@ def batch_stats(metrics_url: str) -> tuple[float, float]:
     return total, calls
 
 
+def run_h2load_grpc(target: str, row: list[float], concurrency: int, duration: float) -> dict:
+    """gRPC ModelInfer driven by h2load (nghttp2-client, C): one HTTP/2 connection with
+    ``concurrency`` streams in flight, each a POST with a length-prefixed ModelInferRequest,
+    ``content-type: application/grpc`` and ``te: trailers``. h2load does not read trailers,
+    so the answer's grpc-status is checked once with grpc beforehand (check_grpc)."""
+    body = _grpc_request_bytes(row)
+    with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as handle:
+        handle.write(b"\x00" + len(body).to_bytes(4, "big") + body)
+    try:
+        out = subprocess.run(
+            ["h2load", "-t1", "-c1", f"-m{concurrency}", f"-D{max(1, round(duration))}",
+             "--data", handle.name, "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"http://{target}/inference.GRPCInferenceService/ModelInfer"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        os.unlink(handle.name)
+    done = re.search(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+        out,
+    )
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    times = re.search(
+        r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out
+    )
+
+    def ms(value: str, unit: str) -> float:
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {
+        "rps": rps,
+        "p50": ms(times.group(5), times.group(6)),  # h2load gives min/max/mean: the mean
+        "p99": ms(times.group(3), times.group(4)),  # and the max
+        "errors": int(done.group(3)) + int(done.group(4)),
+        "requests": int(done.group(1)),
+        "latency_note": "mean/max",
+    }
+
+
+def _pb():
+    # by path: from bench/, `import serving` would find this file
+    spec = importlib.util.spec_from_file_location(
+        "grpc_predict_v2_pb2", REPO / "serving" / "grpc_predict_v2_pb2.py"
+    )
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    return pb
+
+
+def _grpc_request_bytes(row: list[float]) -> bytes:
+    import numpy as np
+
+    pb = _pb()
+    request = pb.ModelInferRequest(model_name="bench")
+    request.inputs.add(name="input-0", datatype="FP64", shape=[1, len(row)])
+    request.raw_input_contents.append(np.asarray([row], dtype="<f8").tobytes())
+    return request.SerializeToString()
+
+
+ECHO_SERVER = r"""
+import asyncio, re, sys
+import uvloop
+BODY = b'{"predictions": [1]}'
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.buf = transport, b""
+    def data_received(self, data):
+        self.buf += data
+        while True:
+            head, sep, rest = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            m = re.search(rb"(?i)content-length: *(\d+)", head)
+            n = int(m.group(1)) if m else 0
+            if len(rest) < n:
+                return
+            self.buf = rest[n:]
+            self.t.write(RESPONSE)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", int(sys.argv[1]))
+    print("ready", flush=True)
+    await server.serve_forever()
+uvloop.run(main())
+"""
+
+
+def in_process_floor(
+    model_dir: Path, row: list[float], generate, body: str, duration: float
+) -> dict:
+    """The c=1 floor: the transport (a uvloop HTTP server answering a fixed body, the same
+    load generator and request) plus one ``predict`` of the model on one row, in-process."""
+    import mlflow.sklearn
+    import numpy as np
+
+    model = mlflow.sklearn.load_model(str(model_dir))
+    x = np.asarray([row], dtype=np.float64)
+    warnings.simplefilter("ignore", UserWarning)  # "X does not have valid feature names"
+    for _ in range(200):
+        model.predict(x)
+    n, started, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - started < 1.0:
+        model.predict(x)
+        n += 1
+    predict_s = (time.perf_counter() - started) / n
+    predict_cpu_s = (time.process_time() - cpu) / n
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    try:
+        proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/invocations"
+        generate(url, body, 1, 1.0)
+        echo = with_cpu(proc.pid, lambda: generate(url, body, 1, duration))
+    finally:
+        stop(proc)
+    transport_s = 1 / echo["rps"]
+    return {
+        "predict_us": predict_s * 1e6,
+        "transport_us": transport_s * 1e6,
+        "rps": 1 / (transport_s + predict_s),
+        # CPU, steadier than wall time on a loaded machine: the echo server's per request
+        # plus one predict's
+        "cpu_us": (echo["cpu_us"] or 0) + predict_cpu_s * 1e6,
+        "predict_cpu_us": predict_cpu_s * 1e6,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
@@ -270,6 +399,10 @@ def main() -> int:
         "--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)"
     )
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--grpc-loadgen", choices=["auto", "h2load", "python", "both"], default="auto",
+        help="h2load (C; nghttp2-client) when installed, else grpc.aio; both: each",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="our server's --workers (default 1)")
     parser.add_argument(
         "--rows-concurrency",
@@ -279,6 +412,10 @@ def main() -> int:
     )
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC runs")
     parser.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
+    parser.add_argument("--no-peers", action="store_true", help="skip MLServer and KServe")
+    parser.add_argument(
+        "--servers", default=None, help="comma-separated subset: mlflow,mlserver,kserve,ours"
+    )
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -286,104 +423,173 @@ def main() -> int:
     if loadgen == "auto":
         loadgen = "wrk" if shutil.which("wrk") else "python"
     generate = run_wrk if loadgen == "wrk" else run_python
+    grpc_loadgens = {
+        "auto": ["h2load" if shutil.which("h2load") else "python"],
+        "both": ["h2load", "python"],
+    }.get(args.grpc_loadgen, [args.grpc_loadgen])
+    grpc_runners = {"h2load": run_h2load_grpc, "python": run_grpc}
+
+    import sklearn
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     model_dir = workdir / "model"
     row, hundred = build_model(model_dir)
-    body = json.dumps({"dataframe_split": {"columns": FEATURES, "data": [row]}})
-    body_100 = json.dumps({"dataframe_split": {"columns": FEATURES, "data": hundred}})
+    import joblib
+    import mlflow.sklearn
+
+    model_file = workdir / "model.joblib"  # the same fitted model, for the peers
+    joblib.dump(mlflow.sklearn.load_model(str(model_dir)), model_file)
+    mlflow_body = lambda rows: json.dumps({"dataframe_split": {"columns": FEATURES, "data": rows}})  # noqa: E731
+    v2_body = lambda rows: json.dumps(  # noqa: E731
+        {"inputs": [{"name": "input-0", "shape": [len(rows), len(FEATURES)], "datatype": "FP64",
+                     "data": [v for r in rows for v in r]}]}
+    )  # fmt: skip
+    v1_body = lambda rows: json.dumps({"instances": rows})  # noqa: E731
     results: dict[tuple[str, int], dict] = {}
     rows_per_call: float | None = None
+    grpc_port = free_port()
+    ours = "serving (ours)"
 
+    # name -> (command(port), ready path, request path, body(rows))
     servers = {
-        "mlflow models serve": lambda port: [
+        "mlflow models serve": (lambda port: [
             sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
             "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1",
-        ],
-        "serving (ours)": lambda port: [
+        ], "/ping", "/invocations", mlflow_body),
+        "MLServer 1.7.1": (lambda port: peers.mlserver_command(
+            workdir, model_file, port, free_port(), free_port(), sklearn.__version__
+        ), "/v2/health/ready", "/v2/models/bench/infer", v2_body),
+        "KServe 0.21 ModelServer": (lambda port: peers.kserve_command(
+            workdir, model_file, port, sklearn.__version__
+        ), "/v1/models/bench", "/v1/models/bench:predict", v1_body),
+        ours: (lambda port: [
             sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--name", "bench",
             "--version", "1", "--port", str(port), "--workers", str(args.workers),
             "--log-level", "WARNING",
             *([] if args.no_grpc else ["--grpc-port", str(grpc_port)]),
-        ],
+        ], "/ping", "/invocations", mlflow_body),
     }  # fmt: skip
+    if args.servers:
+        wanted = args.servers.split(",")
+        keys = {"mlflow": "mlflow models serve", "mlserver": "MLServer 1.7.1",
+                "kserve": "KServe 0.21 ModelServer", "ours": ours}  # fmt: skip
+        servers = {keys[w]: servers[keys[w]] for w in wanted}
     if args.no_mlflow:
-        del servers["mlflow models serve"]
-    grpc_port = free_port()
+        servers.pop("mlflow models serve", None)
+    if args.no_peers:
+        servers.pop("MLServer 1.7.1", None)
+        servers.pop("KServe 0.21 ModelServer", None)
+    floor = None
+    peer_names = [n for n in servers if n not in (ours, "mlflow models serve")]
     try:
-        for name, command in servers.items():
+        for name, (command, ready, path, make_body) in servers.items():
+            body, body_100 = make_body([row]), make_body(hundred)
             port = free_port()
             log = open(workdir / f"{name.split()[0]}.log", "wb")
             # `mlflow models serve` runs `uvicorn` from PATH: put this interpreter's bin first.
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
             proc = subprocess.Popen(
                 command(port),
-                cwd=REPO,
+                cwd=REPO if name == ours else workdir,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             try:
-                wait_ready(f"http://127.0.0.1:{port}/ping", proc)
-                url = f"http://127.0.0.1:{port}/invocations"
+                wait_ready(f"http://127.0.0.1:{port}{ready}", proc, timeout=600)
+                print(
+                    f"{name}: listening on {peers.check_loopback_only(proc.pid, name)}", flush=True
+                )
+                url = f"http://127.0.0.1:{port}{path}"
                 generate(url, body, 4, 1.0)  # warm-up
-                # our server with one worker is one process: its CPU per request is measured
-                pid = proc.pid if "ours" in name and args.workers == 1 else None
+                # a server with one worker is one process: its CPU per request is measured
+                # (`mlflow models serve` answers from uvicorn children: not measured)
+                pid = (
+                    proc.pid if (name == ours and args.workers == 1) or name in peer_names else None
+                )
                 for concurrency in levels:
                     before = (
-                        batch_stats(f"http://127.0.0.1:{port}/metrics") if "ours" in name else None
+                        batch_stats(f"http://127.0.0.1:{port}/metrics") if name == ours else None
                     )
                     results[(name, concurrency)] = with_cpu(
-                        pid, lambda c=concurrency, u=url: generate(u, body, c, args.duration)
+                        pid, lambda c=concurrency, u=url, b=body: generate(u, b, c, args.duration)
+                    )
+                    print(
+                        f"  {name} c={concurrency}: {results[(name, concurrency)]['rps']:.0f} req/s",
+                        flush=True,
                     )
                     if before is not None and concurrency == max(levels):
                         after = batch_stats(f"http://127.0.0.1:{port}/metrics")
                         rows_per_call = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                     time.sleep(0.5)
                 results[(f"{name}, 100 rows", args.rows_concurrency)] = with_cpu(
-                    pid, lambda u=url: generate(u, body_100, args.rows_concurrency, args.duration)
+                    pid,
+                    lambda u=url, b=body_100: generate(u, b, args.rows_concurrency, args.duration),
                 )
-                if "ours" in name and not args.no_grpc:
-                    run_grpc(f"127.0.0.1:{grpc_port}", row, 4, 1.0)  # warm-up
-                    for concurrency in levels:
-                        results[(f"{name}, gRPC", concurrency)] = with_cpu(
-                            pid,
-                            lambda c=concurrency: run_grpc(
-                                f"127.0.0.1:{grpc_port}", row, c, args.duration
-                            ),
-                        )
-                        time.sleep(0.5)
+                if name == ours and not args.no_grpc:
+                    run_grpc(f"127.0.0.1:{grpc_port}", row, 4, 1.0)  # warm-up, and answers OK
+                    for lg in grpc_loadgens:
+                        for concurrency in levels:
+                            results[(f"{name}, gRPC ({lg})", concurrency)] = with_cpu(
+                                pid,
+                                lambda c=concurrency, r=grpc_runners[lg]: r(
+                                    f"127.0.0.1:{grpc_port}", row, c, args.duration
+                                ),
+                            )
+                            time.sleep(0.5)
             finally:
                 stop(proc)
                 log.close()
+        if ours in servers:
+            floor = in_process_floor(model_dir, row, generate, mlflow_body([row]), args.duration)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nLoad generator: {loadgen}; {args.duration:g} s per run; one-row JSON requests "
-          f"(dataframe_split), keep-alive; {os.cpu_count()} cores shared by server and load "
-          f"generator; our server with {args.workers} worker(s), MLflow with 1.\n")  # fmt: skip
-    print(
-        "| server | concurrency | req/s | p50 ms | p99 ms | errors | server CPU µs/req "
-        "| ours/MLflow req/s |"
-    )
+    print(f"\nLoad generator: {loadgen} (HTTP), {', '.join(grpc_loadgens)} (gRPC); "
+          f"{args.duration:g} s per run; one-row requests in each server's own format (ours and "
+          f"MLflow: /invocations dataframe_split; MLServer: OIP v2 JSON; KServe: v1 instances), "
+          f"keep-alive; {os.cpu_count()} cores shared by server and load generator; one worker "
+          f"each (ours: {args.workers}).\n")  # fmt: skip
+    peer_names = [n for n in servers if n != ours]
+
+    def best_peer(concurrency: int, suffix: str = "") -> tuple[str, float] | None:
+        found = [(n, results[(n + suffix, concurrency)]["rps"]) for n in peer_names
+                 if (n + suffix, concurrency) in results]  # fmt: skip
+        return max(found, key=lambda x: x[1]) if found else None
+
+    print("| server | concurrency | req/s | p50 ms | p99 ms | errors | server CPU µs/req "
+          "| ours / best peer |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, concurrency), r in results.items():
         ratio = ""
-        peer = "mlflow models serve" + (", 100 rows" if "100 rows" in name else "")
-        if "ours" in name and "gRPC" not in name and (peer, concurrency) in results:
-            ratio = f"{r['rps'] / results[(peer, concurrency)]['rps']:.1f}x"
-        if "gRPC" in name and ("serving (ours)", concurrency) in results:
-            http = results[("serving (ours)", concurrency)]["rps"]
-            ratio = f"{r['rps'] / http:.2f}x of our HTTP"
+        suffix = ", 100 rows" if "100 rows" in name else ""
+        if name.startswith(ours) and "gRPC" not in name:
+            best = best_peer(concurrency, suffix)
+            if best:
+                ratio = f"{r['rps'] / best[1]:.1f}x ({best[0].split()[0]})"
+        if "gRPC" in name and (ours, concurrency) in results:
+            ratio = f"{r['rps'] / results[(ours, concurrency)]['rps']:.2f}x of our HTTP"
         cpu = f"{r['cpu_us']:.0f}" if r.get("cpu_us") is not None else ""
-        print(
-            f"| {name} | {concurrency} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} "
-            f"| {r['errors']} | {cpu} | {ratio} |"
-        )
+        note = f" ({r['latency_note']})" if r.get("latency_note") else ""
+        print(f"| {name}{note} | {concurrency} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} "
+              f"| {r['errors']} | {cpu} | {ratio} |")  # fmt: skip
     if rows_per_call is not None:
         print(f"\nOur server at concurrency {max(levels)}: {rows_per_call:.1f} rows per model call "
               "(serving_batch_size_sum / _count over that run).")  # fmt: skip
+    if floor and (ours, 1) in results:
+        print(f"\nIn-process floor at c=1: transport {floor['transport_us']:.0f} µs (a uvloop "
+              f"server answering a fixed body, same load generator) + one predict "
+              f"{floor['predict_us']:.0f} µs = {floor['rps']:.0f} req/s; ours "
+              f"{results[(ours, 1)]['rps']:.0f} req/s = "
+              f"{results[(ours, 1)]['rps'] / floor['rps']:.0%} of it. In server CPU per request: "
+              f"floor {floor['cpu_us']:.0f} µs (predict {floor['predict_cpu_us']:.0f} µs), ours "
+              f"{results[(ours, 1)]['cpu_us'] or 0:.0f} µs = "
+              f"{floor['cpu_us'] / max(1e-9, results[(ours, 1)]['cpu_us'] or 0):.0%} of the floor's "
+              "efficiency.")  # fmt: skip
     return 0
 
 

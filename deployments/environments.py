@@ -31,6 +31,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ ENVIRONMENT_CHOICES = ("auto", "isolated", "shared")
 DEFAULT_ENVIRONMENT = "auto"
 
 COMPLETE_MARKER = ".complete"  # written last: an env without it is a killed build
+BYTECODE_MARKER = ".bytecode"  # written when every module's bytecode is on disk
+BYTECODE_MODES = ("background", "build", "off")
+# compileall -x: what no server imports (test suites are a third of a scientific stack's files)
+_BYTECODE_SKIP = r"/(tests?|testing)/"
+# The env's interpreter runs as this process's user to compile: isolated and without the site
+# module, so no .pth file or module of the model's packages runs (compiling executes nothing).
+_NO_SITE = ("-I", "-S")
 LAST_USED = ".last-used"  # its mtime is the last time a revision prepared or started on it
 METADATA = "environment.json"
 _TMP_PREFIX = ".build-"
@@ -421,16 +429,21 @@ class EnvironmentBuilder:
         base_python: str | None = None,
         timeout: float = 900.0,
         uv: str | None | bool = None,
-        compile_bytecode: bool = False,
+        bytecode: str = "background",
     ) -> None:
         """``index`` may be a callable (read once, at the first build: the host's pip config
         costs a subprocess). ``uv`` None finds the uv wheel's binary, False forces pip.
-        ``compile_bytecode`` compiles every installed module at build time: for servers
-        running as a user who cannot write ``__pycache__`` in the environment (otherwise
-        each of their starts compiles what it imports again); it makes a cold build several
-        times slower (sklearn's: 95 s instead of 5 s on a loaded 2-core machine), so it is
-        off and the first server start, as the control plane's user, writes the bytecode of
-        what it imports."""
+
+        ``bytecode``: sandboxed servers run as a uid that cannot write ``__pycache__`` in the
+        environment, so without bytecode on disk every start compiles all it imports again
+        (scikit-learn's server: about 10 s more per start on a loaded 2-core machine).
+        "background" (default) compiles the environment's modules (``compileall``, test
+        directories left out, at low CPU priority) after the environment is complete, so the
+        build is not delayed and later starts find the bytecode (``BYTECODE_MARKER`` written
+        when done; a missing marker restarts the compile at the next ``ensure``); "build"
+        compiles before the environment is marked complete; "off" never."""
+        if bytecode not in BYTECODE_MODES:
+            raise ValueError(f"bytecode must be one of {BYTECODE_MODES}, not {bytecode!r}")
         self.root = Path(root)
         self._index = index
         self.base_python = base_python or os.path.realpath(
@@ -438,7 +451,9 @@ class EnvironmentBuilder:
         )
         self.timeout = timeout
         self.uv = None if uv is False else (uv or _find_uv())
-        self.compile_bytecode = compile_bytecode
+        self.bytecode = bytecode
+        self._compiling: dict[str, subprocess.Popen] = {}
+        self._compiling_lock = threading.Lock()
         self.builds = 0  # environments this object built (reuse leaves it unchanged)
 
     @property
@@ -492,6 +507,7 @@ class EnvironmentBuilder:
                     f"building environment {key[:12]} under {self.root}: {exc}"
                 ) from exc
         self.touch(key)
+        self._start_bytecode(key)
         return BuiltEnvironment(key=key, path=self.path(key), python=python, built=False)
 
     def _build(self, resolved: ResolvedEnvironment, progress: Progress | None) -> BuiltEnvironment:
@@ -519,7 +535,9 @@ class EnvironmentBuilder:
                 self._uv_build(venv, tmp / "requirements.txt", python_request)
             else:
                 self._pip_build(venv, tmp / "requirements.txt", python_request)
-            packages = self._freeze(venv)
+            packages = _installed(venv)
+            if self.bytecode == "build":
+                self._compile_bytecode(venv, shown_as=final)
             seconds = time.monotonic() - started
             (venv / METADATA).write_text(
                 json.dumps(
@@ -537,7 +555,7 @@ class EnvironmentBuilder:
                     indent=1,
                 )
             )
-            _make_world_readable(venv)
+            _check_readable(venv)
             # Marker last, then one rename: a crash at any point before leaves only a
             # temporary directory (removed by cleanup) and never a complete-looking env.
             (venv / COMPLETE_MARKER).write_text(f"{key}\n")
@@ -547,6 +565,7 @@ class EnvironmentBuilder:
             shutil.rmtree(tmp, ignore_errors=True)
         self.touch(key)
         self.builds += 1
+        self._start_bytecode(key)
         seconds = time.monotonic() - started
         if progress:
             progress(
@@ -580,6 +599,9 @@ class EnvironmentBuilder:
                 check=False,
                 env=full_env,
                 cwd=self.root,
+                # Model servers may run as another user (the sandbox's): what the installer
+                # creates is world-readable from the start, so nothing walks the tree after.
+                umask=0o022,
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentFailure(f"{what} took longer than {self.timeout:.0f} s") from None
@@ -620,7 +642,11 @@ class EnvironmentBuilder:
                 str(venv / "bin" / "python"),
                 "--requirements",
                 str(requirements),
-                *(["--compile-bytecode"] if self.compile_bytecode else []),
+                # Files are hard links into uv's cache (same filesystem; uv copies where it
+                # cannot link): torch's 15,000 files are not copied. Nothing writes to an
+                # environment's files after the build, so sharing the cache's inodes is safe.
+                "--link-mode",
+                "hardlink",
                 *self.index.uv_args(),
                 *common,
             ],
@@ -684,13 +710,96 @@ class EnvironmentBuilder:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
 
-    def _freeze(self, venv: Path) -> list[str]:
-        script = (
-            "import importlib.metadata as m, json; print(json.dumps(sorted("
-            "f\"{d.metadata['Name']}=={d.version}\" for d in m.distributions())))"
+    # --- bytecode -------------------------------------------------------------------------
+
+    def _compile_script(
+        self, site_packages: Path, shown_as: Path | None, marker: Path | None, lock: Path | None
+    ) -> str:
+        return (
+            "import compileall, fcntl, os, re, sys\n"
+            f"lock = {str(lock)!r} if {lock is not None} else None\n"
+            "if lock:\n"
+            "    handle = open(lock, 'w')\n"
+            "    try:\n"
+            "        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "    except BlockingIOError:\n"
+            "        sys.exit(0)  # another process compiles this environment\n"
+            f"compileall.compile_dir({str(site_packages)!r}, quiet=2, workers=0,\n"
+            f"    rx=re.compile({_BYTECODE_SKIP!r}),\n"
+            f"    ddir={str(shown_as) if shown_as else None!r})\n"
+            f"marker = {str(marker) if marker else None!r}\n"
+            "if marker:\n"
+            "    open(marker, 'w').write('done\\n')\n"
         )
-        out = self._run([str(venv / "bin" / "python"), "-c", script], what="listing the env")
-        return json.loads(out.strip().splitlines()[-1])
+
+    def _compile_bytecode(self, venv: Path, *, shown_as: Path) -> None:
+        """Compile now (bytecode "build"): before the environment is marked complete."""
+        site = _site_packages(venv)
+        if site is None:
+            return
+        script = self._compile_script(site, _site_packages(shown_as, must_exist=False), None, None)
+        self._run(
+            [str(venv / "bin" / "python"), *_NO_SITE, "-c", script], what="compiling bytecode"
+        )
+        (venv / BYTECODE_MARKER).write_text("done\n")
+
+    def _start_bytecode(self, key: str) -> None:
+        """Bytecode "background": start compiling the env's modules unless done or running."""
+        if self.bytecode != "background":
+            return
+        env = self.path(key)
+        if (env / BYTECODE_MARKER).exists():
+            return
+        with self._compiling_lock:
+            running = self._compiling.get(key)
+            if running is not None and running.poll() is None:
+                return
+            site = _site_packages(env)
+            if site is None:
+                return
+            script = self._compile_script(
+                site, None, env / BYTECODE_MARKER, self.root / _LOCKS / f"{key}.bytecode.lock"
+            )
+            nice = shutil.which("nice")
+            argv = [
+                *([nice, "-n", "19"] if nice else []),
+                str(env / "bin" / "python"),
+                *_NO_SITE,
+                "-c",
+                script,
+            ]
+            try:
+                self._compiling[key] = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,  # outlives a worker that stops meanwhile
+                    umask=0o022,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                logger.warning("cannot compile the bytecode of environment %s: %s", key[:12], exc)
+
+    def bytecode_ready(self, key: str) -> bool:
+        return (self.path(key) / BYTECODE_MARKER).exists()
+
+    def wait_bytecode(self, key: str, timeout: float = 600.0) -> bool:
+        """Wait until the environment's bytecode is on disk (benchmarks; tests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.bytecode_ready(key):
+                return True
+            time.sleep(0.1)
+        return self.bytecode_ready(key)
+
+    def _stop_bytecode(self, key: str) -> None:
+        with self._compiling_lock:
+            proc = self._compiling.pop(key, None)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, 9)
+            proc.wait()
 
     def cleanup(self, *, keep: set[str], retention_seconds: float) -> list[str]:
         """Remove environments no key in ``keep`` names and unused for ``retention_seconds``,
@@ -724,6 +833,7 @@ class EnvironmentBuilder:
                     pass
                 if now - last < retention_seconds:
                     continue
+                self._stop_bytecode(key)
                 # Unmark first: a half-removed env is never taken for a complete one.
                 with contextlib.suppress(OSError):
                     (entry / COMPLETE_MARKER).unlink()
@@ -765,9 +875,53 @@ def installer_errors(output: str, *, limit: int = 15) -> str:
     return "\n".join(line.strip() for line in chosen[-limit:])
 
 
+def _site_packages(venv: Path, *, must_exist: bool = True) -> Path | None:
+    found = sorted((venv / "lib").glob("python3*/site-packages"))
+    if found:
+        return found[0]
+    if must_exist:
+        return None
+    return venv / "lib" / f"python{current_python()}" / "site-packages"
+
+
+def _installed(venv: Path) -> list[str]:
+    """name==version of every distribution in the env, read from its metadata files (no
+    interpreter started, nothing of the packages run)."""
+    site = _site_packages(venv)
+    if site is None:
+        return []
+    return sorted(
+        {
+            f"{dist.metadata['Name']}=={dist.version}"
+            for dist in importlib.metadata.distributions(path=[str(site)])
+            if dist.metadata["Name"]
+        }
+    )
+
+
+def _check_readable(venv: Path) -> None:
+    """Model servers may run as another user: the installers ran with umask 022, and files
+    linked from uv's cache keep the cache's modes. Checked on the top of site-packages (one
+    directory read); only when something there is not world-readable (a cache written with a
+    stricter umask) is the whole tree walked and fixed."""
+    os.chmod(venv, 0o755)
+    site = _site_packages(venv)
+    if site is None:
+        return
+    for entry in os.scandir(site):
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        if mode & 0o004 == 0 or (stat.S_ISDIR(mode) and mode & 0o001 == 0):
+            logger.warning(
+                "environment %s: %s is not world-readable; fixing modes", venv, entry.path
+            )
+            _make_world_readable(venv)
+            return
+
+
 def _make_world_readable(root: Path) -> None:
     """Dirs 0755, files 0644 (executables 0755): model servers may run as another user."""
-    # Only what differs is changed: torch alone has some 15,000 files, mostly 0644 already.
     for dirpath, _dirnames, filenames in os.walk(root):
         if stat.S_IMODE(os.stat(dirpath).st_mode) != 0o755:
             os.chmod(dirpath, 0o755)

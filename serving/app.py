@@ -80,6 +80,8 @@ class App:
         self.max_body_bytes = settings.max_body_bytes
         self.connections: set[HttpConnection] = set()
         self.receiving = 0
+        # gRPC requests expected soon (serving/grpc_server.py sets it): batches wait for them
+        self.grpc_expected: Callable[[], int] = lambda: 0
         self.closing = False
         self.model: LoadedModel | None = None
         self.ready = False
@@ -271,7 +273,7 @@ class App:
                 lambda rows: model.predict(rows, method),
                 max_rows=self.settings.max_batch_size,
                 max_delay_s=self.settings.max_batch_delay_ms / 1000,
-                incoming=lambda: self.receiving,
+                incoming=lambda: self.receiving + self.grpc_expected(),
                 on_batch=self.metrics.batch_size.observe,
             )
         return batcher

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("serving.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
+_PEAK_WINDOW_S = 0.05  # how long a peak of concurrent ModelInfer calls is remembered
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
@@ -63,6 +64,24 @@ class InferenceService:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        # ModelInfer calls in progress, and their recent peak: grpc.aio hands calls to the loop
+        # one at a time (each through its completion-queue poller), so unlike HTTP requests,
+        # which arrive together in one read of every ready socket, they never meet in the same
+        # loop iteration and every call would be its own predict. While fewer calls are in
+        # progress than were a moment ago, the callers just answered are sending their next
+        # ones: the batcher waits for them (at most --max-batch-delay-ms, as for an HTTP body
+        # still arriving). At concurrency 1 the peak is 1 and nothing waits.
+        self.infer_in_flight = 0
+        self._peak = 0
+        self._peak_at = 0.0
+        app.grpc_expected = self.expected
+
+    def expected(self) -> int:
+        """How many ModelInfer calls are likely on their way (recent peak minus in progress)."""
+        if time.perf_counter() - self._peak_at > _PEAK_WINDOW_S:
+            self._peak = self.infer_in_flight  # the load went down: forget the old peak
+            self._peak_at = time.perf_counter()
+        return self._peak - self.infer_in_flight
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -159,6 +178,15 @@ class InferenceService:
 
     async def model_infer(self, request: pb.ModelInferRequest, context):
         started = time.perf_counter()
+        self.infer_in_flight += 1
+        if self.infer_in_flight >= self._peak:
+            self._peak, self._peak_at = self.infer_in_flight, started
+        try:
+            return await self._model_infer(request, context, started)
+        finally:
+            self.infer_in_flight -= 1
+
+    async def _model_infer(self, request: pb.ModelInferRequest, context, started: float):
 
         async def run():
             self._check_model(request.model_name, request.model_version)

@@ -62,6 +62,8 @@ def environment_builder(data_dir: str):
         Path(data_dir) / "environments",
         index=functools.cache(index_options),
         timeout=settings.CONTROLPLANE_ENV_BUILD_TIMEOUT,
+        # "background" (default), "build" or "off": see EnvironmentBuilder
+        bytecode=getattr(settings, "CONTROLPLANE_ENV_BYTECODE", "background"),
     )
 
 

@@ -585,3 +585,52 @@ def test_the_version_page_shows_the_requirements_as_deployments_resolve_them(
         "runs on this control plane&#x27;s Python" in page
         or "runs on this control plane's Python" in page
     )
+
+
+def _fake_env(builder: EnvironmentBuilder, key: str) -> Path:
+    """A complete-looking environment of two small packages, on this interpreter."""
+    env = builder.path(key)
+    site = env / "lib" / f"python{environments.current_python()}" / "site-packages"
+    (site / "pkg" / "tests").mkdir(parents=True)
+    (site / "pkg" / "__init__.py").write_text("VALUE = 1\n")
+    (site / "pkg" / "tests" / "test_pkg.py").write_text("def test(): pass\n")
+    (env / "bin").mkdir()
+    (env / "bin" / "python").symlink_to(sys.executable)
+    # a real venv: its interpreter's site-packages is this one (and its .pth files would run)
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    (env / "pyvenv.cfg").write_text(f"home = {os.path.dirname(base)}\n")
+    (env / COMPLETE_MARKER).write_text(key)
+    return site
+
+
+def test_bytecode_is_compiled_in_the_background_for_servers_that_cannot_write_it(tmp_path):
+    """Sandboxed servers run as a uid that cannot write __pycache__: after the env is complete
+    its modules are compiled (world-readable, test suites left out), once, and a prepare of an
+    env whose compile never finished starts it again."""
+    builder = EnvironmentBuilder(tmp_path / "envs", bytecode="background")
+    key = "b" * 64
+    site = _fake_env(builder, key)
+    # a package's .pth file runs at interpreter start-up: the compile must not start one
+    ran = tmp_path / "pth-ran"
+    (site / "evil.pth").write_text(f"import pathlib; pathlib.Path({str(ran)!r}).touch()\n")
+    (tmp_path / "envs" / ".locks").mkdir(parents=True, exist_ok=True)
+    assert not builder.bytecode_ready(key)
+    builder._start_bytecode(key)  # what ensure() does for a complete env without the marker
+    assert builder.wait_bytecode(key, timeout=60)
+    compiled = list((site / "pkg" / "__pycache__").glob("__init__.cpython-*.pyc"))
+    assert len(compiled) == 1 and compiled[0].stat().st_mode & 0o644 == 0o644
+    assert not (site / "pkg" / "tests" / "__pycache__").exists()
+    assert (builder.path(key) / environments.BYTECODE_MARKER).is_file()
+    assert not ran.exists()
+    first = builder._compiling[key]
+    assert first.wait(timeout=30) == 0
+    # done: a later prepare starts nothing
+    builder._start_bytecode(key)
+    assert builder._compiling[key] is first
+    # "off": nothing compiled
+    off = EnvironmentBuilder(tmp_path / "off", bytecode="off")
+    _fake_env(off, key)
+    off._start_bytecode(key)
+    assert key not in off._compiling and not off.bytecode_ready(key)
+    with pytest.raises(ValueError, match="bytecode must be one of"):
+        EnvironmentBuilder(tmp_path, bytecode="sometimes")
