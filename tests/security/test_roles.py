@@ -155,6 +155,8 @@ EXEMPT = {
     "healthz": "liveness, no data",
     "login": "signing in",
     "logout": "signing out",
+    "oidc-sign-in": "signing in (single sign-on; 404 unless configured)",
+    "oidc-callback": "signing in (single sign-on; 404 unless configured)",
     "prometheus": "its own bearer token or address allow-list (tests/monitoring)",
     "api:api-prometheus-targets": "the Prometheus token or allow-list, as /metrics",
     "api:api-prometheus-instance-metrics": "the Prometheus token or allow-list, as /metrics",
