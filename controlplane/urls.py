@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts import oidc
@@ -19,6 +20,8 @@ api_v1 = [
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("favicon.ico", views.favicon, name="favicon"),
+    path("models/", RedirectView.as_view(pattern_name="registry:model-list"), name="models"),
     path("login/", account_views.LoginView.as_view(), name="login"),
     path("oidc/sign-in/", oidc.SignInView.as_view(), name="oidc-sign-in"),
     path("oidc/callback/", oidc.CallbackView.as_view(), name="oidc-callback"),

@@ -153,6 +153,8 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
 # Routes outside the table, and why.
 EXEMPT = {
     "healthz": "liveness, no data",
+    "favicon": "a redirect to the static icon",
+    "models": "a redirect to the models list (which asks for a login)",
     "login": "signing in",
     "logout": "signing out",
     "oidc-sign-in": "signing in (single sign-on; 404 unless configured)",
