@@ -29,6 +29,7 @@ from registry.models import Alias, ModelVersion
 from registry.selectors import registered_model_list
 
 from . import selectors, services
+from .calls import call_examples
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
@@ -407,6 +408,11 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "total": total,
             "curl": curl,
             "curl_is_example": curl_is_example,
+            "other_calls": call_examples(
+                endpoint=d.endpoint,
+                model_name=d.model.name,
+                payload=_example_payload(serving.model_version if serving else None),
+            ),
             "isolation_warning": isolation_warning(d.runtime),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),
             "live": {
