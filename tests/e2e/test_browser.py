@@ -309,6 +309,10 @@ def test_a_user_uploads_promotes_with_approval_deploys_rolls_back_and_monitors(
     page.locator("select[name=action]").select_option(label="Roll back to the previous revision")
     shot(page, "admin-rollback")
     page.get_by_role("button", name="Go").click()
+    # The action asks first, as Django's delete does.
+    expect(page.locator("#rollback-list")).to_contain_text(DEPLOYMENT)
+    shot(page, "admin-rollback-confirm")
+    page.get_by_role("button", name="Yes, roll back").click()
     expect(page.locator(".messagelist")).to_contain_text(f"Rolling back: {DEPLOYMENT}.")
     page.goto(f"/deployments/{DEPLOYMENT}/")
     _wait_until_serving(page, revision=1, version=1)
