@@ -25,6 +25,8 @@ class ApiToken(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name = "API token"
+        verbose_name_plural = "API tokens"
 
     def __str__(self) -> str:
         return f"{self.display_prefix}… ({self.name})"
@@ -63,3 +65,23 @@ class Rights(models.Model):
 
     def __str__(self) -> str:
         return "rights"
+
+
+class OidcIdentity(models.Model):
+    """The single sign-on subject (the provider's ``sub`` claim) a user signs in as.
+    Users are found by it, never by a username or e-mail the provider lets people
+    choose, so a provider account cannot take over a local one."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="oidc_identity"
+    )
+    subject = models.CharField(max_length=255, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_login_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "single sign-on identity"
+        verbose_name_plural = "single sign-on identities"
+
+    def __str__(self) -> str:
+        return f"{self.subject} → {self.user}"

@@ -5,8 +5,9 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
@@ -128,3 +129,25 @@ def mlflow_credential(request: HttpRequest) -> HttpResponse:
         },
         status=status,
     )
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login page, with the single sign-on button when it is configured and
+    no password form when local passwords are turned off (CONTROLPLANE_LOCAL_LOGIN)."""
+
+    def get_context_data(self, **kwargs):
+        context = super().get_context_data(**kwargs)
+        context.update(
+            sso_enabled=settings.CONTROLPLANE_OIDC_ENABLED,
+            sso_name=settings.CONTROLPLANE_OIDC_PROVIDER_NAME,
+            sso_failed=self.request.GET.get("sso") == "failed",
+            local_login=settings.CONTROLPLANE_LOCAL_LOGIN,
+        )
+        return context
+
+    def post(self, request, *args, **kwargs):
+        if not settings.CONTROLPLANE_LOCAL_LOGIN:
+            return HttpResponseForbidden(
+                "local passwords are turned off: sign in with single sign-on"
+            )
+        return super().post(request, *args, **kwargs)

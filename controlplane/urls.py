@@ -1,8 +1,11 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from accounts import oidc
+from accounts import views as account_views
 from controlplane import views
 from deployments.urls import api_urlpatterns as deployments_api
 from monitoring import views as monitoring_views
@@ -17,7 +20,11 @@ api_v1 = [
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("favicon.ico", views.favicon, name="favicon"),
+    path("models/", RedirectView.as_view(pattern_name="registry:model-list"), name="models"),
+    path("login/", account_views.LoginView.as_view(), name="login"),
+    path("oidc/sign-in/", oidc.SignInView.as_view(), name="oidc-sign-in"),
+    path("oidc/callback/", oidc.CallbackView.as_view(), name="oidc-callback"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

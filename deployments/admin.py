@@ -14,6 +14,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -202,7 +203,20 @@ class DeploymentAdmin(ReadOnlyAdmin):
         return format_html('<a href="{}">{}</a>', url, url)
 
     @admin.action(description="Roll back to the previous revision", permissions=["operate"])
-    def roll_back(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+    def roll_back(self, request: HttpRequest, queryset: QuerySet[Deployment]):
+        if request.POST.get("post") != "yes":
+            # Asks first, as Django's delete action does: a page listing what rolls back.
+            context = {
+                **self.admin_site.each_context(request),
+                "title": "Roll back deployments?",
+                "opts": self.model._meta,
+                "deployments": list(queryset.select_related("model", "desired_revision")),
+                "action": "roll_back",
+                "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(
+                request, "admin/deployments/deployment/rollback_confirmation.html", context
+            )
         _run_each(
             request,
             list(queryset),
@@ -212,6 +226,7 @@ class DeploymentAdmin(ReadOnlyAdmin):
             "Rollback",
             "Rolling back",
         )
+        return None
 
     @admin.action(description="Stop", permissions=["operate"])
     def stop(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:

@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from accounts.permissions import Right, user_can
 from accounts.scopes import DEPLOY
 from controlplane.lib.apis import paginate, validated
-from controlplane.lib.errors import ApplicationError
+from controlplane.lib.errors import ApplicationError, Conflict
 
 from . import selectors, services, shadow
 from .models import Deployment, DeploymentEvent, Instance, Revision
@@ -200,6 +200,17 @@ def _wait(name: str, timeout: float | None) -> Deployment:
     return deployment
 
 
+def _failed_wait(d: Deployment, timeout: float | None) -> None:
+    """A caller that waited (a CI step) gets a 409 with the failure, never a 2xx, for a
+    deployment that failed; the change it asked for stays recorded, as without wait."""
+    if timeout is not None and d.status == Deployment.Status.FAILED:
+        raise Conflict(
+            f"deployment {d.name} failed: {d.status_message or 'see its events'}",
+            code="deployment_failed",
+            details=DeploymentOutput(d).data,
+        )
+
+
 WAIT_PARAMS = [
     OpenApiParameter(
         "wait", str, description="'ready': answer once the deployment is ready, failed or stopped"
@@ -271,6 +282,7 @@ class DeploymentListApi(APIView):
             actor=request.user,
         )
         d = _wait(d.name, timeout)
+        _failed_wait(d, timeout)
         code = (
             status.HTTP_201_CREATED
             if d.status == Deployment.Status.READY
@@ -384,6 +396,7 @@ class DeploymentDetailApi(APIView):
                     actor=request.user,
                 )
         d = _wait(name, timeout)
+        _failed_wait(d, timeout)
         return Response(
             DeploymentOutput(d).data,
             status=status.HTTP_202_ACCEPTED if d.status not in WAIT_DONE else status.HTTP_200_OK,
@@ -431,6 +444,7 @@ class RollbackApi(APIView):
             deployment=d, revision=data.get("revision"), actor=request.user, reason=data["reason"]
         )
         d = _wait(name, timeout)
+        _failed_wait(d, timeout)
         return Response(DeploymentOutput(d).data, status=status.HTTP_202_ACCEPTED)
 
 

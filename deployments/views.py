@@ -25,10 +25,11 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts.permissions import Right, requires
 from controlplane.lib.errors import ApplicationError
 from controlplane.lib.views import error_pages
-from registry.models import ModelVersion
+from registry.models import Alias, ModelVersion
 from registry.selectors import registered_model_list
 
 from . import selectors, services
+from .calls import call_examples
 from .environments import ENVIRONMENT_CHOICES
 from .models import Deployment, Instance
 from .runtimes import RUNTIMES, isolation_warning
@@ -88,16 +89,40 @@ def _badge(state: str) -> str:
     return BADGES.get(state, "badge-archived")
 
 
-def _current(d: Deployment) -> dict:
+def _alias_versions(deployments) -> dict[tuple[int, str], int]:
+    """(model id, alias) -> the version the alias points at now, in one query."""
+    wanted = [d for d in deployments if d.target_alias]
+    if not wanted:
+        return {}
+    rows = Alias.objects.filter(
+        model_id__in={d.model_id for d in wanted}, name__in={d.target_alias for d in wanted}
+    ).values_list("model_id", "name", "version__version")
+    return {(model_id, name): version for model_id, name, version in rows}
+
+
+def _current(d: Deployment, alias_versions: dict | None = None) -> dict:
     """What the desired revision asks for. After a rollback this is the earlier
     revision's spec, not the deployment's last requested target, so pages show
-    (and forms start from) what actually should run."""
+    (and forms start from) what actually should run; a deployment that follows an
+    alias but runs another version (a rollback pinned it) says both."""
     rev = d.desired_revision
     spec = rev.spec if rev is not None else {}
     version = rev.model_version.version if rev is not None else d.target_version
+    if alias_versions is None:
+        alias_versions = _alias_versions([d])
+    alias_version = alias_versions.get((d.model_id, d.target_alias)) if d.target_alias else None
+    pinned = alias_version is not None and alias_version != version
+    if pinned:
+        target = f"v{version}, pinned by rollback (@{d.target_alias} is v{alias_version})"
+    elif d.target_alias:
+        target = f"@{d.target_alias} → v{version}"
+    else:
+        target = f"v{version}"
     return {
         "version": version,
-        "target": f"@{d.target_alias} → v{version}" if d.target_alias else f"v{version}",
+        "alias_version": alias_version,
+        "pinned": pinned,
+        "target": target,
         "replicas": spec.get("replicas", d.replicas),
         "cpu": spec.get("cpu", d.cpu),
         "memory_mb": spec.get("memory_mb", d.memory_mb),
@@ -225,13 +250,15 @@ def _add_service_error(form: forms.Form, exc: ApplicationError, fields: dict[str
 @require_GET
 def deployment_list(request: HttpRequest) -> HttpResponse:
     rows = []
-    for d in selectors.deployment_list():
+    deployments = list(selectors.deployment_list())
+    alias_versions = _alias_versions(deployments)
+    for d in deployments:
         ready, total = _instance_counts(d)
         rows.append(
             {
                 "d": d,
                 "badge": _badge(d.status),
-                "current": _current(d),
+                "current": _current(d, alias_versions),
                 "ready": ready,
                 "total": total,
             }
@@ -398,6 +425,11 @@ def deployment_detail(request: HttpRequest, name: str) -> HttpResponse:
             "total": total,
             "curl": curl,
             "curl_is_example": curl_is_example,
+            "other_calls": call_examples(
+                endpoint=d.endpoint,
+                model_name=d.model.name,
+                payload=_example_payload(serving.model_version if serving else None),
+            ),
             "isolation_warning": isolation_warning(d.runtime),
             "autoscaling": autoscaling_view(d),
             "logs": selectors.deployment_logs(deployment=d, tail=LOG_LINES_ON_PAGE),

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import smtplib
 import socket
 import time
 import uuid
@@ -281,8 +282,21 @@ class EmailChannel:
                 fail_silently=False,
             )
         except Exception as exc:  # SMTP errors of every kind
-            return Delivery(False, None, f"{type(exc).__name__}: {exc}")
+            return Delivery(False, None, email_failure_message(exc))
         return Delivery(True, None, "")
+
+
+def email_failure_message(exc: Exception) -> str:
+    """What failed, and where its settings are: a bare "Connection refused" says neither."""
+    server = f"{settings.EMAIL_HOST}:{settings.EMAIL_PORT}"
+    if isinstance(exc, OSError) and not isinstance(exc, smtplib.SMTPException):
+        what = f"cannot reach the mail server {server}"
+    else:
+        what = f"the mail server {server} refused the message"
+    return (
+        f"e-mail not sent: {what} ({type(exc).__name__}: {exc}); "
+        "check EMAIL_HOST, EMAIL_PORT, EMAIL_USE_TLS, EMAIL_HOST_USER and EMAIL_HOST_PASSWORD"
+    )
 
 
 CHANNELS: dict[str, Channel] = {"webhook": WebhookChannel(), "email": EmailChannel()}

@@ -78,6 +78,7 @@ class Alias(models.Model):
     class Meta:
         ordering = ["model", "name"]
         constraints = [models.UniqueConstraint(fields=["model", "name"], name="unique_model_alias")]
+        verbose_name_plural = "aliases"
 
     def __str__(self) -> str:
         return f"{self.model.name}@{self.name} -> v{self.version.version}"

@@ -275,9 +275,10 @@ def compare(request: HttpRequest, name: str) -> HttpResponse:
         "model": model,
         "wanted": wanted,
         "only_diff": only_diff,
-        "all_versions": selectors.model_version_list(model=model).values_list("version", flat=True)[
-            :200
-        ],
+        # The newest 200, listed oldest first: the order of the table's columns.
+        "all_versions": sorted(
+            selectors.model_version_list(model=model).values_list("version", flat=True)[:200]
+        ),
     }
     status = 200
     if wanted:

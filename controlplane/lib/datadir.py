@@ -35,3 +35,30 @@ def data_dir_secure(data_dir: Path, *, sqlite_path: Path | None = None) -> None:
                     os.chmod(candidate, 0o600)
             except FileNotFoundError:
                 pass
+
+
+# Commands that act on an existing installation: run against the wrong data directory they
+# would create an empty one and fail on its missing tables.
+NEEDS_INSTALLATION = ("create_api_token", "create_user", "createsuperuser", "changepassword")
+
+
+def missing_installation(argv: list[str], environ: dict, default_dir: Path) -> str | None:
+    """A one-line error when ``argv`` runs such a command and the embedded database is not
+    there (checked before Django starts, so nothing is created); None otherwise."""
+    if len(argv) < 2 or argv[1] not in NEEDS_INSTALLATION or environ.get("DATABASE_URL"):
+        return None
+    data_dir = Path(environ.get("CONTROLPLANE_DATA_DIR") or default_dir).resolve()
+    database = data_dir / "controlplane.sqlite3"
+    if database.exists():
+        return None
+    return (
+        f"error: no control plane database at {database}. Set CONTROLPLANE_DATA_DIR to the "
+        "data directory the server uses (or DATABASE_URL to its database)."
+    )
+
+
+def no_database_message(exc: Exception) -> str:
+    return (
+        f"the database has no control plane tables ({exc}). Set CONTROLPLANE_DATA_DIR to the "
+        "data directory the server uses (or DATABASE_URL to its database), or run migrate."
+    )

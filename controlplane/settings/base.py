@@ -164,9 +164,11 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "controlplane" / "static"]
+# Hashed names (app.3f2a….css), so whitenoise serves them as immutable for a year: plotly.js
+# (4.8 MB) is fetched once per version. `make run` runs collectstatic, which writes the manifest.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
 
 # --- security defaults -------------------------------------------------------
@@ -533,3 +535,50 @@ for _name in ("CONTROLPLANE_PIP_CERT", "CONTROLPLANE_PIP_CONSTRAINT"):
     for _path in (_value or "").replace(",", " ").split():
         if not Path(_path).is_file():
             raise ImproperlyConfigured(f"{_name}: {_path} is not a file")
+
+# --- single sign-on (OpenID Connect, mozilla-django-oidc; accounts/oidc.py) -----------------
+# Off unless CONTROLPLANE_OIDC_CLIENT_ID is set. The endpoints are the provider's (its
+# /.well-known/openid-configuration lists them); no discovery call is made at start-up.
+CONTROLPLANE_OIDC_ENABLED = bool(env_str("CONTROLPLANE_OIDC_CLIENT_ID"))
+CONTROLPLANE_OIDC_PROVIDER_NAME = env_str("CONTROLPLANE_OIDC_PROVIDER_NAME", "single sign-on")
+# The claim listing the user's groups, and IdP group -> our role ("grp-a=deployer,grp-b=viewer").
+CONTROLPLANE_OIDC_ROLES_CLAIM = env_str("CONTROLPLANE_OIDC_ROLES_CLAIM", "groups")
+CONTROLPLANE_OIDC_ROLE_MAP = env_str("CONTROLPLANE_OIDC_ROLE_MAP", "")
+# Least privilege: a user whose groups map to no role gets this one ("" = none, or "viewer").
+CONTROLPLANE_OIDC_DEFAULT_ROLE = env_choice("CONTROLPLANE_OIDC_DEFAULT_ROLE", "", ("", "viewer"))
+CONTROLPLANE_OIDC_USERNAME_CLAIM = env_str("CONTROLPLANE_OIDC_USERNAME_CLAIM", "preferred_username")
+# Off: the login page and the admin refuse passwords (API tokens keep working).
+CONTROLPLANE_LOCAL_LOGIN = env_bool("CONTROLPLANE_LOCAL_LOGIN", True)
+OIDC_AUTHENTICATION_CALLBACK_URL = "oidc-callback"
+if not CONTROLPLANE_LOCAL_LOGIN and not CONTROLPLANE_OIDC_ENABLED:
+    raise ImproperlyConfigured(
+        "CONTROLPLANE_LOCAL_LOGIN=false needs single sign-on (CONTROLPLANE_OIDC_CLIENT_ID ...)"
+    )
+if CONTROLPLANE_OIDC_ENABLED:
+    OIDC_RP_CLIENT_ID = env_str("CONTROLPLANE_OIDC_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = env_str("CONTROLPLANE_OIDC_CLIENT_SECRET")
+    for _name in (
+        "CONTROLPLANE_OIDC_CLIENT_SECRET",
+        "CONTROLPLANE_OIDC_AUTHORIZATION_ENDPOINT",
+        "CONTROLPLANE_OIDC_TOKEN_ENDPOINT",
+        "CONTROLPLANE_OIDC_USERINFO_ENDPOINT",
+        "CONTROLPLANE_OIDC_JWKS_ENDPOINT",
+    ):
+        if not env_str(_name):
+            raise ImproperlyConfigured(f"{_name} is required with CONTROLPLANE_OIDC_CLIENT_ID")
+    OIDC_OP_AUTHORIZATION_ENDPOINT = env_str("CONTROLPLANE_OIDC_AUTHORIZATION_ENDPOINT")
+    OIDC_OP_TOKEN_ENDPOINT = env_str("CONTROLPLANE_OIDC_TOKEN_ENDPOINT")
+    OIDC_OP_USER_ENDPOINT = env_str("CONTROLPLANE_OIDC_USERINFO_ENDPOINT")
+    OIDC_OP_JWKS_ENDPOINT = env_str("CONTROLPLANE_OIDC_JWKS_ENDPOINT")
+    OIDC_OP_LOGOUT_ENDPOINT = env_str("CONTROLPLANE_OIDC_LOGOUT_ENDPOINT")
+    OIDC_RP_SIGN_ALGO = env_choice(
+        "CONTROLPLANE_OIDC_SIGN_ALGO", "RS256", ("RS256", "RS384", "RS512", "ES256", "ES384")
+    )
+    OIDC_RP_SCOPES = env_str("CONTROLPLANE_OIDC_SCOPES", "openid email profile")
+    OIDC_USE_PKCE = True
+    OIDC_TIMEOUT = 10
+    OIDC_VERIFY_SSL = env_bool("CONTROLPLANE_OIDC_VERIFY_SSL", True)
+    LOGIN_REDIRECT_URL_FAILURE = "/login/?sso=failed"
+    AUTHENTICATION_BACKENDS.append("accounts.oidc.RoleMappingBackend")
+if not CONTROLPLANE_LOCAL_LOGIN:
+    AUTHENTICATION_BACKENDS.remove("django.contrib.auth.backends.ModelBackend")

@@ -5,9 +5,9 @@ those, so a rollout or a rollback to a model with the same requirements builds n
 The packages are downloaded on this host (where pip is configured for the network, CA
 bundle included) into a wheelhouse in the build context, and the build itself runs with
 no network. The model is never in the image; it is bind-mounted read-only at /model.
-The Dockerfile's build stage (the venv) depends on the requirements only and stays in
-the engine's build cache as an untagged image labelled ``controlplane.stage=build``, so
-a new serving code rebuilds an image in seconds instead of reinstalling its packages.
+The Dockerfile's build stage (the venv) ends as an untagged image labelled
+``controlplane.stage=build`` and with the owner; after each build the runtime prunes its own
+such images (hundreds of MB each, nothing references them), never another owner's.
 
 Containers: hardened by default (non-root, no capabilities, no-new-privileges, read-only
 root filesystem, pids/memory/CPU limits), labelled with the owner (this control plane's
@@ -66,6 +66,7 @@ LABEL_PORT = "controlplane.port"
 LABEL_SOCKET = "controlplane.socket"  # host path of the server's socket (network "none")
 LABEL_MODEL = "controlplane.model"
 LABEL_IMAGE_KEY = "controlplane.image-key"
+LABEL_STAGE = "controlplane.stage"  # "build": the Dockerfile's build stage (serving/Dockerfile)
 
 # Bump when the build context's layout or the Dockerfile contract changes: every image
 # key changes with it.
@@ -410,6 +411,7 @@ class DockerRuntime:
                 )
             self._build(tag, key, base_id, serving_requirements, model_requirements)
             self.builds += 1
+            self.prune_build_leftovers()
             logger.info("built %s in %.0fs", tag, time.monotonic() - started)
             if progress:
                 progress(f"image {tag} built in {time.monotonic() - started:.1f} s")
@@ -447,7 +449,7 @@ class DockerRuntime:
                     self._client.images.build(
                         path=str(context),
                         tag=tag,
-                        buildargs={"BASE_IMAGE": self.base_image},
+                        buildargs={"BASE_IMAGE": self.base_image, "CONTROLPLANE_OWNER": self.owner},
                         labels={LABEL_IMAGE_KEY: key},
                         network_mode="none",
                         pull=False,
@@ -467,6 +469,21 @@ class DockerRuntime:
                     ) from None
         finally:
             shutil.rmtree(context, ignore_errors=True)
+
+    def prune_build_leftovers(self) -> int:
+        """Remove the dangling build-stage images this owner's builds left; returns how many
+        images the engine deleted. Other owners' images and tagged images are never touched."""
+        with self._translate("pruning the build stage images"):
+            result = self._client.images.prune(
+                filters={
+                    "dangling": True,
+                    "label": [f"{LABEL_STAGE}=build", f"{LABEL_OWNER}={self.owner}"],
+                }
+            )
+        deleted = [item for item in (result or {}).get("ImagesDeleted") or [] if "Deleted" in item]
+        if deleted:
+            logger.info("pruned %d build-stage image layers", len(deleted))
+        return len(deleted)
 
     def _download_wheels(self, context: Path, platform: dict, requirement_files: list[str]) -> None:
         """Every distribution the image needs, as wheels for the base image's Python."""

@@ -122,3 +122,52 @@ def test_session_users_need_csrf_for_api_writes(user, model_name):
     csrf_client.force_login(user)
     resp = csrf_client.post("/api/v1/models", {"name": model_name}, content_type="application/json")
     assert resp.status_code == 403
+
+
+def test_cli_tokens_expire_by_default_like_ui_tokens(user, settings):
+    settings.CONTROLPLANE_TOKEN_DEFAULT_DAYS = 30
+    call_command("create_api_token", "alice", stdout=StringIO(), stderr=StringIO())
+    token = ApiToken.objects.get(user=user)
+    assert timedelta(days=29) < token.expires_at - timezone.now() <= timedelta(days=30)
+    call_command("create_api_token", "alice", "--no-expiry", stdout=StringIO(), stderr=StringIO())
+    assert ApiToken.objects.filter(user=user, expires_at=None).count() == 1
+
+
+def test_create_api_token_in_the_wrong_data_dir_is_one_line_and_creates_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+    }
+    env["CONTROLPLANE_DATA_DIR"] = str(tmp_path / "elsewhere")
+    out = subprocess.run(
+        [sys.executable, str(root / "manage.py"), "create_api_token", "admin"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "CONTROLPLANE_DATA_DIR" in lines[0] and "DATABASE_URL" in lines[0]
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "var").exists()
+
+    # A database without the control plane's tables (DATABASE_URL to the wrong one).
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    out = subprocess.run(
+        [sys.executable, str(root / "manage.py"), "create_api_token", "admin"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [line for line in out.stderr.strip().splitlines() if "AXES: BEGIN" not in line]
+    assert out.returncode != 0 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "no control plane tables" in lines[0] and "CONTROLPLANE_DATA_DIR" in lines[0]

@@ -9,7 +9,17 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 pytestmark = pytest.mark.django_db
 
-PUBLIC = {"/healthz", "/login/", "/logout/", "/admin/login/", "/admin/logout/"}
+PUBLIC = {
+    "/healthz",
+    "/login/",
+    "/logout/",
+    "/admin/login/",
+    "/admin/logout/",
+    "/oidc/sign-in/",  # single sign-on: to the provider, and back
+    "/oidc/callback/",
+    "/favicon.ico",  # a redirect to the static icon
+    "/models/",  # a redirect to the models list, which asks for a login
+}
 
 
 def _walk(patterns, prefix=""):
@@ -72,3 +82,14 @@ def test_every_openapi_path_refuses_anonymous_callers(client, user):
                 continue
             resp = getattr(client, method)(concrete)
             assert resp.status_code in (401, 403), (method, path, resp.status_code)
+
+
+def test_favicon_and_models_path_answer(client, django_user_model):
+    resp = client.get("/favicon.ico")
+    assert resp.status_code == 301 and resp["Location"].endswith("controlplane/favicon.ico")
+    from django.contrib.staticfiles import finders
+
+    icon = finders.find("controlplane/favicon.ico")
+    assert icon and open(icon, "rb").read(4) == b"\x00\x00\x01\x00"  # an ICO file
+    resp = client.get("/models/")
+    assert resp.status_code == 302 and resp["Location"] == "/"

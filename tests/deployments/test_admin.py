@@ -23,10 +23,11 @@ def messages_of(resp) -> list[str]:
     return [str(m) for m in resp.context["messages"]]
 
 
-def act(client, action: str, *deployments: Deployment):
-    return client.post(
-        CHANGELIST, {"action": action, "_selected_action": [d.pk for d in deployments]}, follow=True
-    )
+def act(client, action: str, *deployments: Deployment, confirm: bool = True):
+    data = {"action": action, "_selected_action": [d.pk for d in deployments]}
+    if confirm:
+        data["post"] = "yes"  # the rollback's confirmation page answered
+    return client.post(CHANGELIST, data, follow=True)
 
 
 @pytest.fixture
@@ -61,6 +62,32 @@ def test_the_rollback_action_rolls_back_and_records_the_admin(
     assert DeploymentEvent.objects.filter(
         deployment=d, kind="rollback", message="rollback from r2 to r1: admin rollback"
     ).exists()
+
+
+def test_the_rollback_action_asks_first_and_changes_nothing_until_confirmed(
+    admin_client, user, model
+):
+    d = two_revisions(user, model)
+    resp = act(admin_client, "roll_back", d, confirm=False)
+    assert resp.status_code == 200
+    page = resp.content.decode()
+    assert "Roll back 1 deployment to the previous revision" in page
+    assert "<strong>web</strong>" in page and 'name="post" value="yes"' in page
+    d.refresh_from_db()
+    assert d.desired_revision.number == 2
+    assert not AuditEvent.objects.filter(action="deployment.rollback").exists()
+
+
+def test_admin_names_read_right(admin_client):
+    page = admin_client.get("/admin/").content.decode()
+    assert "Aliases" in page and "API tokens" in page
+    assert "Aliass" not in page and "Api tokens" not in page
+    from django.contrib import admin
+
+    for model in admin.site._registry:
+        singular, plural = model._meta.verbose_name, str(model._meta.verbose_name_plural)
+        assert not (plural.endswith("ss") and not singular.endswith("ss")), plural
+        assert "api " not in plural.lower() or "API" in plural, plural
 
 
 def test_a_rollback_without_a_good_earlier_revision_is_an_error_message(admin_client, user, model):

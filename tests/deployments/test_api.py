@@ -130,3 +130,32 @@ def test_list_queries_do_not_grow_with_rows(api, model, django_assert_max_num_qu
     with django_assert_max_num_queries(8):
         body = api.get("/api/v1/deployments").json()
     assert body["count"] == 5
+
+
+def test_waiting_on_a_failed_deployment_is_a_409_with_the_failure(api, model):
+    assert (
+        api.post("/api/v1/deployments", {"name": "w", "model": model, "version": "1"}).status_code
+        == 202
+    )
+    # What the reconciler records when the revision cannot start.
+    Deployment.objects.filter(name="w").update(
+        status=Deployment.Status.FAILED,
+        status_message="revision 1 failed: ModuleNotFoundError: No module named 'xgboost'",
+    )
+    resp = api.patch("/api/v1/deployments/w?wait=ready&timeout=5", {})
+    assert resp.status_code == 409, resp.content
+    error = resp.json()["error"]
+    assert error["code"] == "deployment_failed"
+    assert "No module named 'xgboost'" in error["message"]
+    assert error["details"]["status"] == "failed" and error["details"]["name"] == "w"
+    # Without wait the answer stays the plain state, as before.
+    assert api.patch("/api/v1/deployments/w", {}).status_code == 200
+    Deployment.objects.filter(name="w").update(status=Deployment.Status.READY, status_message="")
+    assert api.patch("/api/v1/deployments/w?wait=ready&timeout=5", {}).status_code == 200
+
+
+def test_a_misspelt_field_in_a_deployment_patch_is_a_400(api, model):
+    api.post("/api/v1/deployments", {"name": "p", "model": model, "version": "1"})
+    resp = api.patch("/api/v1/deployments/p", {"replica": 3})
+    assert resp.status_code == 400 and resp.json()["error"]["details"]["fields"] == ["replica"]
+    assert Revision.objects.filter(deployment__name="p").count() == 1

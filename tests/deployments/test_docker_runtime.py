@@ -357,3 +357,15 @@ def test_an_unreachable_engine_is_a_runtime_error(models, tmp_path):
         runtime.start(spec_for(model_dir, revision=7, port=free_port()))
     with pytest.raises(RuntimeError_, match="not reachable"):
         runtime.list_owned()
+
+
+def test_building_leaves_no_build_stage_image_of_ours(instance, docker_runtime):
+    """The serving image's build stage (hundreds of MB, untagged) is pruned after the build."""
+    client = docker.from_env()
+    try:
+        left = client.images.list(
+            filters={"dangling": True, "label": [f"controlplane.owner={docker_runtime.owner}"]}
+        )
+    finally:
+        client.close()
+    assert left == []

@@ -572,3 +572,24 @@ def test_a_deployment_created_in_the_ui_becomes_ready_and_serves(client_logged_i
     with urllib.request.urlopen(req, timeout=10) as out:
         assert len(json.loads(out.read())["predictions"]) == 3
     assert "ready" in page.split("<h2>Logs</h2>")[1]  # the server's own log lines
+
+
+def test_after_a_rollback_a_following_deployment_says_it_is_pinned(
+    client_logged_in, user, api, model
+):
+    api.post(f"/api/v1/models/{model}/aliases/production", {"version": "1", "reason": "first"})
+    d = services.deployment_create(
+        name="follow", model_name=model, alias="production", runtime="local", actor=user
+    )
+    serving(d, 1)
+    page = text(client_logged_in.get("/deployments/follow/"))
+    assert "following" in page and "pinned" not in page
+    api.post(f"/api/v1/models/{model}/aliases/production", {"version": "2", "reason": "better"})
+    services.deployment_follow_alias(deployment_id=d.pk)
+    serving(d, 2)
+    client_logged_in.post("/deployments/follow/rollback", {"revision": "1"})
+    page = text(client_logged_in.get("/deployments/follow/"))
+    assert "following" not in page.split('<p class="lead">')[1].split("</p>")[0]
+    assert re.search(r"pinned to v1 by rollback; <span[^>]*>@production</span> is v2", page)
+    row = text(client_logged_in.get("/deployments/")).split('href="/deployments/follow/"')[1]
+    assert "(@production is v2)" in row.split("</tr>")[0] and "→ v1" not in row.split("</tr>")[0]

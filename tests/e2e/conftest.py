@@ -176,3 +176,17 @@ def _print_tail(log_path: Path) -> None:
         f"\n--- control plane log, last lines (all of it: {ARTIFACTS}/controlplane.log) ---\n{tail}\n",
         file=sys.stderr,
     )
+
+
+@pytest.fixture(scope="module")
+def chromium_with_db(request: pytest.FixtureRequest, django_db_setup) -> Iterator[Browser]:
+    """The shared Chromium for tests that also use the test database in this process
+    (a live server). The test database is set up first: Playwright's sync API runs an
+    event loop in this thread, and Django refuses ORM calls from a thread with one
+    unless DJANGO_ALLOW_ASYNC_UNSAFE says they are plain synchronous code, as here."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    try:
+        yield request.getfixturevalue("chromium")
+    finally:
+        patch.undo()

@@ -309,6 +309,10 @@ def test_a_user_uploads_promotes_with_approval_deploys_rolls_back_and_monitors(
     page.locator("select[name=action]").select_option(label="Roll back to the previous revision")
     shot(page, "admin-rollback")
     page.get_by_role("button", name="Go").click()
+    # The action asks first, as Django's delete does.
+    expect(page.locator("#rollback-list")).to_contain_text(DEPLOYMENT)
+    shot(page, "admin-rollback-confirm")
+    page.get_by_role("button", name="Yes, roll back").click()
     expect(page.locator(".messagelist")).to_contain_text(f"Rolling back: {DEPLOYMENT}.")
     page.goto(f"/deployments/{DEPLOYMENT}/")
     _wait_until_serving(page, revision=1, version=1)
@@ -347,6 +351,11 @@ def test_a_user_uploads_promotes_with_approval_deploys_rolls_back_and_monitors(
         page.reload()
     expect(no_throughput).to_have_count(0)
     assert page.evaluate("typeof window.Plotly") == "object"
+    # plotly.js (4.8 MB) has a hashed name and is cached for good (ManifestStaticFilesStorage).
+    plotly_src = page.locator("script[src*='plotly']").first.get_attribute("src")
+    assert re.search(r"/plotly\.min\.[0-9a-f]{12}\.js(\?|$)", plotly_src), plotly_src
+    cache_control = page.request.get(plotly_src).headers["cache-control"]
+    assert "immutable" in cache_control and "max-age=315360000" in cache_control, cache_control
     chart_ids = page.locator(".chart .plotly-graph-div").evaluate_all("els => els.map(e => e.id)")
     assert {"chart-latency", "chart-throughput", "chart-errors", "chart-accuracy"} <= set(chart_ids)
     for chart_id in chart_ids:

@@ -401,3 +401,16 @@ def test_a_secret_no_key_opens_fails_the_delivery_instead_of_sending_it_unsigned
     # Rotating it through the API makes a new one that signs again.
     resp = api.patch(f"/api/v1/alert-rules/{rule['id']}", {"rotate_secret": True})
     assert resp.status_code == 200 and len(resp.json()["webhook_secret"]) == 64
+
+
+def test_an_email_that_cannot_be_sent_says_what_failed_and_which_settings(settings):
+    from monitoring.adapters import EmailChannel
+    from tests.support import free_port
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()  # nothing listens
+    delivery = EmailChannel().send("ops@example.com", subject="s", payload={}, secret="")
+    assert not delivery.ok
+    assert f"cannot reach the mail server 127.0.0.1:{settings.EMAIL_PORT}" in delivery.error
+    assert "EMAIL_HOST" in delivery.error and "EMAIL_PORT" in delivery.error
+    assert "Connection refused" in delivery.error

@@ -282,3 +282,28 @@ def test_malformed_json_is_a_400(api):
 def test_non_json_bodies_are_415(api):
     resp = api.post("/api/v1/models", "name=x", content_type="text/plain")
     assert resp.status_code == 415
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/api/v1/models/{m}", {"aliases": {"production": 1}}, ["aliases"]),
+        ("/api/v1/models/{m}", {"description": "x", "nmae": "y"}, ["nmae"]),
+        ("/api/v1/models/{m}/versions/1", {"status": "archived", "version": 7}, ["version"]),
+    ],
+)
+def test_unknown_or_read_only_fields_in_a_patch_are_a_400_naming_them(
+    api, model_name, model_zip, path, body, named
+):
+    api.post("/api/v1/models", {"name": model_name, "description": "before"})
+    assert api.upload(f"/api/v1/models/{model_name}/versions", model_zip).status_code == 201
+    audit_before = AuditEvent.objects.count()
+    resp = api.patch(path.format(m=model_name), body)
+    assert resp.status_code == 400, resp.content
+    error = resp.json()["error"]
+    assert error["code"] == "unknown_fields" and error["details"]["fields"] == named
+    assert all(name in error["message"] for name in named)
+    assert AuditEvent.objects.count() == audit_before
+    model = api.get(f"/api/v1/models/{model_name}").json()
+    assert model["description"] == "before" and not model["aliases"]
+    assert api.get(f"/api/v1/models/{model_name}/versions/1").json()["status"] == "ready"

@@ -160,8 +160,12 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
 # Routes outside the table, and why.
 EXEMPT = {
     "healthz": "liveness, no data",
+    "favicon": "a redirect to the static icon",
+    "models": "a redirect to the models list (which asks for a login)",
     "login": "signing in",
     "logout": "signing out",
+    "oidc-sign-in": "signing in (single sign-on; 404 unless configured)",
+    "oidc-callback": "signing in (single sign-on; 404 unless configured)",
     "prometheus": "its own bearer token or address allow-list (tests/monitoring)",
     "api:api-prometheus-targets": "the Prometheus token or allow-list, as /metrics",
     "api:api-prometheus-instance-metrics": "the Prometheus token or allow-list, as /metrics",

@@ -2,6 +2,16 @@
 (function () {
   "use strict";
 
+  // Wide tables scroll inside a box of their own at narrow widths, never the whole page.
+  document.documentElement.classList.add("js");
+  document.querySelectorAll("table.table").forEach(function (table) {
+    if (table.parentElement.classList.contains("table-scroll")) return;
+    var box = document.createElement("div");
+    box.className = "table-scroll";
+    table.parentNode.insertBefore(box, table);
+    box.appendChild(table);
+  });
+
   // "Copy" buttons: <button data-copy="element-id">.
   document.addEventListener("click", function (event) {
     var button = event.target.closest("[data-copy]");
