@@ -57,3 +57,12 @@ def expected_labels(sklearn_model_dir, frame: pd.DataFrame) -> list[int]:
 
     model = mlflow.sklearn.load_model(str(sklearn_model_dir))
     return [int(v) for v in model.predict(frame[[f"f{i}" for i in range(20)]])]
+
+
+@pytest.fixture
+def artifacts():
+    """Where screenshots go (gitignored): test-artifacts/e2e/."""
+    from tests.e2e.conftest import ARTIFACTS
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

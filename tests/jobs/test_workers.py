@@ -104,7 +104,6 @@ def test_a_worker_killed_mid_job_is_resumed_from_its_checkpoint_without_scoring_
     assert len(out) == 3000
     assert out["id"].is_unique and list(out["id"]) == list(frame["id"])
     assert list(out["prediction"]) == expected_labels(sklearn_model_dir, frame)
-    print("\n".join(f"{line['at']} {line['message']}" for line in body["logs"]))
     logs = [line["message"] for line in body["logs"]]
     assert any(m.startswith(f"resuming at chunk {done_before + 1}") for m in logs), logs
 
