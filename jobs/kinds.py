@@ -26,9 +26,14 @@ mid-job is replaced by another that calls the handler again with ``ctx.state`` =
 checkpoint and the same ``workdir``: a handler makes every step after a checkpoint
 repeatable. Any other exception fails the job with its type and message (a bug, logged).
 
-``convert`` is imported lazily: while ``registry.conversion`` is absent, submitting a convert
-job is refused with a clear 400 (``kind_unavailable``), and a convert job already queued
-fails with the same reason.
+``convert`` is imported lazily: while ``registry.conversion`` is absent (or cannot be
+imported), a convert job is still accepted (202) and then fails at once with a clear error
+("job kind 'convert' is not available in this installation (registry.conversion cannot be
+imported ...)"), never a 5xx.
+
+Beyond the contract, ``ctx.attach(name, path, filename=, content_type=)`` keeps more files
+than the output (batch: ``errors``); all are served at ``/api/v1/jobs/{id}/files/{name}``
+once the job has succeeded.
 """
 
 from __future__ import annotations
