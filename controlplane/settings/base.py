@@ -279,6 +279,7 @@ SPECTACULAR_SETTINGS = {
         "DeploymentStatusEnum": "deployments.models.Deployment.Status",
         "RevisionStateEnum": "deployments.models.Revision.State",
         "InstanceStateEnum": "deployments.models.Instance.State",
+        "JobStateEnum": "jobs.models.Job.State",
     },
 }
 
