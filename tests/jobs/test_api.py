@@ -80,24 +80,24 @@ def test_an_alias_is_resolved_to_its_version_at_submit(api, scoring_model):
     assert resp.json()["input"]["version"] == 1 and resp.json()["input"]["alias"] == "champion"
 
 
-@pytest.mark.parametrize(
-    "fields, status, code",
-    [
-        ({}, 400, "invalid_input"),
-        ({"alias": "champion"}, 400, "invalid_target"),  # both version and alias
-        ({"format": "xlsx"}, 400, "invalid"),
-        ({"on_error": "ignore"}, 400, "invalid"),
-        ({"chunk_rows": "0"}, 400, "invalid"),
-        ({"chunk_rows": "999999999"}, 400, "invalid_chunk_rows"),
-        ({"keep_columns": "id,nope"}, 400, "invalid_keep_columns"),
-        ({"input_uri": "file:///etc/passwd"}, 400, "invalid_input_uri"),
-    ],
-)
-def test_bad_batch_input_is_a_4xx_and_creates_nothing(api, scoring_model, fields, status, code):
-    data = {"model": scoring_model, "version": "1", **fields}
-    if "input_uri" not in fields and fields != {}:
-        data["input"] = upload(csv_bytes(features(3)))
-    assert_refused(post_batch(api, **data), status, code)
+BAD_BATCH = [
+    ({}, 400, "invalid_input"),
+    ({"alias": "champion"}, 400, "invalid_target"),  # both version and alias
+    ({"format": "xlsx"}, 400, "invalid"),
+    ({"on_error": "ignore"}, 400, "invalid"),
+    ({"chunk_rows": "0"}, 400, "invalid"),
+    ({"chunk_rows": "999999999"}, 400, "invalid_chunk_rows"),
+    ({"keep_columns": "id,nope"}, 400, "invalid_keep_columns"),
+    ({"input_uri": "file:///etc/passwd"}, 400, "invalid_input_uri"),
+]
+
+
+def test_bad_batch_input_is_a_4xx_and_creates_nothing(api, scoring_model):
+    for fields, status, code in BAD_BATCH:
+        data = {"model": scoring_model, "version": "1", **fields}
+        if "input_uri" not in fields and fields != {}:
+            data["input"] = upload(csv_bytes(features(3)))
+        assert_refused(post_batch(api, **data), status, code)
     assert staged_files() == []
 
 
@@ -200,17 +200,10 @@ def test_convert_answers_202_with_a_convert_job(api, scoring_model):
         assert "job kind 'convert' is not available" in error and "registry.conversion" in error
 
 
-@pytest.mark.parametrize(
-    "body, status",
-    [
-        ({"target": "tflite"}, 400),
-        ({"quantize": "int4"}, 400),
-        ({"opset": 3}, 400),
-        ({"opset": "x"}, 400),
-    ],
-)
-def test_bad_convert_requests_are_400(api, scoring_model, body, status):
-    assert_refused(api.post(f"/api/v1/models/{scoring_model}/versions/1/convert", body), status)
+def test_bad_convert_requests_are_400(api, scoring_model):
+    url = f"/api/v1/models/{scoring_model}/versions/1/convert"
+    for body in ({"target": "tflite"}, {"quantize": "int4"}, {"opset": 3}, {"opset": "x"}):
+        assert_refused(api.post(url, body), 400)
 
 
 def test_converting_an_unknown_version_is_404(api, scoring_model):

@@ -15,6 +15,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
+from deployments.model_files import ensure_model_files
 from deployments.runtimes import process
 from jobs import services
 from jobs.models import Job
@@ -67,6 +68,7 @@ def test_a_worker_killed_mid_job_is_resumed_from_its_checkpoint_without_scoring_
     settings.CONTROLPLANE_JOB_LEASE_SECONDS = LEASE
     frame = features(3000, seed=4)
     job_id = submit(api, scoring_model, frame, keep_columns="id", chunk_rows="50")
+    ensure_model_files(scoring_model, 1)  # the files are shared: the worker only starts a server
     with open(tmp_path / "worker-a.log", "w+") as log:
         first = worker(job_id, log)
         try:
