@@ -8,6 +8,7 @@ from accounts import oidc
 from accounts import views as account_views
 from controlplane import views
 from deployments.urls import api_urlpatterns as deployments_api
+from jobs.urls import api_urlpatterns as jobs_api
 from monitoring import views as monitoring_views
 from monitoring.urls import api_urlpatterns as monitoring_api
 from registry.urls import api_urlpatterns as registry_api
@@ -16,6 +17,7 @@ api_v1 = [
     *registry_api,
     *deployments_api,
     *monitoring_api,
+    *jobs_api,
 ]
 
 urlpatterns = [
@@ -35,6 +37,7 @@ urlpatterns = [
     path("monitoring/", include("monitoring.urls")),
     path("metrics", monitoring_views.prometheus, name="prometheus"),
     path("deployments/", include("deployments.urls")),
+    path("jobs/", include("jobs.urls")),
     path("", include("registry.urls")),
 ]
 

@@ -360,6 +360,20 @@ class MlflowStore:
             raise _translate(exc) from exc
         return Path(path)
 
+    def download_artifact(self, uri: str, dest: Path) -> Path:
+        """Copy the artifact at ``uri`` (``runs:/``, ``models:/`` or ``mlflow-artifacts:/``) to
+        ``dest`` (a directory). Files only."""
+        if not uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+            raise MlflowStoreError(
+                "an artifact URI starts with runs:/, models:/ or mlflow-artifacts:/",
+                kind="invalid",
+            )
+        try:
+            path = self._mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
+        except Exception as exc:
+            raise _translate(exc) from exc
+        return Path(path)
+
     # --- aliases -----------------------------------------------------------------------
     def set_alias(self, name: str, alias: str, version: int) -> None:
         try:

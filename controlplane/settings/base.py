@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "registry",
     "deployments",
     "monitoring",
+    "jobs",
 ]
 
 MIDDLEWARE = [
@@ -211,6 +212,16 @@ CONTROLPLANE_VERSION_MAX_REQUIREMENTS = env_int(
 )
 CONTROLPLANE_VERSION_MAX_TAGS = env_int("CONTROLPLANE_VERSION_MAX_TAGS", 100, minimum=1)
 # Uploads older than this whose MLflow run is still RUNNING are swept (worker died).
+# Jobs (jobs/): batch-scoring inputs and the runner's lease.
+CONTROLPLANE_JOBS_DIR = DATA_DIR / "jobs"
+CONTROLPLANE_BATCH_UPLOAD_MAX_BYTES = env_int(
+    "CONTROLPLANE_BATCH_UPLOAD_MAX_BYTES", 256 * 1024 * 1024, minimum=1
+)
+CONTROLPLANE_BATCH_MAX_ROWS = env_int("CONTROLPLANE_BATCH_MAX_ROWS", 10_000_000, minimum=1)
+CONTROLPLANE_BATCH_MAX_CHUNK_ROWS = env_int("CONTROLPLANE_BATCH_MAX_CHUNK_ROWS", 50_000, minimum=1)
+CONTROLPLANE_JOB_LEASE_SECONDS = env_int("CONTROLPLANE_JOB_LEASE_SECONDS", 30, minimum=3)
+CONTROLPLANE_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_JOB_MAX_ATTEMPTS", 5, minimum=1)
+CONTROLPLANE_JOB_LOG_LINES = env_int("CONTROLPLANE_JOB_LOG_LINES", 500, minimum=10)
 CONTROLPLANE_UPLOAD_STALE_SECONDS = env_int("CONTROLPLANE_UPLOAD_STALE_SECONDS", 3600, minimum=60)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
@@ -270,6 +281,7 @@ SPECTACULAR_SETTINGS = {
         "DeploymentStatusEnum": "deployments.models.Deployment.Status",
         "RevisionStateEnum": "deployments.models.Revision.State",
         "InstanceStateEnum": "deployments.models.Instance.State",
+        "JobStateEnum": "jobs.models.Job.State",
     },
 }
 
@@ -416,6 +428,11 @@ CELERY_BEAT_SCHEDULE = {
     "deployments-autoscale-prune": {
         "task": "deployments.tasks.autoscale_samples_prune",
         "schedule": 3600.0,
+    },
+    "jobs-sweep": {
+        "task": "jobs.tasks.jobs_sweep",
+        "schedule": float(env_int("CONTROLPLANE_JOBS_SWEEP_INTERVAL", 15, minimum=1)),
+        "options": {"expires": 60},
     },
     "deployments-environments-cleanup": {
         "task": "deployments.tasks.environments_cleanup",

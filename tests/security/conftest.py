@@ -9,7 +9,14 @@ import pytest
 import requests
 
 # Path parameters of objects the seeded fixture makes (or that exist in every test database).
-KNOWN = {"version": "1", "alias": "staging", "request_id": 1, "rule_id": 1, "policy_id": 1}
+KNOWN = {
+    "version": "1",
+    "alias": "staging",
+    "request_id": 1,
+    "rule_id": 1,
+    "policy_id": 1,
+    "job_id": 1,
+}
 
 
 @pytest.fixture

@@ -83,6 +83,15 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-alert-events", "GET"): READERS,
     ("api:api-drift-reference", "GET"): READERS,
     ("api:api-drift-reference", "PUT"): DEPLOYERS,
+    # --- API: jobs (owners see their own jobs, admins every job; the kind's right is the
+    # service's: batch needs deploy, convert registry write)
+    ("api:api-jobs", "GET"): READERS,
+    ("api:api-jobs", "POST"): MOVERS,
+    ("api:api-job", "GET"): READERS,
+    ("api:api-job-cancel", "POST"): MOVERS,
+    ("api:api-job-file", "GET"): READERS,
+    ("api:api-batch-jobs", "POST"): DEPLOYERS,
+    ("api:api-convert", "POST"): REGISTRY,
     # --- UI: registry
     ("registry:model-list", "GET"): READERS,
     ("registry:model-list", "POST"): READERS,  # 405
@@ -144,6 +153,13 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("monitoring:alert-detail", "POST"): DEPLOYERS,
     ("monitoring:alert-delete", "GET"): DEPLOYERS,
     ("monitoring:alert-delete", "POST"): DEPLOYERS,
+    # --- UI: jobs
+    ("jobs:job-list", "GET"): READERS,
+    ("jobs:job-list", "POST"): READERS,  # 405
+    ("jobs:job-detail", "GET"): READERS,
+    ("jobs:job-detail", "POST"): READERS,  # 405
+    ("jobs:job-cancel", "GET"): MOVERS,  # 405
+    ("jobs:job-cancel", "POST"): MOVERS,
     # --- UI: audit and tokens
     ("audit:audit-list", "GET"): ADMINS,
     ("audit:audit-list", "POST"): ADMINS,  # 405
