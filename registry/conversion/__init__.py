@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 TARGETS = ("onnx",)
 QUANTIZATIONS = ("dynamic-int8",)
 VERIFY_ROWS = 512
+BENCHMARK_SECONDS = 1.5  # each of the 4 measurements (1-row latency, 1,000-row throughput)
 MAX_VERIFY_ROWS = 10_000
 # Defaults (input "tolerances" overrides any of them). Errors are absolute, scaled by
 # max(1, the largest |value| the original answered): float32 arithmetic in the converted model
@@ -77,7 +78,7 @@ def validate_input(data: Any) -> dict:
     if not isinstance(data, dict):
         raise ConversionFailed("the input must be an object")
     known = {"model", "version", "target", "quantize", "opset", "tolerances", "rows"}
-    known.add("labelled_reference")
+    known.update(("labelled_reference", "benchmark_seconds"))
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConversionFailed(f"unknown input field(s): {', '.join(unknown)}")
@@ -126,6 +127,9 @@ def validate_input(data: Any) -> dict:
             raise ConversionFailed(
                 "labelled_reference must be {rows: [[...]], labels: [...]} of the same length"
             )
+    bench = data.get("benchmark_seconds", BENCHMARK_SECONDS)
+    if isinstance(bench, bool) or not isinstance(bench, int | float) or not 0.05 <= bench <= 30:
+        raise ConversionFailed("benchmark_seconds must be a number from 0.05 to 30")
     if not data.get("model") or data.get("version") in (None, ""):
         raise ConversionFailed("model and version are required")
     return {
@@ -137,6 +141,7 @@ def validate_input(data: Any) -> dict:
         "tolerances": tolerances,
         "rows": rows,
         "labelled_reference": labelled,
+        "benchmark_seconds": float(bench),
     }
 
 
@@ -247,6 +252,7 @@ def run(ctx) -> dict:
             "tolerances": data["tolerances"],
             "opset": data["opset"],
             "quantize": data["quantize"],
+            "benchmark_seconds": data["benchmark_seconds"],
         }
         report = runner.run_worker(
             python=python,

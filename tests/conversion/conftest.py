@@ -86,3 +86,16 @@ def register():
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def framework_model():
+    """framework_model("pytorch") -> tests/frameworks' trained model (its own venv, cached)."""
+    from tests.frameworks.conftest import cache_root, train
+
+    def get(framework: str):
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        return train(framework, root)
+
+    return get
