@@ -327,3 +327,90 @@ def lineage(mv) -> dict | None:
                 pass
         out[key] = value
     return out
+
+
+FIGURES = (
+    ("latency_p50_ms_1_row", "latency p50, 1 row (ms)"),
+    ("rows_per_second_1000_rows", "throughput, 1,000 rows (rows/s)"),
+    ("size_bytes", "size (bytes)"),
+)
+
+
+def _fmt(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def side_by_side(lineage_: dict) -> list[dict]:
+    """Rows of {label, original, converted} from a converted version's benchmark."""
+    bench = lineage_.get("benchmark") if isinstance(lineage_.get("benchmark"), dict) else {}
+    rows = []
+    for key, label in FIGURES:
+        rows.append(
+            {
+                "label": label,
+                "original": _fmt((bench.get("original") or {}).get(key)),
+                "converted": _fmt((bench.get("converted") or {}).get(key)),
+            }
+        )
+    return rows
+
+
+def verification_items(lineage_: dict) -> list[tuple[str, str]]:
+    verification = lineage_.get("verification")
+    if not isinstance(verification, dict):
+        return []
+    return [
+        (key.replace("_", " "), _fmt(value) if not isinstance(value, dict) else json.dumps(value))
+        for key, value in sorted(verification.items())
+    ]
+
+
+def comparison_rows(ordered: list) -> list[dict]:
+    """The compare page's "Conversion" rows: per version its lineage and figures; a source
+    version shows the figures measured for it by a conversion among ``ordered``."""
+    lineages = [lineage(mv) for mv in ordered]
+    if not any(lineages):
+        return []
+    originals: dict[str, dict] = {}
+    for item in lineages:
+        if item and isinstance(item.get("benchmark"), dict):
+            originals.setdefault(str(item["source_version"]), item["benchmark"].get("original"))
+    rows = []
+
+    def add(key: str, values: list) -> None:
+        rows.append({"key": key, "values": values, "differs": len({repr(v) for v in values}) > 1})
+
+    for key in ("source_version", "converter", "opset", "quantization"):
+        add(key, [item.get(key) if item else None for item in lineages])
+    for key in ("label_agreement", "max_abs_error", "probability_max_abs_error"):
+        add(
+            f"verification.{key}",
+            [
+                _fmt((item.get("verification") or {}).get(key)) if item else None
+                for item in lineages
+            ],
+        )
+    for key, label in FIGURES:
+        values = []
+        for mv, item in zip(ordered, lineages, strict=True):
+            if item and isinstance(item.get("benchmark"), dict):
+                values.append(_fmt((item["benchmark"].get("converted") or {}).get(key)))
+            else:
+                values.append(_fmt((originals.get(str(mv.version)) or {}).get(key)))
+        add(label, values)
+    return rows
+
+
+def conversions_of(mv) -> list:
+    """Versions of mv's model converted from mv."""
+    from registry.models import ModelVersion
+
+    return [
+        other
+        for other in ModelVersion.objects.filter(model=mv.model).order_by("version")
+        if (other.tags or {}).get(f"{TAG}source_version") == str(mv.version)
+    ]

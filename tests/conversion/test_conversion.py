@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from audit.models import AuditEvent
 from registry import conversion
 from registry.conversion import ConversionFailed
 from registry.models import ModelVersion
@@ -41,7 +42,7 @@ def _ctx(mv, user, tmp_path, **extra):
 
 
 def test_a_scikit_learn_pipeline_converts_to_an_onnx_version_that_predicts_the_same(
-    sklearn_models, converter_user, register, tmp_path
+    sklearn_models, converter_user, register, tmp_path, client
 ):
     model_dir, estimator = sklearn_models["logreg"]
     source = register(model_dir, converter_user)
@@ -68,6 +69,21 @@ def test_a_scikit_learn_pipeline_converts_to_an_onnx_version_that_predicts_the_s
     np.testing.assert_allclose(proba, estimator.predict_proba(X), atol=1e-5)
     assert proba.shape == (50, 2)  # ZipMap off: one tensor, not a list of dicts
     assert ctx.state["stage"] == "registered"
+    event = AuditEvent.objects.get(action="version.convert")
+    assert event.object_id == f"{source.model.name}/{new.version}"
+
+    # side by side with its source on the version and compare pages
+    client.force_login(converter_user)
+    page = client.get(f"/models/{source.model.name}/versions/{new.version}/").content.decode()
+    assert "Converted to ONNX from" in page and f">v{source.version}</a>" in page
+    assert "Download the edge bundle" in page
+    assert "latency p50, 1 row (ms)" in page
+    source_page = client.get(f"/models/{source.model.name}/versions/{source.version}/")
+    assert f"v{new.version}</a> <a" in source_page.content.decode()
+    compare = client.get(
+        f"/models/{source.model.name}/compare?versions={source.version},{new.version}"
+    ).content.decode()
+    assert "Conversion (ONNX)" in compare and "verification.label_agreement" in compare
 
 
 def test_a_pytorch_mlp_converts_and_quantizes_with_the_accuracy_change_reported(
@@ -177,3 +193,18 @@ def test_defaults_are_documented_and_overridable():
         {"model": "m", "version": "1", "quantize": "dynamic-int8"}
     )
     assert quantized["tolerances"] == conversion.QUANTIZED_TOLERANCES
+
+
+@pytest.mark.parametrize("framework", ["xgboost", "lightgbm"])
+def test_a_gradient_boosted_tree_model_converts_with_onnxmltools(
+    framework, framework_model, converter_user, register, tmp_path
+):
+    trained = framework_model(framework)
+    source = register(trained.model_dir, converter_user)
+    result = conversion.run(_ctx(source, converter_user, tmp_path))
+    assert result["converter"].startswith("onnxmltools ")
+    assert result["verification"]["label_agreement"] >= 0.99
+    session = _onnx_session(ModelVersion.objects.get(model=source.model, version=result["version"]))
+    label, proba = session.run(None, {"input": np.asarray(trained.rows, dtype=np.float32)})
+    assert label.tolist() == trained.expected["predict"]["value"]
+    np.testing.assert_allclose(proba, trained.expected["predict_proba"]["value"], atol=1e-5)
