@@ -191,7 +191,6 @@ def run(ctx) -> dict:
 
     from accounts.permissions import Right, user_can
     from deployments.model_files import ensure_model_files
-    from deployments.runtimes import environment_builder
     from registry import services
 
     from . import rows, runner
@@ -236,7 +235,7 @@ def run(ctx) -> dict:
     if not (report and report.get("ok") and (out_dir / "model" / "MLmodel").is_file()):
         resolved = runner.conversion_environment(Path(model_dir), flavor)
         python = runner.ensure_environment(
-            environment_builder(str(settings.DATA_DIR)), resolved, ctx.log
+            runner.builder(Path(settings.DATA_DIR)), resolved, ctx.log
         )
         ctx.progress(1, total)
         request = {

@@ -19,6 +19,20 @@ from tests.conftest import with_roles, zip_dir
 FEATURES = [f"f{i}" for i in range(6)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_environments():
+    """Conversion environments (model requirements + converters, byte-compiled) kept between
+    sessions under the test cache: built and compiled once, not in every session."""
+    from registry.conversion import runner
+    from tests.frameworks.conftest import cache_root
+
+    root = cache_root().parent / "conversion-environments"
+    root.mkdir(parents=True, exist_ok=True)
+    previous, runner.ENVIRONMENT_ROOT = runner.ENVIRONMENT_ROOT, root
+    yield root
+    runner.ENVIRONMENT_ROOT = previous
+
+
 def data(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = pd.DataFrame(rng.normal(size=(n, len(FEATURES))), columns=FEATURES)
