@@ -212,6 +212,9 @@ def convert(original: Original, n_features: int, opset: int | None):
 
             types = [("input", FloatTensorType([None, n_features]))]
             if flavor == "xgboost":
+                import copy
+
+                model = copy.deepcopy(model)  # the original keeps its names (benchmark)
                 booster = model.get_booster() if hasattr(model, "get_booster") else model
                 booster.feature_names = None  # onnxmltools wants f0, f1, ... or none
                 onx = onnxmltools.convert_xgboost(model, initial_types=types, target_opset=opset)
