@@ -298,6 +298,24 @@ class VersionDetailApi(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class VersionBundleApi(APIView):
+    """An ONNX version as an edge bundle (zip: model, signature, example, manifest, runner)."""
+
+    @extend_schema(responses={(200, "application/zip"): bytes})
+    def get(self, request, name, version):
+        from django.http import HttpResponse
+
+        from .bundle import model_version_bundle
+
+        model = selectors.registered_model_get(name=name)
+        mv = selectors.model_version_get(model=model, version=version)
+        response = HttpResponse(model_version_bundle(mv=mv), content_type="application/zip")
+        response["Content-Disposition"] = (
+            f'attachment; filename="{model.name}-v{mv.version}-onnx-bundle.zip"'
+        )
+        return response
+
+
 # --- aliases, history, compare --------------------------------------------------------------
 
 

@@ -120,6 +120,12 @@ def approval_required(*, model: RegisteredModel, alias: str) -> bool:
     )
 
 
+def conversion_rows(ordered: list[ModelVersion]) -> list[dict]:
+    from .conversion import comparison_rows
+
+    return comparison_rows(ordered)
+
+
 def model_versions_compare(*, model: RegisteredModel, versions: list[str]) -> dict:
     """Side by side: metrics, params, tags and signature, with what differs."""
     numbers = sorted({parse_version(v) for v in versions})
@@ -172,4 +178,5 @@ def model_versions_compare(*, model: RegisteredModel, versions: list[str]) -> di
         "params": table("params"),
         "tags": table("tags"),
         "signature": signature_rows,
+        "conversion": conversion_rows(ordered),
     }

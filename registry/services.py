@@ -281,6 +281,29 @@ def model_version_register(
     return _model_version_record(model=model, meta=meta, actor=actor, action="version.register")
 
 
+def model_version_register_converted(
+    *,
+    source: ModelVersion,
+    model_dir: Path,
+    tags: dict,
+    description: str = "",
+    actor: AbstractBaseUser,
+) -> ModelVersion:
+    """Register ``model_dir`` (a converted MLflow model, registry/conversion/) as a new
+    version of ``source``'s model, tagged with its lineage; audited as ``version.convert``."""
+    require(actor, Right.REGISTRY_WRITE)
+    tags = _validate_tags(tags)
+    try:
+        meta = get_store().upload_version(
+            source.model.name, Path(model_dir), description=description, tags=tags
+        )
+    except MlflowStoreError as exc:
+        raise _mlflow_error(exc) from exc
+    return _model_version_record(
+        model=source.model, meta=meta, actor=actor, action="version.convert"
+    )
+
+
 @dataclass
 class UploadSweepResult:
     runs_deleted: int = 0

@@ -13,6 +13,11 @@ api_urlpatterns = [
         apis.VersionDetailApi.as_view(),
         name="api-version",
     ),
+    path(
+        "models/<str:name>/versions/<str:version>/bundle",
+        apis.VersionBundleApi.as_view(),
+        name="api-version-bundle",
+    ),
     path("models/<str:name>/aliases/<str:alias>", apis.AliasApi.as_view(), name="api-alias"),
     path("models/<str:name>/history", apis.HistoryApi.as_view(), name="api-history"),
     path("models/<str:name>/compare", apis.CompareApi.as_view(), name="api-compare"),

@@ -260,8 +260,23 @@ def version_detail(request: HttpRequest, name: str, version: str) -> HttpRespons
             "has_signature": bool(mv.signature),
             "input_example": _pretty_json(mv.input_example),
             "is_archived": mv.status == ModelVersion.Status.ARCHIVED,
+            **_conversion(mv),
         },
     )
+
+
+def _conversion(mv: ModelVersion) -> dict:
+    """The version's ONNX lineage side by side with its source, and its conversions."""
+    from . import conversion
+
+    lineage = conversion.lineage(mv)
+    return {
+        "conversion": lineage,
+        "conversion_figures": conversion.side_by_side(lineage) if lineage else [],
+        "conversion_verification": conversion.verification_items(lineage) if lineage else [],
+        "converted_versions": conversion.conversions_of(mv),
+        "is_onnx": "onnx" in (mv.flavors or []),
+    }
 
 
 @requires(Right.READ)
@@ -294,7 +309,10 @@ def compare(request: HttpRequest, name: str) -> HttpResponse:
                 ("params", "Parameters"),
                 ("tags", "Tags"),
                 ("signature", "Signature"),
+                ("conversion", "Conversion (ONNX)"),
             ):
+                if key == "conversion" and not result[key]:
+                    continue
                 rows = [row for row in result[key] if row["differs"] or not only_diff]
                 sections.append(
                     {

@@ -46,6 +46,7 @@ TABLE: dict[tuple[str, str], frozenset[str]] = {
     ("api:api-version", "GET"): READERS,
     ("api:api-version", "PATCH"): REGISTRY,
     ("api:api-version", "DELETE"): REGISTRY,
+    ("api:api-version-bundle", "GET"): READERS,
     ("api:api-alias", "POST"): MOVERS,
     ("api:api-alias", "DELETE"): MOVERS,
     ("api:api-history", "GET"): READERS,
