@@ -335,6 +335,12 @@ class ConvertApi(APIView):
         opset = serializers.IntegerField(
             required=False, allow_null=True, default=None, min_value=7, max_value=30
         )
+        tolerances = serializers.DictField(
+            required=False,
+            allow_null=True,
+            default=None,
+            help_text="verification tolerances overriding the defaults (README: Conversion)",
+        )
 
     @extend_schema(request=InputSerializer, responses={202: JobDetailOutput})
     def post(self, request, name, version):
@@ -346,5 +352,6 @@ class ConvertApi(APIView):
             target=data["target"],
             quantize=data["quantize"],
             opset=data["opset"],
+            tolerances=data["tolerances"],
         )
         return _accepted(request, job)

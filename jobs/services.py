@@ -244,6 +244,7 @@ def convert_job_submit(
     target: str = "onnx",
     quantize: str | None = None,
     opset: int | None = None,
+    tolerances: dict | None = None,
 ) -> Job:
     """Submit the conversion of one version (the engine is registry.conversion)."""
     require(actor, KIND_RIGHTS["convert"], "converting a version needs the registry-write right")
@@ -256,17 +257,23 @@ def convert_job_submit(
             "opset must be null or an integer from 7 to 30", code="invalid_opset"
         )
     mv = _resolve_version(model, version, None)
-    return job_submit(
-        kind="convert",
-        input={
-            "model": mv.model.name,
-            "version": mv.version,
-            "target": target,
-            "quantize": quantize,
-            "opset": opset,
-        },
-        actor=actor,
-    )
+    job_input = {
+        "model": mv.model.name,
+        "version": mv.version,
+        "target": target,
+        "quantize": quantize,
+        "opset": opset,
+    }
+    if tolerances:
+        from registry.conversion import validate_input
+        from registry.conversion.errors import ConversionFailed
+
+        job_input["tolerances"] = tolerances
+        try:
+            validate_input(job_input)
+        except ConversionFailed as exc:
+            raise ApplicationError(str(exc), code="invalid_tolerances") from exc
+    return job_submit(kind="convert", input=job_input, actor=actor)
 
 
 # --- cancel --------------------------------------------------------------------------------
