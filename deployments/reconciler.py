@@ -708,3 +708,18 @@ def cleanup_environments() -> list[str]:
     if removed:
         logger.info("removed %d unused environment(s): %s", len(removed), ", ".join(removed))
     return removed
+
+
+def cleanup_docker_images() -> list[str]:
+    """Remove the serving images no container has used for the retention period
+    (CONTROLPLANE_DOCKER_IMAGE_RETENTION_DAYS); nothing when no Docker engine answers."""
+    from .runtimes import get_runtime
+
+    try:
+        runtime = get_runtime("docker")
+        return runtime.prune_unused_images(
+            retention_seconds=settings.CONTROLPLANE_DOCKER_IMAGE_RETENTION_DAYS * 86400
+        )
+    except RuntimeError_ as exc:
+        logger.info("docker image cleanup skipped: %s", exc)
+        return []

@@ -35,6 +35,14 @@ def environments_cleanup() -> int:
     return len(cleanup_environments())
 
 
+@shared_task(name="deployments.tasks.docker_images_cleanup", ignore_result=True)
+def docker_images_cleanup() -> int:
+    """Periodic: remove serving images no container used for their retention period."""
+    from .reconciler import cleanup_docker_images
+
+    return len(cleanup_docker_images())
+
+
 @shared_task(name="deployments.tasks.autoscale_all", ignore_result=True)
 def autoscale_all() -> int:
     """Periodic (CONTROLPLANE_AUTOSCALE_INTERVAL, 1 s): poll the routers of autoscaled

@@ -434,6 +434,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("CONTROLPLANE_JOBS_SWEEP_INTERVAL", 15, minimum=1)),
         "options": {"expires": 60},
     },
+    "deployments-docker-images-cleanup": {
+        "task": "deployments.tasks.docker_images_cleanup",
+        "schedule": 3600.0,
+        "options": {"expires": 3600},
+    },
     "deployments-environments-cleanup": {
         "task": "deployments.tasks.environments_cleanup",
         "schedule": 3600.0,
@@ -536,6 +541,10 @@ CONTROLPLANE_DEFAULT_ENVIRONMENT = env_choice(
 )
 # Environments (<data>/environments/<key>/) no revision uses are removed this long after their last use.
 CONTROLPLANE_ENV_RETENTION_DAYS = env_int("CONTROLPLANE_ENV_RETENTION_DAYS", 7, minimum=0)
+# Serving images (docker runtime) no container used for this long are removed (hourly).
+CONTROLPLANE_DOCKER_IMAGE_RETENTION_DAYS = env_int(
+    "CONTROLPLANE_DOCKER_IMAGE_RETENTION_DAYS", 7, minimum=0
+)
 CONTROLPLANE_ENV_BUILD_TIMEOUT = env_int(
     "CONTROLPLANE_ENV_BUILD_TIMEOUT", 900, minimum=30, maximum=7200
 )

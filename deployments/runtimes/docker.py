@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -485,6 +486,52 @@ class DockerRuntime:
             logger.info("pruned %d build-stage image layers", len(deleted))
         return len(deleted)
 
+    def prune_unused_images(
+        self, *, retention_seconds: float, now: float | None = None
+    ) -> list[str]:
+        """Remove the serving images (``image_prefix``, built by a runtime: they carry the
+        image-key label) that no container uses, once unused for ``retention_seconds``;
+        returns the removed tags. "Unused since" is kept per image id in
+        ``cache_dir/images-seen.json``: the last pass that saw a container on it (or its build
+        time, for an image never seen in use). Images in use, of another prefix, or without
+        the label are never touched; the engine refuses to remove an image a container
+        started on meanwhile."""
+        now = time.time() if now is None else now
+        state_path = self.cache_dir / "images-seen.json"
+        try:
+            seen: dict[str, float] = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        removed: list[str] = []
+        with self._translate("pruning unused serving images"):
+            client = self._client
+            in_use = {c.attrs.get("Image") for c in client.containers.list(all=True)}
+            images = client.images.list(name=self.image_prefix, filters={"label": LABEL_IMAGE_KEY})
+            current: dict[str, float] = {}
+            for image in images:
+                if image.id in in_use:
+                    current[image.id] = now
+                    continue
+                created = _parse_created(image.attrs.get("Created"))
+                last = max(seen.get(image.id, 0.0), created)
+                if now - last < retention_seconds:
+                    current[image.id] = last
+                    continue
+                for tag in image.tags:
+                    try:
+                        client.images.remove(tag, noprune=False)
+                        removed.append(tag)
+                    except docker.errors.APIError as exc:  # in use since, or already gone
+                        logger.info("keeping %s: %s", tag, exc)
+                        current[image.id] = last
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current))
+        os.replace(tmp, state_path)
+        if removed:
+            logger.info("removed %d unused serving image(s): %s", len(removed), ", ".join(removed))
+        return removed
+
     def _download_wheels(self, context: Path, platform: dict, requirement_files: list[str]) -> None:
         """Every distribution the image needs, as wheels for the base image's Python."""
         python = platform["python"]
@@ -706,3 +753,16 @@ def _prepare_prediction_log_dir(directory: str) -> None:
         f"prediction log dir {directory} is not writable by the container's user "
         f"(uid {SERVING_UID}): chown it to {SERVING_UID} or make it world-writable"
     )
+
+
+def _parse_created(value: object) -> float:
+    """The engine's ``Created`` (RFC 3339 with nanoseconds) as unix seconds; 0 if unreadable."""
+    if not isinstance(value, str) or not value:
+        return 0.0
+    text = value.rstrip("Z")
+    base, _, frac = text.partition(".")
+    try:
+        stamp = datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return 0.0
+    return stamp.timestamp() + (float(f"0.{frac[:6]}") if frac.isdigit() else 0.0)
