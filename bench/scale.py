@@ -171,13 +171,28 @@ PARTS: dict[str, tuple[Callable[[Bench], None], str]] = {
 }
 
 
+# Parts (c) load ramp and (d) scale from zero run on the local runtime: bench/autoscale.py.
+LOCAL_PARTS = ("c", "d")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", action="append", choices=sorted(PARTS), default=None)
+    parser.add_argument(
+        "--part", action="append", choices=sorted([*PARTS, *LOCAL_PARTS]), default=None
+    )
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
-    parts = args.part or sorted(PARTS)
+    chosen = args.part or sorted([*PARTS, *LOCAL_PARTS])
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    for part in [p for p in chosen if p in LOCAL_PARTS]:
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "autoscale.py"), "--part", part],
+            cwd=ROOT,
+            check=True,
+        )
+    parts = [p for p in chosen if p in PARTS]
+    if not parts:
+        return
 
     cluster = start_cluster([("w1", 2, {})], head_cpus=2)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))

@@ -62,9 +62,11 @@ class ControlPlane:
     log: Path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """A headless Chromium (Debian's package), shared by the session's tests."""
+    """A headless Chromium (Debian's package), shared by a module's tests. Not by the whole
+    session: Playwright's sync API keeps an event loop running in this thread while it is
+    open, and every later test's ORM call in this process would be refused."""
     if not CHROMIUM.exists():
         reason = f"{CHROMIUM} is not installed (run .ci/browser-setup.sh)"
         if env_bool("REQUIRE_BROWSER", False):

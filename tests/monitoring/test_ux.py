@@ -248,7 +248,7 @@ def test_service_discovery_lists_tcp_servers_directly_and_socket_ones_through_th
     monkeypatch.setattr(
         runtimes,
         "instance_address",
-        lambda runtime, port: (
+        lambda runtime, port, runtime_id="": (
             f"unix:/run/s/{port}.sock" if port == socket_port else f"127.0.0.1:{port}"
         ),
     )
