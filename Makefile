@@ -19,9 +19,16 @@ run: $(STAMP)
 
 # Test workers (pytest-xdist): most of a test's time is spent waiting on model servers,
 # MLflow and the database, so three workers use two cores well. PYTEST_WORKERS=0 runs serially.
+# Tests marked `serial` stop a service every worker shares (PostgreSQL, Redis): they run
+# alone afterwards (exit code 5: nothing selected, e.g. PYTEST_ARGS names other files).
 PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+ifeq ($(PYTEST_WORKERS),0)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+else
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:xdist -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
+endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -12,6 +12,7 @@ from accounts.permissions import Right
 from accounts.scopes import DEPLOY, REGISTRY_WRITE
 from controlplane.lib.apis import StringMapField, paginate, validated
 from controlplane.lib.errors import ApplicationError
+from controlplane.lib.schema import Error
 
 from . import selectors, services
 from .models import AliasMove, ApprovalPolicy, ModelVersion, PromotionRequest, RegisteredModel
@@ -301,7 +302,12 @@ class VersionDetailApi(APIView):
 class VersionBundleApi(APIView):
     """An ONNX version as an edge bundle (zip: model, signature, example, manifest, runner)."""
 
-    @extend_schema(responses={(200, "application/zip"): bytes})
+    @extend_schema(
+        responses={
+            (200, "application/zip"): bytes,
+            409: OpenApiResponse(Error, description="the version is not an ONNX model"),
+        }
+    )
     def get(self, request, name, version):
         from django.http import HttpResponse
 

@@ -29,7 +29,8 @@ from tests.faults.conftest import (
     wait_for,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# serial: it stops a service every test worker shares (make test runs these after the others).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.serial]
 
 
 def _deploy_v1(api, cluster, model: str):

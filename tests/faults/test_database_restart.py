@@ -17,7 +17,8 @@ from audit.models import AuditEvent
 from registry.models import RegisteredModel
 from tests.faults.conftest import postgres_manageable, postgres_stopped, report, wait_for
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# serial: it stops a service every test worker shares (make test runs these after the others).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.serial]
 
 
 class Writer(threading.Thread):

@@ -16,6 +16,7 @@ KNOWN = {
     "rule_id": 1,
     "policy_id": 1,
     "job_id": 1,
+    "action": "pause",
 }
 
 
