@@ -284,6 +284,7 @@ def _pass(deployment_id: int) -> bool:
         shadow_done = shadow.shadow_converge(d)
         if _write_backends(d, [i.address for i in live]):
             router.routes_to(d.port, [i.address for i in live])
+        shadow.shadow_confirm(d)
         _drain_others(d, desired)
         shadow.shadow_collect(d)
         healthy = len(ready) == replicas and shadow_done

@@ -360,14 +360,41 @@ def shadow_converge(d: Deployment) -> bool:
             )
             return True
         return False
-    if run.mirroring_since is None:
-        ShadowRun.objects.filter(pk=run.pk).update(mirroring_since=timezone.now())
-        event_record(
-            d,
-            "shadow",
-            f"mirroring {run.fraction:g} of the requests to r{revision.number}",
-            revision,
-        )
+    return True
+
+
+def shadow_confirm(d: Deployment, *, timeout: float = 2.0) -> bool:
+    """After the router file was written: once the router itself reports mirroring to the
+    active shadow, record when it began (``mirroring_since``: the report's window starts
+    there). True when mirroring is confirmed (or was already)."""
+    import time
+
+    from . import router
+
+    run = shadow_active(d)
+    if run is None:
+        return False
+    if run.mirroring_since is not None:
+        return True
+    if shadow_mirror_key(d) is None:
+        return False  # not every instance is ready yet
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = router.stats(d.port) or {}
+        if (stats.get("mirror") or {}).get("revision") == run.revision.number:
+            break
+        if time.monotonic() > deadline:
+            return False  # the next pass looks again
+        time.sleep(0.02)
+    ShadowRun.objects.filter(pk=run.pk, mirroring_since__isnull=True).update(
+        mirroring_since=timezone.now()
+    )
+    event_record(
+        d,
+        "shadow",
+        f"mirroring {run.fraction:g} of the requests to r{run.revision.number}",
+        run.revision,
+    )
     return True
 
 

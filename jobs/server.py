@@ -60,6 +60,9 @@ def _hold_port() -> tuple[int, socket.socket | None]:
         if not job_runtime().sandboxed:
             return port, None
         sock = socket.socket()
+        # As allocate_port probes: a port in TIME_WAIT from an earlier connection is free to
+        # listen on (still exclusive: Linux refuses a second listener without SO_REUSEPORT).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             sock.listen(1)
