@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The repository first: bench/serving.py would otherwise stand in for the serving package.
+sys.path.insert(0, str(REPO))
 _spec = importlib.util.spec_from_file_location("bench_serving", REPO / "bench" / "serving.py")
 bench_serving = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_serving)
