@@ -462,12 +462,13 @@ class ClientConnection(asyncio.Protocol):
                         router.traffic.begin()
                         try:
                             raw = _request_bytes(method, url, headers, body)
-                            started = time.perf_counter()
+                            # The clock only for a mirrored request: the plain path stays bare.
+                            started = time.perf_counter() if router.mirror is not None else 0.0
                             if router.routing.enabled:
                                 response = await _forward_grouped(router, raw, headers)
                             else:
                                 response = await router.forward(raw)
-                            if router.mirror is not None:
+                            if started and router.mirror is not None:
                                 router.mirror.offer(method, url, raw, response, started)
                         finally:
                             router.traffic.end()
