@@ -376,6 +376,11 @@ else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"max_retries": 0}
     if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         CELERY_BROKER_TRANSPORT_OPTIONS["socket_connect_timeout"] = 2
+    if CELERY_BROKER_URL.startswith("redis://"):
+        # kombu's Redis transport, mended so a late ack on a lost connection does not stop
+        # the worker (see the module). rediss:// keeps kombu's own: its TLS defaults come
+        # with the scheme's name.
+        CELERY_BROKER_TRANSPORT = "controlplane.lib.broker:RedisTransport"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
