@@ -29,7 +29,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))
 import deploy as deploy_bench  # noqa: E402
 
+from bench.harness import control_plane  # noqa: E402
 from tests.support import free_port, wait_http  # noqa: E402
 
 
@@ -432,41 +432,8 @@ def main() -> None:
         part_router(args)
         return
 
-    work = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLFLOW_TRACKING_URI")}
-    env.update(
-        CONTROLPLANE_DATA_DIR=str(work / "var"),
-        PORT=str(port),
-        MLFLOW_PORT=str(mlflow_port),
-        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
-    if os.environ.get("BENCH_DATABASE_URL"):
-        env["DATABASE_URL"] = os.environ["BENCH_DATABASE_URL"]
-    log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
-        token = (
-            subprocess.run(
-                [sys.executable, "manage.py", "create_api_token", "admin"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"},
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        api = deploy_bench.Api(f"http://127.0.0.1:{port}/api/v1", token)
+    with control_plane("bench-autoscale-") as cp:
+        api, work = cp.api, cp.work
         api.call("POST", "/models", {"name": "bench"})
         api.call("POST", "/models/bench/versions", files=deploy_bench.build_model_zip(work))
         print(f"control plane log: {work / 'controlplane.log'}", flush=True)
@@ -474,24 +441,6 @@ def main() -> None:
             part_c(api, args)
         if args.part in ("d", "both"):
             part_d(api, args)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import os,signal;from deployments.runtimes import process;"
-                    f"[os.kill(p.pid, signal.SIGKILL) for p in process.find_labelled(open('{work}/var/install_id').read().strip())]"
-                ),
-            ],
-            cwd=ROOT,
-            env={**env, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"},
-        )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,9 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-from bench.deploy import Api  # noqa: E402
+from bench.harness import Api, control_plane  # noqa: E402
 from tests.deployments.canary_support import TimedLoad, model_zip  # noqa: E402
-from tests.support import free_port, wait_http  # noqa: E402
 
 SCENARIOS = {"fail": "(a) fails on ~30 %", "slow": "(b) 10× slower", "flip": "(c) flipped labels",
              "good": "(d) identical"}  # fmt: skip
@@ -168,40 +164,9 @@ def main() -> None:
         "inconclusive_deadline_s": 120,
     }
 
-    work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLFLOW_TRACKING_URI")}
-    env.update(
-        CONTROLPLANE_DATA_DIR=str(work / "var"),
-        PORT=str(port),
-        MLFLOW_PORT=str(mlflow_port),
-        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
-    log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     rows = []
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
-        token = (
-            subprocess.run(
-                [sys.executable, "manage.py", "create_api_token", "admin"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"},
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        api = Api(f"http://127.0.0.1:{port}/api/v1", token)
+    with control_plane("bench-canary-") as cp:
+        api, work, port = cp.api, cp.work, cp.port
         api.call("POST", "/models", {"name": "canary"})
         versions = {}
         for i, mode in enumerate(["good", "fail", "slow", "flip", "good"], start=1):
@@ -216,24 +181,6 @@ def main() -> None:
             print(row, flush=True)
         if shots:
             shots.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import os,signal;from deployments.runtimes import process;"
-                    f"[os.kill(p.pid, signal.SIGKILL) for p in process.find_labelled(open('{work}/var/install_id').read().strip())]"
-                ),
-            ],
-            cwd=ROOT,
-            env={**env, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"},
-        )
     print()
     print(
         f"local runtime, {args.clients} concurrent clients, steps {args.steps} (weight %:seconds), "

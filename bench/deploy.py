@@ -15,90 +15,19 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.support import free_port, wait_http  # noqa: E402
+from bench.harness import Api, build_model_zip, control_plane  # noqa: E402,F401
 
 ROW = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.5] * 20]}}
-
-
-def build_model_zip(workdir: Path) -> bytes:
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    import mlflow.sklearn
-    import numpy as np
-    import pandas as pd
-    import sklearn
-    import skops
-    from mlflow.models import infer_signature
-    from sklearn.linear_model import LogisticRegression
-
-    rng = np.random.default_rng(0)
-    X = pd.DataFrame(rng.normal(size=(500, 20)), columns=[f"f{i}" for i in range(20)])
-    y = (X["f0"] > 0).astype(int)
-    model = LogisticRegression().fit(X, y)
-    path = workdir / "model"
-    mlflow.sklearn.save_model(
-        model,
-        str(path),
-        signature=infer_signature(X, model.predict(X)),
-        input_example=X.head(2),
-        pip_requirements=[
-            f"scikit-learn=={sklearn.__version__}",
-            f"mlflow=={mlflow.__version__}",
-            f"skops=={skops.__version__}",
-        ],
-    )
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                zf.write(f, str(f.relative_to(path)))
-    return buf.getvalue()
-
-
-class Api:
-    def __init__(self, base: str, token: str) -> None:
-        self.base, self.token = base, token
-
-    def call(self, method: str, path: str, body=None, *, files: bytes | None = None) -> dict:
-        headers = {"Authorization": f"Bearer {self.token}"}
-        data = None
-        if files is not None:
-            boundary = "benchboundary"
-            data = (
-                (
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="artifact"; filename="m.zip"\r\n'
-                    "Content-Type: application/zip\r\n\r\n"
-                ).encode()
-                + files
-                + f"\r\n--{boundary}--\r\n".encode()
-            )
-            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        elif body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise SystemExit(f"{method} {path}: {exc.code} {exc.read()[:300]!r}") from None
-        return json.loads(raw) if raw else {}
 
 
 def predict_version(port: int) -> str | None:
@@ -172,40 +101,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLFLOW_TRACKING_URI")}
-    env.update(
-        CONTROLPLANE_DATA_DIR=str(work / "var"),
-        PORT=str(port),
-        MLFLOW_PORT=str(mlflow_port),
-        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
-    )
+    extra = {}
     if args.runtime == "docker":
-        env.setdefault("CONTROLPLANE_DOCKER_BASE_IMAGE", "controlplane-serving-base:bookworm")
-    log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
-        token = (
-            subprocess.run(
-                [sys.executable, "manage.py", "create_api_token", "admin"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"},
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
+        extra["CONTROLPLANE_DOCKER_BASE_IMAGE"] = os.environ.get(
+            "CONTROLPLANE_DOCKER_BASE_IMAGE", "controlplane-serving-base:bookworm"
         )
-        api = Api(f"http://127.0.0.1:{port}/api/v1", token)
+    with control_plane("bench-deploy-", env=extra) as cp:
+        api, work = cp.api, cp.work
         payload = build_model_zip(work)
         api.call("POST", "/models", {"name": "bench"})
         for _ in range(2):
@@ -269,21 +171,6 @@ def main() -> None:
         print(
             f"| {args.runtime} | {med(0):.2f} s | {med(1):.2f} s | {med(2):.2f} s | "
             f"{sum(r[3] for r in rows)} | {sum(r[4] for r in rows)} |"
-        )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import os,signal;from deployments.runtimes import process;"
-                    f"[os.kill(p.pid, signal.SIGKILL) for p in process.find_labelled(open('{work}/var/install_id').read().strip())]"
-                ),
-            ],
-            cwd=ROOT,
-            env={**env, "DJANGO_SETTINGS_MODULE": "controlplane.settings.base"},
         )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.deploy import Api, Load, build_model_zip, wait_version  # noqa: E402
+from bench.deploy import Load, wait_version  # noqa: E402
+from bench.harness import Api, build_model_zip, control_plane  # noqa: E402
 from tests.ray_support import LoopbackCluster, start_cluster  # noqa: E402
-from tests.support import free_port, wait_http  # noqa: E402
 
 
 @dataclass
@@ -195,69 +194,39 @@ def main() -> None:
         return
 
     cluster = start_cluster([("w1", 2, {})], head_cpus=2)
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLFLOW_TRACKING_URI")}
-    env.update(
-        CONTROLPLANE_DATA_DIR=str(work / "var"),
-        PORT=str(port),
-        MLFLOW_PORT=str(mlflow_port),
-        CONTROLPLANE_ADMIN_PASSWORD="bench-password-1",
-        CONTROLPLANE_RAY_ADDRESS=cluster.address,
-        CONTROLPLANE_RAY_NODE_IP="127.0.0.1",
-        CONTROLPLANE_RECONCILE_INTERVAL="1",
-    )
-    log = open(work / "controlplane.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.run"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    extra = {
+        "CONTROLPLANE_RAY_ADDRESS": cluster.address,
+        "CONTROLPLANE_RAY_NODE_IP": "127.0.0.1",
+        "CONTROLPLANE_RECONCILE_INTERVAL": "1",
+    }
+    owners: list[Path] = []
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=300, proc=proc)
-        token = (
-            subprocess.run(
-                [sys.executable, "manage.py", "create_api_token", "admin"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                env={**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"},
-                check=True,
+        with control_plane("bench-scale-", env=extra, startup_timeout=300) as cp:
+            owners.append(cp.work / "var" / "install_id")
+            api = cp.api
+            payload = build_model_zip(cp.work)
+            api.call("POST", "/models", {"name": "bench"})
+            for _ in range(2):
+                api.call("POST", "/models/bench/versions", files=payload)
+            bench = Bench(api=api, cluster=cluster, clients=args.clients, rows={})
+            for part in parts:
+                PARTS[part][0](bench)
+            print(
+                f"\nray runtime on a loopback Ray cluster; {args.clients} concurrent clients; "
+                f"log {cp.log}"
             )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        api = Api(f"http://127.0.0.1:{port}/api/v1", token)
-        payload = build_model_zip(work)
-        api.call("POST", "/models", {"name": "bench"})
-        for _ in range(2):
-            api.call("POST", "/models/bench/versions", files=payload)
-        bench = Bench(api=api, cluster=cluster, clients=args.clients, rows={})
-        for part in parts:
-            PARTS[part][0](bench)
-        print(
-            f"\nray runtime on a loopback Ray cluster; {args.clients} concurrent clients; log {work}"
-        )
-        for part in parts:
-            print(f"\npart {part}\n{PARTS[part][1]}")
-            print("\n".join(bench.rows.get(part, [])))
+            for part in parts:
+                print(f"\npart {part}\n{PARTS[part][1]}")
+                print("\n".join(bench.rows.get(part, [])))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         # The model servers die with their actors, the actors with the cluster.
         cluster.shutdown()
-        owner = work / "var" / "install_id"
-        if owner.exists():  # what the actors unpacked on their nodes (all on this host)
-            shutil.rmtree(
-                Path(tempfile.gettempdir()) / "controlplane-ray" / owner.read_text().strip(),
-                ignore_errors=True,
-            )
+        for owner in owners:  # what the actors unpacked on their nodes (all on this host)
+            if owner.exists():
+                shutil.rmtree(
+                    Path(tempfile.gettempdir()) / "controlplane-ray" / owner.read_text().strip(),
+                    ignore_errors=True,
+                )
 
 
 if __name__ == "__main__":
