@@ -168,8 +168,13 @@ def run_worker(
     cancelled: Callable[[], bool],
     timeout: float = TIMEOUT_SECONDS,
     sandboxed: bool | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict:
-    """Run the conversion script on ``request``; its report (``ok`` true or false)."""
+    """Run the conversion script on ``request``; its report (``ok`` true or false).
+
+    ``labels`` (CONTROLPLANE_* environment labels, the job's ``process_labels()``) name the
+    process for whoever must find it after this worker died (the next attempt, the sweep).
+    Cancelled or timed out, its process group is killed before this returns."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)
@@ -185,6 +190,8 @@ def run_worker(
         HOME=str(out_dir),
         TMPDIR=str(out_dir),
     )
+    env.update(labels or {})
+    env["CONVERSION_PARENT_PID"] = str(os.getpid())  # the script dies with this process
     sandboxed = sandbox.available() if sandboxed is None else sandboxed
     if sandboxed:
         uid = _uid(job_id)
