@@ -126,6 +126,26 @@ def test_a_keras_model_converts_through_the_api_to_a_verified_onnx_version(frame
     np.testing.assert_allclose(out, np.asarray(trained.expected["predict"]["value"]), atol=1e-5)
 
 
+def test_a_model_of_mlflows_keras_flavor_converts_too(keras_flavor_model, api):
+    model_dir, rows, expected = keras_flavor_model
+    name = upload(api, model_dir)
+    job_id = convert(api, name)
+    assert services.job_run(job_id=job_id) == "succeeded", Job.objects.get(pk=job_id).error
+
+    result = api.get(f"/api/v1/jobs/{job_id}").json()["result"]
+    assert result["version"] == "2" and result["verification"]["passed"] is True
+    new = ModelVersion.objects.get(model__name=name, version=2)
+    assert conversion.lineage(new)["flavor"] == "keras"
+    import onnxruntime
+
+    from deployments.model_files import ensure_model_files
+
+    onnx_dir, _ = ensure_model_files(name, 2)
+    session = onnxruntime.InferenceSession(str(Path(onnx_dir) / "model.onnx"))
+    (out,) = session.run(None, {"input": np.asarray(rows, dtype=np.float32)})
+    np.testing.assert_allclose(out, np.asarray(expected), atol=1e-5)
+
+
 def test_cancelling_a_running_conversion_stops_its_process_and_registers_nothing(
     sklearn_models, api
 ):
@@ -232,3 +252,35 @@ def test_a_worker_killed_mid_conversion_takes_its_conversion_along_and_the_job_r
     assert "resumed by another worker (attempt 2)" in logs
     new = ModelVersion.objects.get(model__name=name, version=2)
     assert conversion.lineage(new)["job"] == str(job_id)
+
+
+def test_a_resumed_conversion_first_stops_what_an_earlier_attempt_left_running(sklearn_models, api):
+    """Where the kernel could not take a conversion along with its worker (no
+    PR_SET_PDEATHSIG), its labels still name it: the next attempt stops it before it starts."""
+    name = upload(api, sklearn_models["forest"][0])
+    job_id = convert(api, name)
+    # A worker took the job and died (its lease ran out), leaving its labelled process.
+    Job.objects.filter(pk=job_id).update(
+        state="running", attempts=1, lease_owner="dead", lease_until=timezone.now()
+    )
+    labels = {
+        "CONTROLPLANE_OWNER": owner_label(),
+        "CONTROLPLANE_DEPLOYMENT": f"job-{job_id}",
+        "CONTROLPLANE_REVISION": "1",
+    }
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", runner.WORKER.name],
+        env={"PATH": os.environ["PATH"], **labels},
+        start_new_session=True,
+    )
+    try:
+        (left,) = wait_for(lambda: conversion_processes(job_id), timeout=10, what="the stand-in")
+        assert services.job_run(job_id=job_id) == "succeeded", Job.objects.get(pk=job_id).error
+        assert stand_in.wait(5) is not None and gone(left)
+    finally:
+        if stand_in.poll() is None:
+            stand_in.kill()
+            stand_in.wait()
+    logs = [line["message"] for line in api.get(f"/api/v1/jobs/{job_id}").json()["logs"]]
+    assert "stopped 1 process(es) of the earlier attempt" in logs
+    assert Job.objects.get(pk=job_id).attempts == 2 and versions(name) == 2
