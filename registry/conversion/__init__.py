@@ -235,7 +235,7 @@ def run(ctx) -> dict:
     if not (report and report.get("ok") and (out_dir / "model" / "MLmodel").is_file()):
         resolved = runner.conversion_environment(Path(model_dir), flavor)
         python = runner.ensure_environment(
-            runner.builder(Path(settings.DATA_DIR)), resolved, ctx.log
+            runner.builder(Path(settings.DATA_DIR)), resolved, ctx.log, ctx.cancelled
         )
         ctx.progress(1, total)
         request = {

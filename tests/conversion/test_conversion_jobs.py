@@ -188,6 +188,57 @@ def test_cancelling_a_running_conversion_stops_its_process_and_registers_nothing
     assert {"job.submit", "job.start", "job.cancel_requested", "job.cancelled"} <= actions
 
 
+def test_a_cancel_while_the_environment_is_compiled_stops_the_compile(
+    sklearn_models, api, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(runner, "ENVIRONMENT_ROOT", tmp_path / "envs")  # built anew (uv's cache)
+    name = upload(api, sklearn_models["forest"][0])
+    job_id = convert(api, name)
+    ended: list = []
+
+    def run() -> None:
+        try:
+            ended.append(services.job_run(job_id=job_id))
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        wait_for(
+            lambda: JobLog.objects.filter(job_id=job_id, message__contains=" built in "),
+            timeout=600,
+            what="the environment to be built",
+            interval=0.05,
+        )
+        assert api.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+        cancelled_at = time.monotonic()
+    finally:
+        worker.join(120)
+    assert ended == ["cancelled"]
+    assert time.monotonic() - cancelled_at < 5  # not the compile's 15-30 s
+    (env,) = (tmp_path / "envs").glob("[0-9a-f]*")
+    assert not (env / runner.COMPILED_MARKER).exists()  # compiled at the next conversion
+    # the conversion's own compile (the builder's low-priority background one is the builder's)
+    site = str(env / "lib").encode()
+    ours = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit()
+        and site in _cmdline(int(pid))
+        and b"-m\x00compileall" in _cmdline(int(pid))
+    ]
+    assert not ours, "the compile outlived the cancel"
+    assert conversion_processes(job_id) == [] and versions(name) == 1
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def worker_process(job_id: int, log, environments: Path) -> subprocess.Popen:
     """``services.job_run`` in a process of its own, as the Celery task runs it (with the
     session's cached conversion environments)."""
