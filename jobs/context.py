@@ -50,6 +50,7 @@ class JobContext:
 
     def __init__(self, job: Job, *, lease_owner: str, lost=None) -> None:
         self.job_id: int = job.pk
+        self.attempt: int = job.attempts  # 1 on the first run, one more on every resume
         self.kind: str = job.kind
         self.input: dict = job.input
         self.owner = job.owner
@@ -121,6 +122,18 @@ class JobContext:
             self._cancel_checked = now
             self._cancelled = Job.objects.filter(pk=self.job_id, cancel_requested=True).exists()
         return self._cancelled
+
+    def process_labels(self) -> dict[str, str]:
+        """Environment labels for a process the handler starts (a conversion subprocess):
+        labelled like the job's model servers, it is stopped by the next attempt and by the
+        sweep once this run is over (its worker was killed), never left running beside them."""
+        from .server import owner_label
+
+        return {
+            "CONTROLPLANE_OWNER": owner_label(),
+            "CONTROLPLANE_DEPLOYMENT": f"job-{self.job_id}",
+            "CONTROLPLANE_REVISION": str(self.attempt),
+        }
 
     def set_output(self, path: Path, *, filename: str, content_type: str) -> None:
         self.attach("output", path, filename=filename, content_type=content_type)

@@ -456,6 +456,13 @@ def job_run(*, job_id: int) -> str | None:
             ctx = ctxmod.JobContext(job, lease_owner=owner, lost=beat.lost)
             if job.attempts > 1:
                 ctx.log(f"resumed by another worker (attempt {job.attempts})")
+                # What the dead worker started (a model server, a conversion process) would
+                # otherwise run beside this attempt, writing into the same workdir.
+                from .server import stop_strays
+
+                stopped = stop_strays(keep={(job_id, job.attempts)}, only_job=job_id)
+                if stopped:
+                    ctx.log(f"stopped {stopped} process(es) of the earlier attempt")
             result = handler(ctx)
             if beat.lost.is_set():
                 return None

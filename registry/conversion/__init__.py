@@ -235,7 +235,7 @@ def run(ctx) -> dict:
     if not (report and report.get("ok") and (out_dir / "model" / "MLmodel").is_file()):
         resolved = runner.conversion_environment(Path(model_dir), flavor)
         python = runner.ensure_environment(
-            runner.builder(Path(settings.DATA_DIR)), resolved, ctx.log
+            runner.builder(Path(settings.DATA_DIR)), resolved, ctx.log, ctx.cancelled
         )
         ctx.progress(1, total)
         request = {
@@ -261,6 +261,7 @@ def run(ctx) -> dict:
             job_id=int(ctx.job_id),
             log=ctx.log,
             cancelled=ctx.cancelled,
+            labels=ctx.process_labels() if hasattr(ctx, "process_labels") else None,
         )
         if not report.get("ok"):
             stage = report.get("stage", "?")
@@ -275,6 +276,8 @@ def run(ctx) -> dict:
 
     new = _already_registered(source, ctx.job_id)
     if new is None:
+        if ctx.cancelled():  # the last point where a cancel leaves nothing registered
+            raise ConversionCancelled("the conversion was cancelled before registering")
         tags = {
             f"{TAG}source_version": str(source.version),
             f"{TAG}flavor": flavor,

@@ -105,6 +105,7 @@ def ensure_environment(
     builder: environments.EnvironmentBuilder,
     resolved: environments.ResolvedEnvironment,
     log: Callable[[str], None],
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Path:
     try:
         built = builder.ensure(resolved, progress=log)
@@ -112,14 +113,18 @@ def ensure_environment(
         raise ConversionFailed(f"the conversion environment cannot be built: {exc}") from None
     if not built.built:
         log(f"environment {built.key[:12]} reused (already built)")
-    compile_bytecode(built.path, log)
+    if cancelled():
+        raise ConversionCancelled("the conversion was cancelled while its environment was built")
+    compile_bytecode(built.path, log, cancelled)
     return built.python
 
 
 COMPILED_MARKER = ".conversion-compiled"
 
 
-def compile_bytecode(env: Path, log: Callable[[str], None]) -> None:
+def compile_bytecode(
+    env: Path, log: Callable[[str], None], cancelled: Callable[[], bool] = lambda: False
+) -> None:
     """Byte-compile the environment once (compileall only compiles: nothing of the packages
     runs). The sandboxed uid cannot write __pycache__ in it, and without bytecode every
     conversion compiles what it imports again (torch, scipy, mlflow: most of a conversion's
@@ -138,18 +143,34 @@ def compile_bytecode(env: Path, log: Callable[[str], None]) -> None:
     ).stdout.strip()
     if not site:
         return
-    done = subprocess.run(
+    # Minutes for TensorFlow on a loaded machine: a cancel stops it (compiled again next time).
+    compiling = subprocess.Popen(
         [str(python), "-I", "-m", "compileall", "-q", "-j", "0", site],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    try:
+        while True:
+            try:
+                returncode = compiling.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cancelled():
+                raise ConversionCancelled("the conversion was cancelled while compiling")
+            if time.monotonic() - started > 1800:
+                log("byte-compiling took longer than 1800 s: stopped (the conversion goes on)")
+                return
+    finally:
+        if compiling.poll() is None:
+            _kill(compiling)
     # Some packages ship files that do not compile (templates, py2 leftovers): not an error.
     for path in [Path(site), *Path(site).rglob("__pycache__")]:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o755)
-    marker.write_text(f"{done.returncode}\n")
+    marker.write_text(f"{returncode}\n")
     log(f"environment byte-compiled in {time.monotonic() - started:.1f} s")
 
 
@@ -168,8 +189,13 @@ def run_worker(
     cancelled: Callable[[], bool],
     timeout: float = TIMEOUT_SECONDS,
     sandboxed: bool | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict:
-    """Run the conversion script on ``request``; its report (``ok`` true or false)."""
+    """Run the conversion script on ``request``; its report (``ok`` true or false).
+
+    ``labels`` (CONTROLPLANE_* environment labels, the job's ``process_labels()``) name the
+    process for whoever must find it after this worker died (the next attempt, the sweep).
+    Cancelled or timed out, its process group is killed before this returns."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.unlink(missing_ok=True)
@@ -185,6 +211,8 @@ def run_worker(
         HOME=str(out_dir),
         TMPDIR=str(out_dir),
     )
+    env.update(labels or {})
+    env["CONVERSION_PARENT_PID"] = str(os.getpid())  # the script dies with this process
     sandboxed = sandbox.available() if sandboxed is None else sandboxed
     if sandboxed:
         uid = _uid(job_id)

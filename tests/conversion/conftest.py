@@ -107,3 +107,47 @@ def framework_model():
         return train(framework, root)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def keras_flavor_model() -> tuple[Path, list, list]:
+    """(model dir, rows, what Keras predicts on them): a Keras 3 model saved with MLflow 3's
+    keras flavor, trained in tests/frameworks' TensorFlow venv; kept between sessions."""
+    import fcntl
+    import hashlib
+    import importlib.metadata
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from tests.frameworks.conftest import build_venv, cache_root
+
+    script = Path(__file__).with_name("keras_trainer.py")
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(script.read_bytes())
+    digest.update(importlib.metadata.version("mlflow-skinny").encode())
+    out = root / f"keras-flavor-{digest.hexdigest()[:16]}"
+    with open(root / ".tensorflow.lock", "w") as lock:  # the trainer of the same venv
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "expected.json").is_file():
+            python = build_venv("tensorflow", root / "venvs")
+            building = out.with_suffix(".tmp")
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            env.pop("VIRTUAL_ENV", None)
+            done = subprocess.run(
+                [str(python), str(script), str(building)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=building,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr[-4000:]
+            shutil.rmtree(out, ignore_errors=True)
+            building.rename(out)
+    doc = json.loads((out / "expected.json").read_text())
+    return out / "model", doc["rows"], doc["expected"]

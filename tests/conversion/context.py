@@ -15,6 +15,7 @@ class FakeJobContext:
 
     def __init__(self, *, input: dict, owner, workdir: Path, kind: str = "convert") -> None:
         self.job_id = 900_000 + next(_ids)
+        self.attempt = 1
         self.kind = kind
         self.input = input
         self.owner = owner
@@ -39,6 +40,9 @@ class FakeJobContext:
 
     def cancelled(self) -> bool:
         return self.cancel_requested
+
+    def process_labels(self) -> dict[str, str]:
+        return {"CONTROLPLANE_TEST_JOB": str(self.job_id)}
 
     def set_output(self, path: Path, *, filename: str, content_type: str) -> None:
         self.outputs.append((Path(path), filename, content_type))

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 EXIT_REFUSED = 3
+EXIT_ORPHANED = 4
+PR_SET_PDEATHSIG = 1
 LATENCY_CALLS = 200
 THROUGHPUT_ROWS = 1000
 BENCHMARK_SECONDS = 1.5  # per measurement (4 of them); the request's benchmark_seconds
@@ -115,6 +117,10 @@ def load_native(flavor: str, model_dir: Path):
         except (AttributeError, NotImplementedError):
             pass  # a torch.export graph (MLflow 3's "pt2" format) has no train/eval modes
         return model
+    if flavor == "keras":  # MLflow 3's Keras 3 flavor (mlflow.keras)
+        import mlflow.keras
+
+        return mlflow.keras.load_model(str(model_dir))
     import mlflow.tensorflow
 
     return mlflow.tensorflow.load_model(str(model_dir))
@@ -274,11 +280,20 @@ def _convert_torch(model, n_features: int, opset: int | None):
 
 
 def _convert_keras(model, n_features: int, opset: int | None):
+    """tf2onnx on the model's call traced as a tf.function: ``from_keras`` looks its outputs
+    up by Keras 2 tensor names and fails on every Keras 3 model ("KeyError: 'keras_tensor_N'",
+    onnx/tensorflow-onnx#2448). The dict output names the ONNX output "output", as
+    torch.onnx.export's is named."""
     import tensorflow as tf
     import tf2onnx
 
+    if not callable(model):
+        raise Refused("convert", f"the loaded model ({type(model).__name__}) is not callable")
     spec = (tf.TensorSpec((None, n_features), tf.float32, name="input"),)
-    onx, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
+    function = tf.function(
+        lambda x: {"output": model(x, training=False)}, input_signature=spec, autograph=False
+    )
+    onx, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
     return onx, f"tf2onnx {tf2onnx.__version__}"
 
 
@@ -499,7 +514,12 @@ def run(request: dict) -> dict:
     labels = np.asarray(labels) if labels is not None else None
     tolerances = request["tolerances"]
 
-    flavor, _ = flavor_of(model_dir)
+    flavor, conf = flavor_of(model_dir)
+    backend = (conf or {}).get("keras_backend") or "tensorflow"
+    if flavor == "keras" and backend != "tensorflow":
+        raise Refused(
+            "convert", f"tf2onnx converts Keras models of the tensorflow backend, not {backend}"
+        )
     log(f"loading the {flavor} model in its own environment")
     try:
         native = load_native(flavor, model_dir)
@@ -552,7 +572,23 @@ def run(request: dict) -> dict:
     return report
 
 
+def die_with_parent() -> None:
+    """Be SIGKILLed by the kernel when the job's worker that started this process dies
+    (PR_SET_PDEATHSIG): a conversion never outlives its worker, so a resumed job never runs
+    beside it. Set here, not before the exec: the sandbox's uid change clears it."""
+    parent = os.environ.get("CONVERSION_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(parent):  # the worker died before the prctl
+        os._exit(EXIT_ORPHANED)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     request = json.loads(Path(argv[0]).read_text())
     out = Path(request["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
