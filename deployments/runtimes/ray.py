@@ -470,7 +470,7 @@ class RayRuntime:
             # Someone else's port: not this deployment's endpoint (a name reused after a crash).
             self.router_stop(deployment, timeout=2)
             raise RuntimeError_(f"the router actor of {deployment} listened on another port")
-        ray.get(actor.push.remote(document), timeout=CALL_TIMEOUT)  # adopted: bring it up to date
+        self.router_push(deployment, document)  # an adopted one is brought up to date
         return router_id(info)
 
     def router_inspect(self, deployment: str, known_id: str = "") -> dict | None:
