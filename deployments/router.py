@@ -141,8 +141,10 @@ def is_running(runtime_id: str, *, name: str = "") -> bool:
         try:
             info = get_runtime("ray").router_inspect(name, runtime_id)
         except RuntimeError_ as exc:
-            logger.info("inspecting the router of %s: %s", name, exc)
-            return False
+            # Ray cannot be asked (its GCS restarting): the router does not depend on this
+            # control plane, so it is left alone rather than started a second time elsewhere.
+            logger.warning("inspecting the router of %s: %s; left as it is", name, exc)
+            return True
         return bool(info and info["running"] and info["router_id"] == runtime_id)
     info = process.inspect(runtime_id) if runtime_id else None
     return bool(info and info.alive)

@@ -437,13 +437,33 @@ class RayRuntime:
         """Run ``deployment``'s router on an ingress node (or adopt the one that runs, by its
         name) with ``document`` as its backends file; its router id."""
         ray = self._ray()
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         if not self.ingress_nodes():
             raise RuntimeError_(
                 f"no live node of the Ray cluster has an {INGRESS_RESOURCE!r} resource"
             )
         labels = {"owner": self.owner, "deployment": deployment, "port": port}
+        for _ in range(2):
+            info = self._router_actor(ray, labels, document)
+            if info["running"]:
+                break
+            # Adopted, but its router gave up (a port taken on its node): a new actor,
+            # which Ray may place on another ingress node.
+            logger.warning("router actor of %s failed: %s", deployment, info.get("error"))
+            self.router_stop(deployment, timeout=2)
+        else:
+            raise RuntimeError_(f"the router actor of {deployment} failed: {info.get('error')}")
+        if int(info["labels"].get("port", 0)) != port:
+            # Someone else's port: not this deployment's endpoint (a name reused after a crash).
+            self.router_stop(deployment, timeout=2)
+            raise RuntimeError_(f"the router actor of {deployment} listened on another port")
+        self.router_push(deployment, document)  # an adopted one is brought up to date
+        return router_id(info)
+
+    def _router_actor(self, ray, labels: dict, document: str) -> dict:
+        """The status of the router actor of ``labels["deployment"]``, created if none."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deployment = labels["deployment"]
         try:
             actor = (
                 self._actor_class(ray, "RouterActor")
@@ -466,12 +486,7 @@ class RayRuntime:
             raise RuntimeError_(f"the router actor of {deployment} did not start: {exc}") from exc
         except Exception as exc:
             raise RuntimeError_(f"cannot create the router actor of {deployment}: {exc}") from exc
-        if int(info["labels"].get("port", 0)) != port:
-            # Someone else's port: not this deployment's endpoint (a name reused after a crash).
-            self.router_stop(deployment, timeout=2)
-            raise RuntimeError_(f"the router actor of {deployment} listened on another port")
-        self.router_push(deployment, document)  # an adopted one is brought up to date
-        return router_id(info)
+        return info
 
     def router_inspect(self, deployment: str, known_id: str = "") -> dict | None:
         """The router actor's status (``running``, ``router_id``, ``port``), None when gone.
@@ -479,13 +494,16 @@ class RayRuntime:
         (its router id as last recorded) is alive: a slow node is not a reason to move the
         endpoint."""
         ray = self._ray()
-        actor = self._handle(ray, ROUTER_PREFIX + deployment)
-        if actor is None:
-            return None
-        info = self._ask(ray, [actor])[0]
+        try:
+            actor = self._handle(ray, ROUTER_PREFIX + deployment)
+            if actor is None:
+                return None
+            info = self._ask(ray, [actor])[0]
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if info is None else set()
+        except Exception as exc:  # the cluster's GCS does not answer
+            raise RuntimeError_(f"cannot ask the Ray cluster about {deployment}: {exc}") from exc
         if info is None:
             node = known_id.rpartition("/")[2]
-            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             if node and any(n.startswith(node) for n in alive):
                 return {"running": True, "router_id": known_id, "port": 0, "pid": None}
             return None

@@ -24,7 +24,7 @@ from django.conf import settings
 
 from deployments import router, runtimes
 from deployments.models import Deployment, Instance, Revision
-from deployments.reconciler import reconcile, sweep_strays
+from deployments.reconciler import sweep_strays
 from deployments.runtimes import get_runtime, install_id, process
 from deployments.runtimes.ray import split_runtime_id
 from deployments.services import allocate_port
@@ -160,53 +160,74 @@ def test_ray_processes_bind_loopback_only(ray_cluster):
     assert non_loopback_sockets(pids) == []
 
 
-def _ray_disconnect() -> None:
-    """What a control plane's death does to its Ray driver: gone, with its memory."""
-    import ray
+def instances_addresses(d: Deployment) -> list[str]:
+    return [i.address for i in Instance.objects.filter(deployment=d)]
 
-    ray.shutdown()
-    runtimes._build.cache_clear()
+
+def _ready(name: str) -> Deployment | None:
+    d = Deployment.objects.filter(name=name).first()
+    return d if d is not None and d.status == Deployment.Status.READY else None
 
 
 def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
-    api, create, ray_cluster
+    transactional_db, api, create, ray_cluster, tmp_path, monkeypatch
 ):
-    create("edge")
-    d = converge("edge", timeout=90)
-    # The router is an actor on the ingress node; nothing of it runs on the control plane's host.
-    assert router.on_ray(d.router_pid), d.router_pid
-    assert ray_cluster.node_of(d.router_pid.rpartition("/")[2]) == "ingress"
-    assert router.owned_routers() == []
-    assert api.get("/api/v1/deployments/edge").json()["endpoint"] == d.endpoint
-    assert d.endpoint == f"http://127.0.0.1:{d.port}"  # the ingress node's address (loopback)
-    assert predict(d.endpoint)[1] == "1"
-    runtime = get_runtime("ray")
-    before = runtime.router_inspect("edge")
-    assert before["running"] and before["starts"] == 1 and before["port"] == d.port
-    instances = sorted(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True))
-    # The ingress router and the servers listen on loopback only, and talk to nothing else.
+    """The control plane is real processes here: a Celery worker (the reconciler, a Ray
+    driver) deploys; it is SIGKILLed with all the control plane runs on its host, the endpoint
+    answers throughout, and a new worker adopts the router actor and the instances."""
+    from deployments.tasks import reconcile_all
+    from tests.faults.conftest import ControlPlane, wait_for
     from tests.ray_support import descendants, listeners, non_loopback_sockets
 
-    pids = descendants(os.getpid())
-    assert f"127.0.0.1:{d.port}" in [local for local, _ in listeners(pids)]
-    assert non_loopback_sockets(pids) == []
+    monkeypatch.setenv("CONTROLPLANE_RAY_ADDRESS", ray_cluster.address)
+    monkeypatch.setenv("CONTROLPLANE_RAY_NODE_IP", "127.0.0.1")
+    cp = ControlPlane(tmp_path)
+    try:
+        cp.worker(concurrency=1)
+        create("edge")  # the API enqueues its reconcile; the worker converges it
+        d = wait_for(lambda: _ready("edge"), timeout=150, what="edge ready", detail=cp.logs)
+        # The router is an actor on the ingress node; nothing of it runs on the control
+        # plane's host.
+        assert router.on_ray(d.router_pid), d.router_pid
+        assert ray_cluster.node_of(d.router_pid.rpartition("/")[2]) == "ingress"
+        assert router.owned_routers() == []
+        assert api.get("/api/v1/deployments/edge").json()["endpoint"] == d.endpoint
+        assert d.endpoint == f"http://127.0.0.1:{d.port}"  # the ingress node's address
+        assert predict(d.endpoint)[1] == "1"
+        runtime = get_runtime("ray")
+        before = runtime.router_inspect("edge")
+        assert before["running"] and before["starts"] == 1 and before["port"] == d.port
+        instances = sorted(
+            Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)
+        )
+        # The ingress router and the servers listen on loopback only, and talk to nothing else.
+        pids = descendants(os.getpid())
+        assert f"127.0.0.1:{d.port}" in [local for local, _ in listeners(pids)]
+        assert non_loopback_sockets(pids) == []
 
-    body = json.dumps(ROW).encode()
-    with Load("127.0.0.1", d.port, "/invocations", body, clients=2) as load:
-        time.sleep(1.0)
-        # The control plane dies: what it runs on its host (routers and servers under its
-        # install id: none here) is killed, and its Ray driver goes.
-        for proc in process.find_labelled(install_id()):
-            os.kill(proc.pid, signal.SIGKILL)
-        _ray_disconnect()
-        down_from = load.ok
-        time.sleep(3.0)
-        answered_while_down = load.ok - down_from
-        # A new control plane: it adopts the router and the instances.
-        d = converge("edge", timeout=60)
-        for _ in range(3):
-            reconcile(d.pk, budget=1)
-        time.sleep(1.0)
+        body = json.dumps(ROW).encode()
+        with Load("127.0.0.1", d.port, "/invocations", body, clients=2) as load:
+            time.sleep(1.0)
+            # The control plane dies: its worker (a Ray driver) and whatever it runs on its
+            # host (routers and servers under its install id: none for this deployment).
+            cp.kill_all()
+            for proc in process.find_labelled(install_id()):
+                os.kill(proc.pid, signal.SIGKILL)
+            down_from = load.ok
+            time.sleep(3.0)
+            answered_while_down = load.ok - down_from
+            # A new control plane: a pass over every deployment, and the stray sweep.
+            worker = cp.worker(concurrency=1)
+            reconcile_all.delay()
+            wait_for(
+                lambda: worker.text().count("succeeded in") >= 2,
+                timeout=60,
+                what="the new worker's reconcile and sweep",
+                detail=worker.tail,
+            )
+            time.sleep(1.0)
+    finally:
+        cp.kill_all()
     assert load.failures == [] and answered_while_down > 10, (load.failures, answered_while_down)
     after = get_runtime("ray").router_inspect("edge")
     assert (after["pid"], after["starts"]) == (before["pid"], 1)  # not restarted
@@ -217,12 +238,19 @@ def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
         == instances
     )
     assert Instance.objects.get(deployment=d).restarts == 0
+    # The router process dies: its actor starts it again on its node, no control plane needed.
+    os.kill(after["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (get_runtime("ray").router_inspect("edge") or {}).get("starts") != 2:
+        assert time.monotonic() < deadline, get_runtime("ray").router_logs("edge")
+        time.sleep(0.1)
+    assert router.routes_to(d.port, instances_addresses(d), host=d.router_host, timeout=15)
+    assert "the router exited" in get_runtime("ray").router_logs("edge")
     # Level-triggered: a router actor gone (its node lost, killed) is started again; the
     # backends it is sent are the current ones.
     get_runtime("ray").router_stop("edge", timeout=2)
     d = converge("edge", until=lambda x: router.is_running(x.router_pid, name=x.name))
-    backends = [i.address for i in Instance.objects.filter(deployment=d)]
-    assert router.routes_to(d.port, backends, host=d.router_host, timeout=15)
+    assert router.routes_to(d.port, instances_addresses(d), host=d.router_host, timeout=15)
     assert predict(d.endpoint)[1] == "1"
     assert router.owned_routers() == []
     # A router actor no deployment names is a stray; deleting the deployment stops its router.
