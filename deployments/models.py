@@ -126,6 +126,13 @@ class Deployment(models.Model):
         return f"http://{address(self.router_pid, self.port)}"
 
     @property
+    def router_on_ingress(self) -> bool:
+        """Whether the router is an actor on an ingress node of the Ray cluster."""
+        from .router import on_ray
+
+        return on_ray(self.router_pid)
+
+    @property
     def router_host(self) -> str:
         """The address the router answers on (``127.0.0.1``, or its ingress node's)."""
         from .router import host_of

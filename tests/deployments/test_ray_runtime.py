@@ -170,7 +170,7 @@ def _ready(name: str) -> Deployment | None:
 
 
 def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
-    transactional_db, api, create, ray_cluster, tmp_path, monkeypatch
+    transactional_db, api, client_logged_in, create, ray_cluster, tmp_path, monkeypatch
 ):
     """The control plane is real processes here: a Celery worker (the reconciler, a Ray
     driver) deploys; it is SIGKILLed with all the control plane runs on its host, the endpoint
@@ -193,6 +193,8 @@ def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
         assert router.owned_routers() == []
         assert api.get("/api/v1/deployments/edge").json()["endpoint"] == d.endpoint
         assert d.endpoint == f"http://127.0.0.1:{d.port}"  # the ingress node's address
+        page = client_logged_in.get("/deployments/edge/").content.decode()
+        assert "router on an ingress node of the Ray cluster" in page
         assert predict(d.endpoint)[1] == "1"
         runtime = get_runtime("ray")
         before = runtime.router_inspect("edge")
@@ -263,7 +265,9 @@ def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
     assert get_runtime("ray").routers_owned() == []
 
 
-def test_without_ingress_the_router_stays_on_the_control_plane_host(create, ray_cluster, settings):
+def test_without_ingress_the_router_stays_on_the_control_plane_host(
+    client_logged_in, create, ray_cluster, settings
+):
     settings.CONTROLPLANE_RAY_INGRESS = "off"
     create("homebound")
     d = converge("homebound", timeout=90)
@@ -271,6 +275,8 @@ def test_without_ingress_the_router_stays_on_the_control_plane_host(create, ray_
     assert [f"{p.pid}:{p.starttime}" for p in router.owned_routers()] == [d.router_pid]
     assert get_runtime("ray").routers_owned() == []
     assert d.endpoint == f"http://127.0.0.1:{d.port}" and predict(d.endpoint)[1] == "1"
+    page = client_logged_in.get("/deployments/homebound/").content.decode()
+    assert "router on the control plane's host" in page
 
 
 def test_the_models_environment_is_built_on_its_node(api, registered, ray_cluster, tmp_path):
