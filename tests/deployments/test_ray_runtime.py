@@ -5,8 +5,10 @@ the model's environment built on the node, and no Ray process bound outside 127.
 
 One cluster for the whole module: three nodes, the head (zone a) and a worker (zone b) for
 model servers, and a node without CPUs with an ``ingress`` resource, where the deployments'
-routers run. The node-loss part of the end-to-end test removes the worker, so that test runs
-last. Without Ray these tests skip, except under REQUIRE_RAY=1 (CI), where they fail."""
+routers run. The node-loss part of the end-to-end test removes the worker, so it runs after
+the others but the ingress test, which pytest-django runs last (it uses transactional_db: its
+Celery worker must see the rows) and which removes the ingress node. Without Ray these tests
+skip, except under REQUIRE_RAY=1 (CI), where they fail."""
 
 from __future__ import annotations
 
@@ -260,8 +262,24 @@ def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
     assert get_runtime("ray").routers_owned() == ["edge", "ghost"]
     assert sweep_strays() == 1
     assert get_runtime("ray").routers_owned() == ["edge"]
-    assert api.delete("/api/v1/deployments/edge").status_code in (200, 202, 204)
-    converge("edge", until=lambda x: False)  # returns once the deployment is gone
+    # Deleting the deployment stops its router actor.
+    create("edge2")
+    d2 = converge("edge2", timeout=90)
+    assert router.on_ray(d2.router_pid)
+    assert api.delete("/api/v1/deployments/edge2").status_code in (200, 202, 204)
+    converge("edge2", until=lambda x: False)  # returns once the deployment is gone
+    assert get_runtime("ray").routers_owned() == ["edge"]
+    # The ingress node is lost: the router starts again where it can (no other ingress node
+    # here: this host, an endpoint beats none), and the endpoint answers again.
+    ray_cluster.remove_worker("ingress")
+    d = converge(
+        "edge",
+        until=lambda x: bool(x.router_pid) and not router.on_ray(x.router_pid),
+        timeout=60,
+    )
+    assert router.routes_to(d.port, instances_addresses(d), timeout=15)
+    assert predict(d.endpoint)[1] == "1"
+    assert [f"{p.pid}:{p.starttime}" for p in router.owned_routers()] == [d.router_pid]
     assert get_runtime("ray").routers_owned() == []
 
 
