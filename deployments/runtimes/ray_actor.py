@@ -121,6 +121,17 @@ def _build_environment(root: Path, plan: dict, log) -> str:
     return str(python)
 
 
+def _tail(path: Path, tail: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 256 * 1024))
+            data = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-tail:])
+
+
 class ModelServerActor:
     """One model-server instance: prepares its files and environment on this node, starts
     ``python -m serving`` and watches it. Its name (in the control plane's namespace) and
@@ -224,14 +235,7 @@ class ModelServerActor:
         }
 
     def logs(self, tail: int = 100) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 256 * 1024))
-                data = fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(data.splitlines()[-tail:])
+        return _tail(self.log_path, tail)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (in-flight requests finish), SIGKILL after ``timeout``."""
@@ -245,17 +249,6 @@ class ModelServerActor:
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait(5)
-
-
-def _tail(path: Path, tail: int) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 256 * 1024))
-            data = fh.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.splitlines()[-tail:])
 
 
 class RouterActor:
