@@ -48,7 +48,7 @@ def _route(d: Deployment, serving: Revision, desired: Revision, weight: int, can
     cand = [i.address for i in candidates]
     groups = [_group(serving, 100 - weight, base), _group(desired, weight, cand)]
     if router.write_deployment(d, base + cand, groups=groups):
-        router.routes_groups(d.port, groups)
+        router.routes_groups(d.port, groups, host=d.router_host)
     return groups
 
 
@@ -56,7 +56,9 @@ def _to_baseline(d: Deployment, serving: Revision) -> tuple[bool, float]:
     started = time.monotonic()
     base = _baseline_addresses(d, serving)
     router.write_deployment(d, base)
-    ok = router.routes_groups(d.port, [], timeout=2.0) and router.routes_to(d.port, base)
+    ok = router.routes_groups(d.port, [], timeout=2.0, host=d.router_host) and router.routes_to(
+        d.port, base, host=d.router_host
+    )
     return ok, (time.monotonic() - started) * 1000.0
 
 
@@ -96,7 +98,7 @@ def _audit(d: Deployment, action: str, after: dict) -> None:
 def _start_step(d, ro, serving, desired, index, candidates) -> None:
     weight = ro.strategy["steps"][index]["weight"]
     groups = _route(d, serving, desired, weight, candidates)
-    snapshot = router.stats(d.port) or {}
+    snapshot = router.stats(d.port, host=d.router_host) or {}
     start = {
         name: {k: g.get(k) for k in ("requests", "errors", "latency_buckets")}
         for name, g in (snapshot.get("groups") or {}).items()
@@ -167,7 +169,7 @@ def evaluate(
         deployment_pull(deployment_id=d.pk)
     except Exception as exc:  # the analysis then sees fewer predictions: never a pass
         logger.warning("pulling predictions of %s for the canary analysis: %s", d.name, exc)
-    stats = router.stats(d.port) or {}
+    stats = router.stats(d.port, host=d.router_host) or {}
     counters = stats.get("groups") or {}
     same = serving.model_version_id == desired.model_version_id
     base = _window(d, ro, serving, counters, same_version=same)
@@ -378,7 +380,7 @@ def _split(d: Deployment, ro: Rollout, serving: Revision, desired: Revision, wan
     ]
     sticky = {"header": ro.strategy["sticky"]} if ro.strategy.get("sticky") else None
     if router.write_deployment(d, base + cand, groups=groups, sticky=sticky):
-        router.routes_groups(d.port, groups)
+        router.routes_groups(d.port, groups, host=d.router_host)
     if ro.step < 0:
         with transaction.atomic():
             _save(

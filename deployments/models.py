@@ -119,7 +119,25 @@ class Deployment(models.Model):
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The stable endpoint's URL: where its router runs, on this host's loopback or, for a
+        ray deployment, on an ingress node of the cluster (deployments/router.py)."""
+        from .router import address
+
+        return f"http://{address(self.router_pid, self.port)}"
+
+    @property
+    def router_on_ingress(self) -> bool:
+        """Whether the router is an actor on an ingress node of the Ray cluster."""
+        from .router import on_ray
+
+        return on_ray(self.router_pid)
+
+    @property
+    def router_host(self) -> str:
+        """The address the router answers on (``127.0.0.1``, or its ingress node's)."""
+        from .router import host_of
+
+        return host_of(self.router_pid)
 
 
 class Revision(models.Model):

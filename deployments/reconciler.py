@@ -244,7 +244,7 @@ def _pass(deployment_id: int) -> bool:
             [] if hold else [i.address for i in rest]
         )
         if _write_backends(d, keep):
-            router.routes_to(d.port, keep)
+            router.routes_to(d.port, keep, host=d.router_host)
         for inst in surplus:
             _stop_instance(inst, timeout=5)
     wanted = [i for i in wanted if i.ordinal < replicas and i.pk]
@@ -283,7 +283,7 @@ def _pass(deployment_id: int) -> bool:
         live = ready or ([] if hold else wanted)
         shadow_done = shadow.shadow_converge(d)
         if _write_backends(d, [i.address for i in live]):
-            router.routes_to(d.port, [i.address for i in live])
+            router.routes_to(d.port, [i.address for i in live], host=d.router_host)
         shadow.shadow_confirm(d)
         _drain_others(d, desired)
         shadow.shadow_collect(d)
@@ -313,7 +313,7 @@ def _pass(deployment_id: int) -> bool:
     # All new instances ready several times in a row: move traffic, then drain.
     _set(d, phase="switching traffic")
     _write_backends(d, [i.address for i in ready])
-    if not router.routes_to(d.port, [i.address for i in ready]):
+    if not router.routes_to(d.port, [i.address for i in ready], host=d.router_host):
         _set(d, status_message="router has not picked up the new backends yet")
         return False
     with transaction.atomic():
@@ -586,14 +586,17 @@ def _write_backends(d: Deployment, addresses: list[str]) -> bool:
 
 
 def _ensure_router(d: Deployment, serving: Revision | None) -> None:
-    if router.is_running(d.router_pid):
+    """The router runs: where it runs now, else started (or adopted) where placement says:
+    an ingress node of the Ray cluster for a ray deployment, else this host."""
+    if router.is_running(d.router_pid, name=d.name):
         return
     if serving is not None:
         ready = Instance.objects.filter(deployment=d, revision=serving)
         _write_backends(d, [i.address for i in ready])
-    runtime_id = router.start(d.name, d.port)
+    runtime_id = router.start_for(d)
     _set(d, router_pid=runtime_id)
-    event_record(d, "router", f"endpoint {d.endpoint} started")
+    where = "on an ingress node of the Ray cluster" if router.on_ray(runtime_id) else "on this host"
+    event_record(d, "router", f"endpoint {d.endpoint} started {where}")
 
 
 def _shut_down(d: Deployment) -> bool:
@@ -601,7 +604,7 @@ def _shut_down(d: Deployment) -> bool:
     for inst in Instance.objects.filter(deployment=d):
         _stop_instance(inst, timeout=10)
     if d.router_pid:
-        router.stop(d.router_pid)
+        router.stop(d.router_pid, name=d.name)
     if d.deleted:
         with transaction.atomic():
             Deployment.objects.filter(pk=d.pk).update(desired_revision=None, serving_revision=None)
@@ -640,6 +643,7 @@ def sweep_strays() -> int:
         except Exception as exc:  # docker engine absent: nothing of ours runs there
             logger.debug("runtime %s unavailable for the sweep: %s", name, exc)
     routers = router.owned_routers()
+    ray_routers = router.ray_routers()
     recorded_ids = {
         (i.deployment.name, i.revision.number, i.ordinal): i.runtime_id
         for i in Instance.objects.select_related("deployment", "revision")
@@ -660,9 +664,18 @@ def sweep_strays() -> int:
         name = proc.labels.get("CONTROLPLANE_ROUTER")
         current = recorded.get(name)
         this = f"{proc.pid}:{proc.starttime}"
-        duplicate = current and current != this and router.is_running(current)
+        duplicate = current and current != this and router.is_running(current, name=name)
         if name not in recorded or duplicate:
             router.stop(this)
+            stopped += 1
+    for name in ray_routers:
+        # A router actor whose deployment is gone, or whose deployment's router runs on this
+        # host (its record says so): stopped. One being started (no id yet) is left alone.
+        current = recorded.get(name)
+        on_host = current and not router.on_ray(current) and router.is_running(current)
+        if name not in recorded or on_host:
+            logger.info("stopping stray router actor of %s", name)
+            router.stop_actor(name)
             stopped += 1
     return stopped
 

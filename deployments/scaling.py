@@ -207,9 +207,10 @@ def deployments_to_autoscale() -> list[int]:
     )
 
 
-def router_stats(port: int) -> dict | None:
+def router_stats(port: int, *, host: str = "127.0.0.1") -> dict | None:
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
-        resp = http.request("GET", f"http://127.0.0.1:{port}/__router/stats", timeout=STATS_TIMEOUT)
+        resp = http.request("GET", f"{base}/__router/stats", timeout=STATS_TIMEOUT)
         data = resp.json()
     except (http.HttpError, ValueError) as exc:
         logger.debug("router stats on port %s: %s", port, exc)
@@ -227,7 +228,7 @@ def deployment_autoscale(*, deployment_id: int, now: float | None = None) -> Dec
     d = Deployment.objects.filter(pk=deployment_id, autoscaling__isnull=False).first()
     if d is None or d.stopped or d.deleted or d.autoscaled_replicas is None:
         return None
-    stats = router_stats(d.port)
+    stats = router_stats(d.port, host=d.router_host)
     if stats is None:
         return None
     now = time.time() if now is None else now

@@ -380,7 +380,7 @@ def shadow_confirm(d: Deployment, *, timeout: float = 2.0) -> bool:
         return False  # not every instance is ready yet
     deadline = time.monotonic() + timeout
     while True:
-        stats = router.stats(d.port) or {}
+        stats = router.stats(d.port, host=d.router_host) or {}
         if (stats.get("mirror") or {}).get("revision") == run.revision.number:
             break
         if time.monotonic() > deadline:
@@ -410,7 +410,7 @@ def shadow_collect(d: Deployment) -> int:
         try:
             page = http.request(
                 "GET",
-                f"http://127.0.0.1:{d.port}/__router/mirror?after={after}&limit={PULL_LIMIT}",
+                f"{d.endpoint}/__router/mirror?after={after}&limit={PULL_LIMIT}",
                 timeout=2.0,
             ).json()
         except (http.HttpError, ValueError) as exc:

@@ -842,7 +842,7 @@ def prometheus_targets(*, control_plane: str, scheme: str = "http") -> list[dict
         revision = d.serving_revision
         groups.append(
             {
-                "targets": [f"127.0.0.1:{d.port}"],
+                "targets": [d.endpoint.removeprefix("http://")],
                 "labels": {
                     "kind": "router",
                     "deployment": d.name,

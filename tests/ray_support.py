@@ -37,8 +37,17 @@ class LoopbackCluster:
     def address(self) -> str:
         return self.cluster.address
 
-    def add_worker(self, name: str, *, cpus: int = 2, labels: dict[str, str] | None = None):
-        resources = {f"{k}:{v}": 100.0 for k, v in (labels or {}).items()}
+    def add_worker(
+        self,
+        name: str,
+        *,
+        cpus: int = 2,
+        labels: dict[str, str] | None = None,
+        resources: dict[str, float] | None = None,
+    ):
+        """A node with ``labels`` (custom resources ``key:value``) and ``resources`` as they
+        are (``{"ingress": 1}``: a node for routers)."""
+        resources = {**{f"{k}:{v}": 100.0 for k, v in (labels or {}).items()}, **(resources or {})}
         node = self.cluster.add_node(
             node_ip_address="127.0.0.1",
             num_cpus=cpus,
@@ -85,6 +94,11 @@ def start_cluster(
     # Keep the driver's bootstrap address on loopback (see deployments/runtimes/ray.py).
     ray_constants.ENABLE_RAY_CLUSTER = False
     temp_dir = tempfile.mkdtemp(prefix="cpray-", dir="/tmp")
+    # cluster_utils records the head's address in Ray's default temp dir whatever temp_dir
+    # says, and fails on a host where no Ray ran yet (no /tmp/ray).
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -486,6 +486,10 @@ CONTROLPLANE_DEFAULT_RUNTIME = env_choice(
 # Ray driver listens on (default: 127.0.0.1 for a cluster on loopback, else Ray's choice).
 CONTROLPLANE_RAY_ADDRESS = env_str("CONTROLPLANE_RAY_ADDRESS", os.environ.get("RAY_ADDRESS", ""))
 CONTROLPLANE_RAY_NODE_IP = env_str("CONTROLPLANE_RAY_NODE_IP")
+# Where a ray deployment's router (its stable endpoint) runs: "auto", as a detached Ray actor
+# on a node with an "ingress" custom resource when the cluster has one (the endpoint then
+# outlives the control plane's host), else on the control plane's host; "off": always there.
+CONTROLPLANE_RAY_INGRESS = env_choice("CONTROLPLANE_RAY_INGRESS", "auto", ("auto", "off"))
 CONTROLPLANE_ADMIN_PASSWORD = env_str("CONTROLPLANE_ADMIN_PASSWORD")
 CONTROLPLANE_TOKEN_DEFAULT_DAYS = env_int("CONTROLPLANE_TOKEN_DEFAULT_DAYS", 90, minimum=1)
 CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")

@@ -15,6 +15,19 @@ adopts them, and the stray sweep stops those no record names. Ray types stay in 
 
 The runtime id is ``<actor name>@<node ip>/<node id prefix>``: the router reaches the server
 at the node's ip and the instance's port, and the deployment page shows the node.
+
+Where the deployment's router (its stable endpoint) runs: when the cluster has a live node
+with an ``ingress`` custom resource (``ray start --resources '{"ingress": 1}'``) and
+CONTROLPLANE_RAY_INGRESS is ``auto``, as a detached named actor (ray_actor.RouterActor,
+``router.<deployment>``) on such a node, which runs ``python -m serving.router`` there on the
+node's address and the deployment's port and is sent the backends document by the control
+plane (``router_push``). Why there: the endpoint then depends on nothing on the control
+plane's host, so it keeps answering while that host restarts, and the endpoint's address is
+one a client can be given on the cluster's network. Without an ingress node the router stays on
+the control plane's host (deployments/router.py), as for every runtime: a cluster with no
+node set aside for traffic gets no router placed on a node meant for model servers, and the
+router is still restarted with the host by the reconciler. The router id of an ingress router is
+``ray:<node ip>/<node id prefix>`` (deployments/router.py reads the endpoint's host from it).
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ from .base import InstanceSpec, InstanceStatus, Progress, RuntimeError_
 
 logger = logging.getLogger(__name__)
 
+INGRESS_RESOURCE = "ingress"  # the custom resource of the nodes where routers run
+ROUTER_PREFIX = "router."  # + the deployment's name: one router actor per deployment
 CALL_TIMEOUT = 5.0  # one call to an actor; a dead node's actors answer with an error sooner
 START_TIMEOUT = 120.0  # from creating the actor until it runs on a node (scheduling + worker)
 _CODE_DIRS = ("serving",)
@@ -91,6 +106,11 @@ def address_of(runtime_id: str, port: int) -> str:
     """Where the instance answers: its node's ip and its port."""
     ip = split_runtime_id(runtime_id)[1] or "127.0.0.1"
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def router_id(info: dict) -> str:
+    """``ray:<node ip>/<node id prefix>``: an ingress router's id (its node, where it answers)."""
+    return f"ray:{info['node_ip']}/{info['node_id'][:16]}"
 
 
 def _tar(members: list[tuple[Path, str]]) -> bytes:
@@ -166,14 +186,14 @@ class RayRuntime:
                 ) from exc
             return ray
 
-    def _actor_class(self, ray):
+    def _actor_class(self, ray, name: str = "ModelServerActor"):
         import cloudpickle
 
         from . import ray_actor
 
         # By value: the nodes need not have this repository.
         cloudpickle.register_pickle_by_value(ray_actor)
-        return ray.remote(ray_actor.ModelServerActor)
+        return ray.remote(getattr(ray_actor, name))
 
     # --- the Runtime interface --------------------------------------------------------------
 
@@ -393,6 +413,152 @@ class RayRuntime:
             return ray.get(actor.logs.remote(tail), timeout=CALL_TIMEOUT)
         except Exception as exc:
             return f"[controlplane] the instance's node did not answer: {type(exc).__name__}"
+
+    # --- routers on ingress nodes -------------------------------------------------------------
+
+    def ingress_nodes(self) -> list[str]:
+        """Ids of the live nodes with an ``ingress`` resource (where routers may run)."""
+        ray = self._ray()
+        return [
+            n["NodeID"]
+            for n in ray.nodes()
+            if n.get("Alive") and n.get("Resources", {}).get(INGRESS_RESOURCE, 0) > 0
+        ]
+
+    def _code(self, ray):
+        """The router's code (``serving/``) in the object store, once per process."""
+        ref = self._bundles.get("code")
+        if ref is None:
+            ref = ray.put(_tar([(self.code_root / d, f"code/{d}") for d in _CODE_DIRS]))
+            self._bundles["code"] = ref
+        return ref
+
+    def router_start(self, deployment: str, port: int, document: str) -> str:
+        """Run ``deployment``'s router on an ingress node (or adopt the one that runs, by its
+        name) with ``document`` as its backends file; its router id."""
+        ray = self._ray()
+        if not self.ingress_nodes():
+            raise RuntimeError_(
+                f"no live node of the Ray cluster has an {INGRESS_RESOURCE!r} resource"
+            )
+        labels = {"owner": self.owner, "deployment": deployment, "port": port}
+        for _ in range(2):
+            info = self._router_actor(ray, labels, document)
+            if info["running"]:
+                break
+            # Adopted, but its router gave up (a port taken on its node): a new actor,
+            # which Ray may place on another ingress node.
+            logger.warning("router actor of %s failed: %s", deployment, info.get("error"))
+            self.router_stop(deployment, timeout=2)
+        else:
+            raise RuntimeError_(f"the router actor of {deployment} failed: {info.get('error')}")
+        if int(info["labels"].get("port", 0)) != port:
+            # Someone else's port: not this deployment's endpoint (a name reused after a crash).
+            self.router_stop(deployment, timeout=2)
+            raise RuntimeError_(f"the router actor of {deployment} listened on another port")
+        self.router_push(deployment, document)  # an adopted one is brought up to date
+        return router_id(info)
+
+    def _router_actor(self, ray, labels: dict, document: str) -> dict:
+        """The status of the router actor of ``labels["deployment"]``, created if none."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deployment = labels["deployment"]
+        try:
+            actor = (
+                self._actor_class(ray, "RouterActor")
+                .options(
+                    name=ROUTER_PREFIX + deployment,
+                    namespace=self.namespace,
+                    get_if_exists=True,  # a router that runs is adopted, never started twice
+                    lifetime="detached",
+                    max_restarts=0,
+                    max_concurrency=4,
+                    num_cpus=0,
+                    resources={INGRESS_RESOURCE: 0.001},
+                    scheduling_strategy="SPREAD",
+                )
+                .remote(labels, self._code(ray), document)
+            )
+            info = ray.get(actor.status.remote(), timeout=START_TIMEOUT)
+        except (GetTimeoutError, RayActorError) as exc:
+            self._kill(ray, ROUTER_PREFIX + deployment)
+            raise RuntimeError_(f"the router actor of {deployment} did not start: {exc}") from exc
+        except Exception as exc:
+            raise RuntimeError_(f"cannot create the router actor of {deployment}: {exc}") from exc
+        return info
+
+    def router_inspect(self, deployment: str, known_id: str = "") -> dict | None:
+        """The router actor's status (``running``, ``router_id``, ``port``), None when gone.
+        One that does not answer in time counts as running while the node of ``known_id``
+        (its router id as last recorded) is alive: a slow node is not a reason to move the
+        endpoint."""
+        ray = self._ray()
+        try:
+            actor = self._handle(ray, ROUTER_PREFIX + deployment)
+            if actor is None:
+                return None
+            info = self._ask(ray, [actor])[0]
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if info is None else set()
+        except Exception as exc:  # the cluster's GCS does not answer
+            raise RuntimeError_(f"cannot ask the Ray cluster about {deployment}: {exc}") from exc
+        if info is None:
+            node = known_id.rpartition("/")[2]
+            if node and any(n.startswith(node) for n in alive):
+                return {"running": True, "router_id": known_id, "port": 0, "pid": None}
+            return None
+        return {
+            "running": bool(info.get("running")),
+            "router_id": router_id(info),
+            "port": int(info["labels"].get("port", 0)),
+            "pid": info.get("pid"),
+            "starts": info.get("starts", 0),
+            "error": info.get("error", ""),
+        }
+
+    def router_push(self, deployment: str, document: str) -> bool:
+        """Send the backends document; True if the router's changed."""
+        ray = self._ray()
+        actor = self._handle(ray, ROUTER_PREFIX + deployment)
+        if actor is None:
+            raise RuntimeError_(f"the router actor of {deployment} is gone")
+        try:
+            return bool(ray.get(actor.push.remote(document), timeout=CALL_TIMEOUT))
+        except Exception as exc:
+            raise RuntimeError_(f"the router actor of {deployment} did not answer: {exc}") from exc
+
+    def router_stop(self, deployment: str, *, timeout: float = 10.0) -> None:
+        ray = self._ray()
+        actor = self._handle(ray, ROUTER_PREFIX + deployment)
+        if actor is None:
+            return
+        try:
+            ray.get(actor.stop.remote(timeout), timeout=timeout + CALL_TIMEOUT)
+        except Exception as exc:
+            logger.info("stopping the router of %s gracefully: %s", deployment, exc)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:
+            logger.info("killing the router actor of %s: %s", deployment, exc)
+
+    def router_logs(self, deployment: str, *, tail: int = 100) -> str:
+        ray = self._ray()
+        actor = self._handle(ray, ROUTER_PREFIX + deployment)
+        if actor is None:
+            return ""
+        try:
+            return ray.get(actor.logs.remote(tail), timeout=CALL_TIMEOUT)
+        except Exception as exc:
+            return f"[controlplane] the router's node did not answer: {type(exc).__name__}"
+
+    def routers_owned(self) -> list[str]:
+        """The deployments that have a router actor in this control plane's namespace."""
+        ray = self._ray()
+        return sorted(
+            n[len(ROUTER_PREFIX) :]
+            for n in ray.util.list_named_actors()
+            if n.startswith(ROUTER_PREFIX) and n.count(".") == 1
+        )
 
     # --- the cluster -------------------------------------------------------------------------
 

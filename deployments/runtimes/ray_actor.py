@@ -1,4 +1,5 @@
-"""The Ray actor that runs one model server on a Ray node (the node-side half of ray.py).
+"""The Ray actors that run on the nodes (the node-side half of ray.py): one model server
+(ModelServerActor), or one deployment's router on an ingress node (RouterActor).
 
 Shipped to the cluster by value (cloudpickle), so a node needs Ray and Python, not this
 repository: the model files and the model server's code arrive as one tar archive through
@@ -7,7 +8,8 @@ Nothing here imports Django or the rest of the control plane.
 
 The server process is a child of the actor's worker process with PR_SET_PDEATHSIG: when the
 actor is killed, or its node dies (the raylet takes its workers with it), the server goes too,
-so a server never outlives the actor that the control plane sees.
+so a server never outlives the actor that the control plane sees. The same holds for a
+router and its RouterActor.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 _PASS_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TMPDIR")
@@ -116,6 +119,17 @@ def _build_environment(root: Path, plan: dict, log) -> str:
         shutil.rmtree(staging, ignore_errors=True)
     log.write(f"[controlplane] environment built in {time.monotonic() - started:.1f} s\n".encode())
     return str(python)
+
+
+def _tail(path: Path, tail: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 256 * 1024))
+            data = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-tail:])
 
 
 class ModelServerActor:
@@ -221,14 +235,7 @@ class ModelServerActor:
         }
 
     def logs(self, tail: int = 100) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 256 * 1024))
-                data = fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(data.splitlines()[-tail:])
+        return _tail(self.log_path, tail)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (in-flight requests finish), SIGKILL after ``timeout``."""
@@ -242,3 +249,141 @@ class ModelServerActor:
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait(5)
+
+
+class RouterActor:
+    """The stable endpoint of one deployment on an ingress node: ``python -m serving.router``
+    bound to this node's address and the deployment's port, started again when it exits.
+
+    The control plane sends the backends document (``push``); it is written atomically
+    (temp file + rename) where the router polls it, so the router needs nothing else from
+    the control plane: the actor is detached and lives on, answering, while the control
+    plane's host is down. ``labels`` say whose router it is (owner, deployment, port)."""
+
+    GIVE_UP_EXITS = 5  # exits within GIVE_UP_WINDOW_S: reported failed, the reconciler acts
+    GIVE_UP_WINDOW_S = 30.0
+
+    def __init__(self, labels: dict, code: bytes, document: str):
+        import ray
+
+        self.labels = labels
+        self.port = int(labels["port"])
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        self.root = Path(tempfile.gettempdir()) / "controlplane-ray" / labels["owner"]
+        self.dir = self.root / "routers" / labels["deployment"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.backends = self.dir / "backends.json"
+        self.log_path = self.dir / "router.log"
+        self.code_dir = self.root / "bundles" / hashlib.sha256(code).hexdigest()[:24]
+        _unpack(code, self.code_dir)
+        self._lock = threading.Lock()
+        self.push(document)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.failed = ""
+        self.stopping = False
+        # Forks and waits on the router for the actor's lifetime (PR_SET_PDEATHSIG: see above).
+        self._thread = threading.Thread(target=self._supervise, daemon=True)
+        self._thread.start()
+
+    def _argv_env(self) -> tuple[list[str], dict]:
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        # Not CONTROLPLANE_OWNER: on a node that is also the control plane's host, the
+        # control plane would take it for one of its own routers (and sweep it).
+        env.update(
+            PYTHONPATH=str(self.code_dir / "code"),
+            PYTHONUNBUFFERED="1",
+            CONTROLPLANE_RAY_OWNER=self.labels["owner"],
+            CONTROLPLANE_RAY_ROUTER=self.labels["deployment"],
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "serving.router",
+            "--host",
+            self.node_ip,
+            "--port",
+            str(self.port),
+            "--backends-file",
+            str(self.backends),
+        ]
+        return argv, env
+
+    def _supervise(self) -> None:
+        argv, env = self._argv_env()
+        exits: deque[float] = deque()
+        with open(self.log_path, "ab", buffering=0) as log:
+            while not self.stopping:
+                try:
+                    self.proc = subprocess.Popen(
+                        argv,
+                        env=env,
+                        cwd=env["PYTHONPATH"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        close_fds=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                    self.starts += 1
+                    code = self.proc.wait()
+                except Exception as exc:
+                    code = f"{type(exc).__name__}: {exc}"
+                if self.stopping:
+                    return
+                now = time.monotonic()
+                exits.append(now)
+                while exits and now - exits[0] > self.GIVE_UP_WINDOW_S:
+                    exits.popleft()
+                log.write(
+                    f"[controlplane] the router exited ({code}); starting it again\n".encode()
+                )
+                if len(exits) >= self.GIVE_UP_EXITS:
+                    self.failed = (
+                        f"the router exited {len(exits)} times within "
+                        f"{self.GIVE_UP_WINDOW_S:.0f} s (last: {code})"
+                    )
+                    return
+                time.sleep(0.5)
+
+    def push(self, document: str) -> bool:
+        """Write the backends document if it differs from what the router has; True if so."""
+        with self._lock:
+            try:
+                if self.backends.read_text() == document:
+                    return False
+            except FileNotFoundError:
+                pass
+            tmp = self.backends.with_suffix(".tmp")
+            tmp.write_text(document)
+            os.replace(tmp, self.backends)
+            return True
+
+    def status(self) -> dict:
+        proc = self.proc
+        return {
+            "labels": self.labels,
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "pid": proc.pid if proc else None,
+            "starts": self.starts,
+            "running": not self.failed and not self.stopping,
+            "error": self.failed,
+        }
+
+    def logs(self, tail: int = 100) -> str:
+        return _tail(self.log_path, tail)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM: the router stops accepting and finishes its in-flight requests."""
+        self.stopping = True
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -67,6 +67,7 @@ def test_database_urls():
         ("DATABASE_URL", "oracle://x/y", "not supported"),
         ("SECRET_KEY", "short", "at least 32 characters"),
         ("CONTROLPLANE_DEFAULT_RUNTIME", "k8s", "must be one of"),
+        ("CONTROLPLANE_RAY_INGRESS", "always", "must be one of"),
     ],
 )
 def test_bad_configuration_stops_start_up_with_a_clear_message(tmp_path, var, value, message):

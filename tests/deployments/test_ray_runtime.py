@@ -1,16 +1,21 @@
 """The ray runtime against a real multi-node Ray cluster on loopback (ray.cluster_utils):
 placement by label, spread over nodes, node loss and rescheduling, adoption after a control
-plane restart, the stray sweep, and no Ray process bound outside 127.0.0.1.
+plane restart, the stray sweep, the router on an ingress node outliving the control plane,
+the model's environment built on the node, and no Ray process bound outside 127.0.0.1.
 
-One cluster for the whole module: two nodes, the head (zone a) and a worker (zone b). The
-node-loss part of the end-to-end test removes the worker, so that test runs last. Without
-Ray these tests skip, except under REQUIRE_RAY=1 (CI), where they fail."""
+One cluster for the whole module: three nodes, the head (zone a) and a worker (zone b) for
+model servers, and a node without CPUs with an ``ingress`` resource, where the deployments'
+routers run. The node-loss part of the end-to-end test removes the worker, so it runs after
+the others but the ingress test, which pytest-django runs last (it uses transactional_db: its
+Celery worker must see the rows) and which removes the ingress node. Without Ray these tests
+skip, except under REQUIRE_RAY=1 (CI), where they fail."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import urllib.request
@@ -19,10 +24,10 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from deployments import runtimes
+from deployments import router, runtimes
 from deployments.models import Deployment, Instance, Revision
 from deployments.reconciler import sweep_strays
-from deployments.runtimes import get_runtime, install_id
+from deployments.runtimes import get_runtime, install_id, process
 from deployments.runtimes.ray import split_runtime_id
 from deployments.services import allocate_port
 from tests.deployments.conftest import converge, instance_spec
@@ -49,6 +54,8 @@ def ray_cluster():
         from tests.ray_support import start_cluster
 
         cluster = start_cluster([("b", 2, {"zone": "b"})], head_cpus=2, head_labels={"zone": "a"})
+        cluster.add_worker("ingress", cpus=0, resources={"ingress": 1})
+        cluster.cluster.wait_for_nodes()
     except Exception as exc:
         if os.environ.get("REQUIRE_RAY") == "1":
             pytest.fail(f"REQUIRE_RAY=1 but a Ray cluster cannot start: {exc}", pytrace=False)
@@ -75,6 +82,8 @@ def _stop_actors(ray_cluster):
     runtime = get_runtime("ray")
     for status in runtime.list_owned():
         runtime.stop(status.runtime_id, timeout=2)
+    for name in runtime.routers_owned():
+        runtime.router_stop(name, timeout=2)
 
 
 @pytest.fixture
@@ -153,6 +162,194 @@ def test_ray_processes_bind_loopback_only(ray_cluster):
     assert non_loopback_sockets(pids) == []
 
 
+def instances_addresses(d: Deployment) -> list[str]:
+    return [i.address for i in Instance.objects.filter(deployment=d)]
+
+
+def _ready(name: str) -> Deployment | None:
+    d = Deployment.objects.filter(name=name).first()
+    return d if d is not None and d.status == Deployment.Status.READY else None
+
+
+def test_the_endpoint_runs_on_the_ingress_node_and_outlives_the_control_plane(
+    transactional_db, api, client_logged_in, create, ray_cluster, tmp_path, monkeypatch
+):
+    """The control plane is real processes here: a Celery worker (the reconciler, a Ray
+    driver) deploys; it is SIGKILLed with all the control plane runs on its host, the endpoint
+    answers throughout, and a new worker adopts the router actor and the instances."""
+    from deployments.tasks import reconcile_all
+    from tests.faults.conftest import ControlPlane, wait_for
+    from tests.ray_support import descendants, listeners, non_loopback_sockets
+
+    monkeypatch.setenv("CONTROLPLANE_RAY_ADDRESS", ray_cluster.address)
+    monkeypatch.setenv("CONTROLPLANE_RAY_NODE_IP", "127.0.0.1")
+    cp = ControlPlane(tmp_path)
+    try:
+        cp.worker(concurrency=1)
+        create("edge")  # the API enqueues its reconcile; the worker converges it
+        d = wait_for(lambda: _ready("edge"), timeout=150, what="edge ready", detail=cp.logs)
+        # The router is an actor on the ingress node; nothing of it runs on the control
+        # plane's host.
+        assert router.on_ray(d.router_pid), d.router_pid
+        assert ray_cluster.node_of(d.router_pid.rpartition("/")[2]) == "ingress"
+        assert router.owned_routers() == []
+        assert api.get("/api/v1/deployments/edge").json()["endpoint"] == d.endpoint
+        assert d.endpoint == f"http://127.0.0.1:{d.port}"  # the ingress node's address
+        page = client_logged_in.get("/deployments/edge/").content.decode()
+        assert "router on an ingress node of the Ray cluster" in page
+        assert predict(d.endpoint)[1] == "1"
+        runtime = get_runtime("ray")
+        before = runtime.router_inspect("edge")
+        assert before["running"] and before["starts"] == 1 and before["port"] == d.port
+        instances = sorted(
+            Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True)
+        )
+        # The ingress router and the servers listen on loopback only, and talk to nothing else.
+        pids = descendants(os.getpid())
+        assert f"127.0.0.1:{d.port}" in [local for local, _ in listeners(pids)]
+        assert non_loopback_sockets(pids) == []
+
+        body = json.dumps(ROW).encode()
+        with Load("127.0.0.1", d.port, "/invocations", body, clients=2) as load:
+            time.sleep(1.0)
+            # The control plane dies: its worker (a Ray driver) and whatever it runs on its
+            # host (routers and servers under its install id: none for this deployment).
+            cp.kill_all()
+            for proc in process.find_labelled(install_id()):
+                os.kill(proc.pid, signal.SIGKILL)
+            down_from = load.ok
+            time.sleep(3.0)
+            answered_while_down = load.ok - down_from
+            # A new control plane: a pass over every deployment, and the stray sweep.
+            worker = cp.worker(concurrency=1)
+            reconcile_all.delay()
+            wait_for(
+                lambda: worker.text().count("succeeded in") >= 2,
+                timeout=60,
+                what="the new worker's reconcile and sweep",
+                detail=worker.tail,
+            )
+            time.sleep(1.0)
+    finally:
+        cp.kill_all()
+    assert load.failures == [] and answered_while_down > 10, (load.failures, answered_while_down)
+    after = get_runtime("ray").router_inspect("edge")
+    assert (after["pid"], after["starts"]) == (before["pid"], 1)  # not restarted
+    assert get_runtime("ray").routers_owned() == ["edge"] and router.owned_routers() == []
+    assert Deployment.objects.get(pk=d.pk).router_pid == d.router_pid
+    assert (
+        sorted(Instance.objects.filter(deployment=d).values_list("runtime_id", flat=True))
+        == instances
+    )
+    assert Instance.objects.get(deployment=d).restarts == 0
+    # The router process dies: its actor starts it again on its node, no control plane needed.
+    os.kill(after["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (get_runtime("ray").router_inspect("edge") or {}).get("starts") != 2:
+        assert time.monotonic() < deadline, get_runtime("ray").router_logs("edge")
+        time.sleep(0.1)
+    assert router.routes_to(d.port, instances_addresses(d), host=d.router_host, timeout=15)
+    assert "the router exited" in get_runtime("ray").router_logs("edge")
+    # Level-triggered: a router actor gone (its node lost, killed) is started again; the
+    # backends it is sent are the current ones.
+    get_runtime("ray").router_stop("edge", timeout=2)
+    d = converge("edge", until=lambda x: router.is_running(x.router_pid, name=x.name))
+    assert router.routes_to(d.port, instances_addresses(d), host=d.router_host, timeout=15)
+    assert predict(d.endpoint)[1] == "1"
+    assert router.owned_routers() == []
+    # A router actor no deployment names is a stray; deleting the deployment stops its router.
+    get_runtime("ray").router_start("ghost", allocate_port(), '{"backends": []}')
+    assert get_runtime("ray").routers_owned() == ["edge", "ghost"]
+    assert sweep_strays() == 1
+    assert get_runtime("ray").routers_owned() == ["edge"]
+    # Deleting the deployment stops its router actor.
+    create("edge2")
+    d2 = converge("edge2", timeout=90)
+    assert router.on_ray(d2.router_pid)
+    assert api.delete("/api/v1/deployments/edge2").status_code in (200, 202, 204)
+    converge("edge2", until=lambda x: False)  # returns once the deployment is gone
+    assert get_runtime("ray").routers_owned() == ["edge"]
+    # The ingress node is lost: the router starts again where it can (no other ingress node
+    # here: this host, an endpoint beats none), and the endpoint answers again.
+    ray_cluster.remove_worker("ingress")
+    d = converge(
+        "edge",
+        until=lambda x: bool(x.router_pid) and not router.on_ray(x.router_pid),
+        timeout=60,
+    )
+    assert router.routes_to(d.port, instances_addresses(d), timeout=15)
+    assert predict(d.endpoint)[1] == "1"
+    assert [f"{p.pid}:{p.starttime}" for p in router.owned_routers()] == [d.router_pid]
+    assert get_runtime("ray").routers_owned() == []
+
+
+def test_without_ingress_the_router_stays_on_the_control_plane_host(
+    client_logged_in, create, ray_cluster, settings
+):
+    settings.CONTROLPLANE_RAY_INGRESS = "off"
+    create("homebound")
+    d = converge("homebound", timeout=90)
+    assert not router.on_ray(d.router_pid)
+    assert [f"{p.pid}:{p.starttime}" for p in router.owned_routers()] == [d.router_pid]
+    assert get_runtime("ray").routers_owned() == []
+    assert d.endpoint == f"http://127.0.0.1:{d.port}" and predict(d.endpoint)[1] == "1"
+    page = client_logged_in.get("/deployments/homebound/").content.decode()
+    assert "router on the control plane's host" in page
+
+
+def test_the_models_environment_is_built_on_its_node(api, registered, ray_cluster, tmp_path):
+    """A model needing a package the control plane's interpreter lacks (tabulate, from this
+    host's wheelhouse and indexes, as the local runtime's builds): its actor builds the
+    environment on the node, with the same resolution and index settings."""
+    import importlib.util
+
+    from deployments.environments import resolve
+    from tests.conftest import zip_dir
+    from tests.deployments.test_environments import TABULATE, TABULATE_MODEL, _pyfunc
+
+    assert importlib.util.find_spec("tabulate") is None  # not in the control plane's venv
+    model_dir = _pyfunc(tmp_path / "tabulate", TABULATE_MODEL, [TABULATE])
+    name = registered(name="ray-tabulate", payload=zip_dir(model_dir))
+    resp = api.post(
+        "/api/v1/deployments",
+        {"name": "ray-env", "model": name, "version": "1", "runtime": "ray"},
+    )
+    assert resp.status_code == 202 and resp.json()["environment"] == "auto", resp.content
+    d = converge("ray-env", timeout=240)
+    req = urllib.request.Request(
+        f"{d.endpoint}/invocations",
+        data=json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1], [2]]}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as out:
+        assert json.loads(out.read()) == {
+            "predictions": ["tabulate 0.10.0: 1", "tabulate 0.10.0: 2"]
+        }
+    inst = Instance.objects.get(deployment=d)
+    log = get_runtime("ray").logs(inst.runtime_id, tail=400)
+    assert "environment built in" in log or "uv" in log, log
+    # The server's interpreter is the environment's, under the node's directory, by its key.
+    key = resolve(model_dir).key
+    env_dir = Path(tempfile.gettempdir()) / "controlplane-ray" / install_id() / "environments" / key
+    assert (env_dir / ".complete").exists()
+    servers = [
+        pid
+        for pid in __import__("tests.ray_support", fromlist=["descendants"]).descendants(
+            os.getpid()
+        )
+        if _cmdline(pid).startswith(str(env_dir / "bin" / "python"))
+    ]
+    assert len(servers) == 1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_a_deployment_on_ray_spreads_serves_and_outlives_a_lost_node(
     api, client_logged_in, create, ray_cluster
 ):
@@ -176,10 +373,14 @@ def test_a_deployment_on_ray_spreads_serves_and_outlives_a_lost_node(
     cluster = api.get("/api/v1/cluster").json()
     assert cluster["runtimes"]["ray"] == {"configured": True, "error": ""}
     by_id = {n["node_id"]: n for n in cluster["nodes"] if n["runtime"] == "ray"}
-    assert len(by_id) == 2 and all(
+    assert len(by_id) == 3 and all(
         n["alive"] and n["address"] == "127.0.0.1" for n in by_id.values()
     )
+    ingress = by_id[ray_cluster.workers["ingress"].node_id]["resources"]
+    assert ingress["total"]["ingress"] == 1 and ingress["used"]["ingress"] > 0  # the router
     for name, node in ray_cluster.workers.items():
+        if name == "ingress":
+            continue
         resources = by_id[node.node_id]["resources"]
         zone = "a" if name == "head" else name
         assert resources["total"]["CPU"] == 2 and resources["total"][f"zone:{zone}"] == 100
