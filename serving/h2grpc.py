@@ -79,6 +79,9 @@ _HEADER_CACHE_ENTRIES = 64
 
 _FRAME = struct.Struct(">HBBBI")  # 24-bit length as (high 16, low 8), type, flags, stream id
 _SETTING = struct.Struct(">HI")
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
@@ -467,11 +470,11 @@ class H2Connection(asyncio.Protocol):
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:
             self._out.append(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        stream = Stream(sid, self.peer_initial_window)
-        method, path, content_type, encoding, timeout = info
-        if method is None or path is None:
+        malformed, method, path, content_type, encoding, timeout = info
+        if malformed:  # a stream error (RFC 9113 8.1.1): the connection goes on
             self._out.append(frame(RST_STREAM, 0, sid, PROTOCOL_ERROR.to_bytes(4, "big")))
             return
+        stream = Stream(sid, self.peer_initial_window)
         self.streams[sid] = stream
         if method != b"POST":
             stream.error = _http_status_block(405)
@@ -501,24 +504,42 @@ class H2Connection(asyncio.Protocol):
             headers = self.decoder.decode(block, raw=True)
         except (HPACKError, IndexError, ValueError) as exc:
             raise H2ConnectionError(COMPRESSION_ERROR, f"HPACK: {exc}") from None
-        method = path = content_type = encoding = timeout = None
+        method = path = scheme = content_type = encoding = timeout = None
+        malformed = regular = False  # RFC 9113 8.2-8.3
         for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b":method":
-                method = value
-            elif name == b"content-type":
+            if name[:1] == b":":
+                if regular:
+                    malformed = True  # a pseudo-header after a regular field
+                if name == b":path":
+                    malformed |= path is not None or not value
+                    path = value
+                elif name == b":method":
+                    malformed |= method is not None
+                    method = value
+                elif name == b":scheme":
+                    malformed |= scheme is not None
+                    scheme = value
+                elif name != b":authority":
+                    malformed = True  # :status or an unknown pseudo-header in a request
+                continue
+            regular = True
+            if name == b"content-type":
                 content_type = value
             elif name == b"grpc-encoding":
                 encoding = value
             elif name == b"grpc-timeout":
                 timeout = _parse_timeout(value)
-        info = (method, path, content_type, encoding, timeout)
+            elif name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+                malformed = True
+            elif name != name.lower():
+                malformed = True  # field names are lowercase in HTTP/2
+        malformed |= method is None or path is None or scheme is None
+        info = (malformed, method, path, content_type, encoding, timeout)
         state = self._table_snapshot()
         if state != self._table_state:
             self._table_state = state
             self._header_cache.clear()
-        elif timeout is None:  # a timeout is a deadline from now: never the same twice
+        elif timeout is None:  # a grpc-timeout (the time left) differs call by call
             if len(self._header_cache) >= _HEADER_CACHE_ENTRIES:
                 self._header_cache.clear()
             self._header_cache[block] = info

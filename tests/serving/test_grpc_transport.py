@@ -293,6 +293,37 @@ def test_a_malformed_frame_ends_the_connection_with_goaway_and_others_are_served
         assert live(pb.ServerLiveRequest(), timeout=10).live is True
 
 
+BASE = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", LIVE),
+    ("content-type", "application/grpc"),
+]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        BASE[:2] + BASE[3:],  # no :path
+        BASE + [("Content-Length", "5")],  # an uppercase field name
+        BASE + [("connection", "keep-alive")],  # connection-specific
+        BASE + [("te", "gzip")],
+        BASE[:1] + [("user-agent", "x")] + BASE[1:],  # a pseudo-header after a regular field
+        BASE + [(":method", "POST")],  # twice
+        BASE + [(":status", "200")],
+    ],
+)
+def test_malformed_request_headers_reset_the_stream_and_the_connection_goes_on(churn, headers):
+    client = RawClient(churn.grpc_port)
+    client.send(frame(HEADERS, END_HEADERS, 1, client.encoder.encode(headers)),
+                frame(DATA, END_STREAM, 1, message(pb.ServerLiveRequest())))  # fmt: skip
+    assert client.answer(1)["rst"] == 0x1  # PROTOCOL_ERROR, for this stream only
+    client.send(frame(HEADERS, END_HEADERS, 3, client.headers_block(LIVE)),
+                frame(DATA, END_STREAM, 3, message(pb.ServerLiveRequest())))  # fmt: skip
+    assert client.answer(3)["headers"][-1]["grpc-status"] == "0"
+    client.close()
+
+
 def test_the_first_frame_must_be_settings_and_the_preface_exact(churn):
     for opening in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PREFACE + frame(PING, 0, 0, b"1" * 8)):
         client = RawClient(churn.grpc_port, opening=opening)
