@@ -30,7 +30,6 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from hpack import Decoder
@@ -634,27 +633,31 @@ class H2Connection(asyncio.Protocol):
         except Exception:
             self._fail_call(stream, grpc_server.INTERNAL, "the request message does not parse")
             return
-        task = self.loop.create_task(fn(request))
-        task.add_done_callback(partial(self._call_done, stream))
+        task = self.loop.create_task(self._run(stream, fn, request))
+        tasks = self.server.tasks  # held: the loop keeps only weak references to tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    def _call_done(self, stream: Stream, task: asyncio.Task) -> None:
-        if stream.cancelled or stream.answered or self.closed:
-            if not task.cancelled():
-                task.exception()  # retrieved: a dropped answer is not an unhandled error
-            return
-        if task.cancelled():
-            self._fail_call(stream, grpc_server.UNAVAILABLE, "the server is shutting down")
-            return
-        exc = task.exception()
-        if exc is None:
-            body = task.result().SerializeToString()
-            self._answer(stream, b"\x00" + len(body).to_bytes(4, "big") + body)
-        elif isinstance(exc, CallError):
-            self._fail_call(stream, exc.status, exc.message, exc.error_code)
-        else:  # the call's own handler catches the model's failures: this is ours
-            logger.error("gRPC call failed", exc_info=exc)
-            self._fail_call(stream, grpc_server.INTERNAL, "internal error", "internal_error")
+    async def _run(self, stream: Stream, fn: Callable, request: Any) -> None:
+        """The call, then its answer (from the task itself: no done-callback turn)."""
+        try:
+            response = await fn(request)
+        except CallError as exc:
+            if self._answerable(stream):
+                self._fail_call(stream, exc.status, exc.message, exc.error_code)
+        except Exception:  # the call's own handler catches the model's failures: this is ours
+            logger.exception("gRPC call failed")
+            if self._answerable(stream):
+                self._fail_call(stream, grpc_server.INTERNAL, "internal error", "internal_error")
+        else:
+            if self._answerable(stream):
+                body = response.SerializeToString()
+                self._answer(stream, b"\x00" + len(body).to_bytes(4, "big") + body)
         self._schedule_flush()
+
+    def _answerable(self, stream: Stream) -> bool:
+        """False when the stream was reset, timed out or lost with its connection."""
+        return not (stream.cancelled or stream.answered or self.closed)
 
     def _deadline_passed(self, stream: Stream) -> None:
         stream.deadline = None
@@ -858,6 +861,7 @@ class GrpcServer:
         self.app = app
         self.max_message_bytes = max_message_bytes
         self.calls = grpc_server.calls(InferenceService(app))
+        self.tasks: set[asyncio.Task] = set()
 
     def protocol(self) -> H2Connection:
         return H2Connection(self)
