@@ -653,7 +653,10 @@ class H2Connection(asyncio.Protocol):
             if self._answerable(stream):
                 body = response.SerializeToString()
                 self._answer(stream, b"\x00" + len(body).to_bytes(4, "big") + body)
-        self._schedule_flush()
+        if self.streams:
+            self._schedule_flush()  # other answers may follow in this loop turn: one write
+        else:
+            self._flush()
 
     def _answerable(self, stream: Stream) -> bool:
         """False when the stream was reset, timed out or lost with its connection."""
