@@ -490,10 +490,9 @@ class H2Connection(asyncio.Protocol):
         stream.encoding = encoding
         if timeout is not None:
             stream.deadline = self.loop.call_later(timeout, self._deadline_passed, stream)
+        self.app.receiving += 1  # until the request ends (the batcher waits for such requests)
         if flags & END_STREAM:
             self._end_of_request(stream)
-        else:
-            self.app.receiving += 1
 
     def _decode(self, block: bytes) -> tuple:
         cached = self._header_cache.get(block)

@@ -391,17 +391,19 @@ def test_grpc_errors_are_trailers_only_with_their_status(churn):
     }
     for sid, (block, body) in cases.items():
         client.send(frame(HEADERS, END_HEADERS, sid, block), frame(DATA, END_STREAM, sid, body))
+    client.send(frame(HEADERS, END_HEADERS | END_STREAM, 11, client.headers_block(LIVE)))
+    cases[11] = None  # no message at all
     got = {sid: client.answer(sid) for sid in cases}
     for out in got.values():
         assert len(out["headers"]) == 1 and out["data"] == b""  # trailers-only
         assert out["headers"][0][":status"] == "200"
     status = {sid: out["headers"][0]["grpc-status"] for sid, out in got.items()}
-    assert status == {1: "12", 3: "12", 5: "13", 7: "13"}
+    assert status == {1: "12", 3: "12", 5: "13", 7: "13", 11: "13"}
     # a model error keeps the service's status mapping, message percent-encoded
     request = pb.ModelInferRequest(model_name="ünknown")
-    client.send(frame(HEADERS, END_HEADERS, 9, client.headers_block(INFER)),
-                frame(DATA, END_STREAM, 9, message(request)))  # fmt: skip
-    trailers = client.answer(9)["headers"][0]
+    client.send(frame(HEADERS, END_HEADERS, 13, client.headers_block(INFER)),
+                frame(DATA, END_STREAM, 13, message(request)))  # fmt: skip
+    trailers = client.answer(13)["headers"][0]
     assert trailers["grpc-status"] == "5"  # NOT_FOUND
     assert trailers["x-error-code"] == "model_not_found"
     assert "%C3%BCnknown" in trailers["grpc-message"]
