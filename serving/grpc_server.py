@@ -1,11 +1,11 @@
 """OIP v2 over gRPC: `inference.GRPCInferenceService` on its own port (`--grpc-port`).
 
-The handlers run on the server's event loop (grpc.aio), next to the HTTP protocol, and use the
-same `App`: the same model and batcher (a gRPC request is batched with HTTP ones), the same
+The calls run on the server's event loop, next to the HTTP protocol, and use the same `App`: the same model and batcher (a gRPC request is batched with HTTP ones), the same
 metrics (endpoint label `/inference.GRPCInferenceService/<Call>`, status as the HTTP status the
 same refusal gets) and the same prediction log. Messages come from `grpc_predict_v2_pb2`,
-generated from `proto/grpc_predict_v2.proto`; the service is registered with generic handlers,
-so no generated service stub is needed.
+generated from `proto/grpc_predict_v2.proto`. This module holds the call semantics only; the
+transport (HTTP/2 and gRPC's message framing, on the same uvloop as HTTP/1.1) is
+`serving/h2grpc.py`, which needs no grpcio.
 
 Tensors come as `raw_input_contents` (what tritonclient sends) or as typed `contents`; the
 answer uses the same form (`raw_output_contents` for raw requests).
@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import numpy as np
 
 from serving import grpc_predict_v2_pb2 as pb
@@ -35,12 +34,22 @@ logger = logging.getLogger("serving.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 _PEAK_WINDOW_S = 0.05  # how long a peak of concurrent ModelInfer calls is remembered
+# gRPC status codes (grpc/status.h)
+OK = 0
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+# the status of a refusal, from the HTTP status the same refusal gets
 _STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
+    400: INVALID_ARGUMENT,
+    404: NOT_FOUND,
+    413: RESOURCE_EXHAUSTED,
+    415: INVALID_ARGUMENT,
+    503: UNAVAILABLE,
 }
 # typed contents field of each datatype (FP16 only travels raw)
 _CONTENTS = {
@@ -59,18 +68,25 @@ _CONTENTS = {
 }
 
 
+class CallError(Exception):
+    """A call answered with a gRPC status other than OK (and `x-error-code` in its trailers)."""
+
+    def __init__(self, status: int, message: str, error_code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_code = error_code
+
+
 class InferenceService:
     """The six calls, each answering from `app`'s state."""
 
     def __init__(self, app: App) -> None:
         self.app = app
-        # ModelInfer calls in progress, and their recent peak: grpc.aio hands calls to the loop
-        # one at a time (each through its completion-queue poller), so unlike HTTP requests,
-        # which arrive together in one read of every ready socket, they never meet in the same
-        # loop iteration and every call would be its own predict. While fewer calls are in
-        # progress than were a moment ago, the callers just answered are sending their next
-        # ones: the batcher waits for them (at most --max-batch-delay-ms, as for an HTTP body
-        # still arriving). At concurrency 1 the peak is 1 and nothing waits.
+        # ModelInfer calls in progress, and their recent peak. While fewer calls are in progress
+        # than were a moment ago, the callers just answered are sending their next ones: the
+        # batcher waits for them (at most --max-batch-delay-ms, as for an HTTP body still
+        # arriving). At concurrency 1 the peak is 1 and nothing waits.
         self.infer_in_flight = 0
         self._peak = 0
         self._peak_at = 0.0
@@ -85,13 +101,9 @@ class InferenceService:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    async def _call(
-        self,
-        name: str,
-        context: grpc.aio.ServicerContext,
-        fn: Callable[[], Awaitable[Any]],
-    ) -> Any:
-        """Run fn with the metrics of one request; a ServingError becomes a gRPC status."""
+    async def _call(self, name: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run fn with the metrics of one request; a ServingError or a failure becomes a
+        CallError (its gRPC status)."""
         metrics = self.app.metrics
         metrics.in_flight += 1
         started = time.perf_counter()
@@ -101,19 +113,14 @@ class InferenceService:
             return await fn()
         except ServingError as exc:
             status = exc.status
-            context.set_trailing_metadata((("x-error-code", exc.code),))
-            await context.abort(_STATUS.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
-        except grpc.aio.AbortError:
-            raise
+            raise CallError(_STATUS.get(exc.status, INTERNAL), exc.message, exc.code) from None
         except Exception:
             status = 500
             error_id = uuid.uuid4().hex[:16]
             logger.exception("error %s on gRPC %s", error_id, name)
-            context.set_trailing_metadata((("x-error-code", "internal_error"),))
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"the model failed on this request; error id {error_id}",
-            )
+            raise CallError(
+                INTERNAL, f"the model failed on this request; error id {error_id}", "internal_error"
+            ) from None
         finally:
             metrics.in_flight -= 1
             metrics.observe_request(endpoint, status, time.perf_counter() - started)
@@ -132,26 +139,26 @@ class InferenceService:
 
     # --- calls --------------------------------------------------------------------------------
 
-    async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+    async def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         async def run():
             return pb.ServerLiveResponse(live=True)
 
-        return await self._call("ServerLive", context, run)
+        return await self._call("ServerLive", run)
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context):
+    async def server_ready(self, request: pb.ServerReadyRequest):
         async def run():
             return pb.ServerReadyResponse(ready=self._ready())
 
-        return await self._call("ServerReady", context, run)
+        return await self._call("ServerReady", run)
 
-    async def model_ready(self, request: pb.ModelReadyRequest, context):
+    async def model_ready(self, request: pb.ModelReadyRequest):
         async def run():
             self._check_model(request.name, request.version)
             return pb.ModelReadyResponse(ready=self._ready())
 
-        return await self._call("ModelReady", context, run)
+        return await self._call("ModelReady", run)
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context):
+    async def server_metadata(self, request: pb.ServerMetadataRequest):
         from serving.app import EXTENSIONS, SERVER_VERSION
 
         async def run():
@@ -159,9 +166,9 @@ class InferenceService:
                 name="mlops-serving", version=SERVER_VERSION, extensions=EXTENSIONS
             )
 
-        return await self._call("ServerMetadata", context, run)
+        return await self._call("ServerMetadata", run)
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest, context):
+    async def model_metadata(self, request: pb.ModelMetadataRequest):
         async def run():
             self._check_model(request.name, request.version)
             meta = self.app.v2_metadata_dict()
@@ -174,19 +181,19 @@ class InferenceService:
                 outputs=[tensor(**t) for t in meta["outputs"]],
             )
 
-        return await self._call("ModelMetadata", context, run)
+        return await self._call("ModelMetadata", run)
 
-    async def model_infer(self, request: pb.ModelInferRequest, context):
+    async def model_infer(self, request: pb.ModelInferRequest):
         started = time.perf_counter()
         self.infer_in_flight += 1
         if self.infer_in_flight >= self._peak:
             self._peak, self._peak_at = self.infer_in_flight, started
         try:
-            return await self._model_infer(request, context, started)
+            return await self._model_infer(request, started)
         finally:
             self.infer_in_flight -= 1
 
-    async def _model_infer(self, request: pb.ModelInferRequest, context, started: float):
+    async def _model_infer(self, request: pb.ModelInferRequest, started: float):
 
         async def run():
             self._check_model(request.model_name, request.model_version)
@@ -247,7 +254,7 @@ class InferenceService:
             app.record(response.id, endpoint, started, outputs, logged)
             return response
 
-        return await self._call("ModelInfer", context, run)
+        return await self._call("ModelInfer", run)
 
 
 def _from_contents(tensor: Any) -> np.ndarray:
@@ -279,41 +286,16 @@ def _to_contents(contents: Any, datatype: str, arr: np.ndarray) -> None:
     getattr(contents, field).extend(values)
 
 
-def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
-    calls = {
-        "ServerLive": (service.server_live, pb.ServerLiveRequest),
-        "ServerReady": (service.server_ready, pb.ServerReadyRequest),
-        "ModelReady": (service.model_ready, pb.ModelReadyRequest),
-        "ServerMetadata": (service.server_metadata, pb.ServerMetadataRequest),
-        "ModelMetadata": (service.model_metadata, pb.ModelMetadataRequest),
-        "ModelInfer": (service.model_infer, pb.ModelInferRequest),
+def calls(service: InferenceService) -> dict[bytes, tuple[Callable[[Any], Awaitable[Any]], Any]]:
+    """Each call's handler and request message, by the call's path."""
+    return {
+        f"/{SERVICE}/{name}".encode(): (fn, message)
+        for name, fn, message in (
+            ("ServerLive", service.server_live, pb.ServerLiveRequest),
+            ("ServerReady", service.server_ready, pb.ServerReadyRequest),
+            ("ModelReady", service.model_ready, pb.ModelReadyRequest),
+            ("ServerMetadata", service.server_metadata, pb.ServerMetadataRequest),
+            ("ModelMetadata", service.model_metadata, pb.ModelMetadataRequest),
+            ("ModelInfer", service.model_infer, pb.ModelInferRequest),
+        )
     }
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            name: grpc.unary_unary_rpc_method_handler(
-                fn,
-                request_deserializer=message.FromString,
-                response_serializer=lambda response: response.SerializeToString(),
-            )
-            for name, (fn, message) in calls.items()
-        },
-    )
-
-
-async def start(app: App, host: str, port: int, max_message_bytes: int) -> tuple[Any, int]:
-    """Listen on host:port (0: a free port); returns (server, port). Raises RuntimeError when
-    the port cannot be bound."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-        ]
-    )
-    server.add_generic_rpc_handlers((_handlers(InferenceService(app)),))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise RuntimeError(f"cannot listen for gRPC on {address}")
-    await server.start()
-    return server, bound

@@ -131,7 +131,7 @@ async def _serve(
     server = await loop.create_server(lambda: HttpConnection(app), sock=sock)
     grpc_server = None
     if settings.grpc_port is not None:
-        from serving import grpc_server as grpc_listener
+        from serving import h2grpc as grpc_listener
 
         try:
             grpc_server, grpc_port = await grpc_listener.start(
@@ -186,9 +186,9 @@ async def _serve(
             os.unlink(settings.unix_socket)  # no new connection finds a closed listener
         except OSError:
             pass
-    app.begin_shutdown()
     if grpc_server is not None:
-        await grpc_server.stop(settings.shutdown_timeout_s)
+        grpc_server.close()
+    app.begin_shutdown()  # gRPC connections: GOAWAY, then closed once their calls are answered
     deadline = time.monotonic() + settings.shutdown_timeout_s
     while app.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
