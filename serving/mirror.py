@@ -218,6 +218,7 @@ class Mirror:
             "dropped": 0,  # copies not queued: the queue was full
             "completed": 0,  # copies the candidate answered (any status)
             "errors": 0,  # copies that failed: no connection, timeout, or a 5xx answer
+            "batches": 0,  # writes to the candidate (copies / batches: the batching achieved)
         }
         self.workers = [asyncio.ensure_future(self._work()) for _ in range(config["workers"])]
 
@@ -300,6 +301,7 @@ class Mirror:
             conn = await self._connection(backend)
             if isinstance(conn, str):
                 return [(None, None, b"", conn)] * len(requests)
+            self.counts["batches"] += 1
             try:
                 results = await conn.exchange(requests, self.config["timeout_s"])
             except _Unanswered as exc:
