@@ -3,15 +3,18 @@
     CONTROLPLANE_PORT_RANGE=33500-33999 MLFLOW_DISABLE_TELEMETRY=true \\
         .venv/bin/python bench/shadow.py [--duration 10] [--rounds 3] [--concurrency 16]
 
-Builds bench/serving.py's scikit-learn model, starts two real model servers (the primary and
-the candidate, `python -m serving`, one worker each) and the router (`python -m
-serving.router`) in front of the primary, on 127.0.0.1. Drives the router with one-row JSON
-requests at concurrency 16 (wrk when installed, else the asyncio load generator of
-bench/serving.py) in interleaved rounds of three setups: no mirror key, a mirror at 0 % and a
-mirror at 100 % (the candidate answers every request a second time). Prints one markdown
-table of the median p50/p99 over the rounds and the mirror's counters (sent, dropped by the
-bounded queue, candidate errors). Everything shares the machine's cores: at 100 % the
-candidate's server competes with the primary's for CPU, which is part of the real cost.
+Builds bench/serving.py's scikit-learn model, starts three real model servers (`python -m
+serving`, one worker each: the primary and two candidates, one at idle CPU priority as the
+local runtime starts a shadow revision's servers by default, one at normal priority) and the
+router (`python -m serving.router`) in front of the primary, on 127.0.0.1. Drives the router
+with one-row JSON requests at concurrency 16 (wrk when installed, else the asyncio load
+generator of bench/serving.py) in interleaved rounds of four setups: no mirror key, a mirror
+at 0 %, a mirror at 100 % to the idle-priority candidate and one to the normal-priority
+candidate (the candidate answers every request a second time). Prints the median p50/p99
+over the rounds with the mirror's counters (sent, dropped by the bounded queue, completed,
+failed), and the CPU per request of the router, the primary and the candidate (from
+/proc/<pid>/stat): the router's own cost per mirrored copy apart from the candidate's
+competition for the machine's cores.
 """
 
 from __future__ import annotations
@@ -58,11 +61,17 @@ def _ports(count: int) -> list[int]:
     raise SystemExit("no free ports in CONTROLPLANE_PORT_RANGE")
 
 
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+def _spawn(argv: list[str], log: Path, *, idle: bool = False) -> subprocess.Popen:
+    """``idle``: under SCHED_IDLE from before exec, as the local runtime starts a shadow
+    revision's servers (deployments/runtimes/process.py, CONTROLPLANE_SHADOW_IDLE_PRIORITY)."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}
+
+    def to_idle() -> None:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
     return subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=to_idle if idle else None,
     )  # fmt: skip
 
 
@@ -91,6 +100,12 @@ def _wait_for_mirror(router_port: int, wanted: float | None) -> None:
     raise SystemExit(f"the router did not pick up the mirror setting {wanted}")
 
 
+def _machine_idle() -> float:
+    """Idle CPU seconds of the whole machine so far (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def offer_cost_us(fraction: float, calls: int = 200_000) -> float:
     """CPU microseconds the router's hook adds per proxied request (``Mirror.offer`` plus the
     extra work of the mirrored branch), measured in-process on the router's own event loop:
@@ -99,14 +114,14 @@ def offer_cost_us(fraction: float, calls: int = 200_000) -> float:
     import asyncio
 
     from serving import mirror as mirroring
-    from serving.router import Upstream, _request_bytes
+    from serving.router import _request_bytes
 
     async def run() -> float:
         config = mirroring.parse_config(
             {"fraction": fraction, "backends": ["127.0.0.1:9"], "queue": 1, "workers": 1},
             lambda b: b,
         )
-        m = mirroring.Mirror(config, Upstream)
+        m = mirroring.Mirror(config)
         for task in m.workers:  # nobody drains: the queue stays full
             task.cancel()
         m.queue.put_nowait(None)
@@ -116,7 +131,7 @@ def offer_cost_us(fraction: float, calls: int = 200_000) -> float:
         started = time.process_time()
         for _ in range(calls):
             raw, t0 = _request_bytes(b"POST", b"/invocations", headers, body), time.perf_counter()
-            m.offer(b"POST", b"/invocations", raw, response, t0)
+            m.offer(b"POST", b"/invocations", raw, response, time.perf_counter() - t0)
         with_hook = time.process_time() - started
         started = time.process_time()
         for _ in range(calls):
@@ -126,6 +141,65 @@ def offer_cost_us(fraction: float, calls: int = 200_000) -> float:
         return (with_hook - without) / calls * 1e6
 
     return asyncio.run(run())
+
+
+def copy_cost_us(backend: str, body: str, burst: int, copies: int = 20_000) -> float:
+    """Router CPU microseconds per mirrored copy (the hook, the queue, the worker's write to
+    the candidate, reading and parsing its answer, the pair), measured in-process on the
+    router's kind of event loop against a real candidate server: ``burst`` copies are
+    offered at once (1: one at a time; more: a backlog, as under load), then awaited."""
+    import asyncio
+
+    import uvloop
+
+    from serving import mirror as mirroring
+    from serving.router import _request_bytes
+
+    async def run() -> float:
+        config = mirroring.parse_config(
+            {"fraction": 1.0, "backends": [backend], "queue": 65536}, lambda b: b
+        )
+        m = mirroring.Mirror(config)
+        headers = [(b"host", b"x"), (b"content-type", b"application/json")]
+        raw = _request_bytes(b"POST", b"/invocations", headers, body.encode())
+        response = (200, [(b"x-request-id", b"abc")], b'{"predictions": [1]}')
+        state: dict = {"done": 0, "want": 0, "waiter": None}
+        record = m._record
+
+        def counted(*args) -> None:
+            record(*args)
+            state["done"] += 1
+            if state["done"] >= state["want"] and not state["waiter"].done():
+                state["waiter"].set_result(None)
+
+        m._record = counted
+
+        async def push(count: int) -> None:
+            loop = asyncio.get_running_loop()
+            for _ in range(0, count, burst):
+                state["want"] = state["done"] + burst
+                state["waiter"] = loop.create_future()
+                for _ in range(burst):
+                    m.offer(b"POST", b"/invocations", raw, response, 0.001)
+                await state["waiter"]
+
+        await push(2000)  # warm-up: the connections are open
+        started = time.process_time()
+        await push(copies)
+        used = time.process_time() - started
+        failed = m.counts["errors"]
+        m.close()
+        if failed:
+            raise SystemExit(f"{failed} copies failed measuring the router's cost per copy")
+        return used / copies * 1e6
+
+    return uvloop.run(run())
+
+
+def _server(model_dir: Path, version: str, port: int, log: Path, *, idle: bool):
+    argv = [sys.executable, "-m", "serving", "--model-dir", str(model_dir), "--name", "bench",
+            "--version", version, "--port", str(port), "--log-level", "WARNING"]  # fmt: skip
+    return _spawn(argv, log, idle=idle)
 
 
 def main() -> int:
@@ -144,104 +218,133 @@ def main() -> int:
     model_dir = workdir / "model"
     row, _ = bench_serving.build_model(model_dir)
     body = json.dumps({"dataframe_split": {"columns": bench_serving.FEATURES, "data": [row]}})
-    primary_port, candidate_port, router_port = _ports(3)
-    procs = []
+    primary_port, idle_port, normal_port, router_port = _ports(4)
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        for port, version in ((primary_port, "1"), (candidate_port, "2")):
-            procs.append(
-                _spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "serving",
-                        "--model-dir",
-                        str(model_dir),
-                        "--name",
-                        "bench",
-                        "--version",
-                        version,
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "WARNING",
-                    ],
-                    workdir / f"server-{version}.log",
-                )  # fmt: skip
-            )
-        backends_file = workdir / "backends.json"
-        primary, candidate = f"127.0.0.1:{primary_port}", f"127.0.0.1:{candidate_port}"
-        _write(backends_file, [primary], None)
-        procs.append(
-            _spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "serving.router",
-                    "--port",
-                    str(router_port),
-                    "--backends-file",
-                    str(backends_file),
-                    "--log-level",
-                    "WARNING",
-                ],
-                workdir / "router.log",
-            )  # fmt: skip
+        procs["primary"] = _server(
+            model_dir, "1", primary_port, workdir / "primary.log", idle=False
         )
-        for port, proc in zip((primary_port, candidate_port), procs, strict=False):
-            bench_serving.wait_ready(f"http://127.0.0.1:{port}/ping", proc)
-        bench_serving.wait_ready(f"http://127.0.0.1:{router_port}/__router/health", procs[-1])
+        # Two candidates, one per priority: the product's default (idle, as the local runtime
+        # starts a shadow revision's servers) and normal, to show what CPU contention costs.
+        procs["idle"] = _server(model_dir, "2", idle_port, workdir / "idle.log", idle=True)
+        procs["normal"] = _server(model_dir, "2", normal_port, workdir / "normal.log", idle=False)
+        backends_file = workdir / "backends.json"
+        primary = f"127.0.0.1:{primary_port}"
+        _write(backends_file, [primary], None)
+        router_argv = [sys.executable, "-m", "serving.router", "--port", str(router_port),
+                       "--backends-file", str(backends_file), "--log-level", "WARNING"]  # fmt: skip
+        procs["router"] = _spawn(router_argv, workdir / "router.log")
+        for port, key in ((primary_port, "primary"), (idle_port, "idle"), (normal_port, "normal")):
+            bench_serving.wait_ready(f"http://127.0.0.1:{port}/ping", procs[key])
+        bench_serving.wait_ready(f"http://127.0.0.1:{router_port}/__router/health", procs["router"])
         url = f"http://127.0.0.1:{router_port}/invocations"
-        setups = {"no shadow": None, "shadow 0 %": 0.0, "shadow 100 %": 1.0}
+        # name -> (fraction, the candidate's port); None: no mirror key at all
+        setups: dict[str, tuple[float, int] | None] = {
+            "no shadow": None,
+            "shadow 0 %": (0.0, idle_port),
+            "shadow 100 %, candidate at idle priority (default)": (1.0, idle_port),
+            "shadow 100 %, candidate at normal priority": (1.0, normal_port),
+        }
         results: dict[str, list[dict]] = {name: [] for name in setups}
-        mirror_counts: dict[str, dict] = {}
         generate(url, body, args.concurrency, 2.0)  # warm-up
         for _ in range(args.rounds):
-            for name, fraction in setups.items():
+            for name, setup in setups.items():
                 mirror = None
-                if fraction is not None:
-                    mirror = {"name": "r2", "revision": 2, "fraction": fraction,
-                              "backends": [candidate], "queue": 256}  # fmt: skip
+                if setup is not None:
+                    mirror = {"name": "r2", "revision": 2, "fraction": setup[0],
+                              "backends": [f"127.0.0.1:{setup[1]}"], "queue": 256}  # fmt: skip
                 _write(backends_file, [primary], mirror)
-                _wait_for_mirror(router_port, fraction)
+                _wait_for_mirror(router_port, None if setup is None else setup[0])
                 before = _stats(router_port)
+                cpu_before = {k: bench_serving.process_cpu_seconds(p.pid) for k, p in procs.items()}
+                idle_before = _machine_idle()
                 result = generate(url, body, args.concurrency, args.duration)
+                idle_after = _machine_idle()
+                cpu_after = {k: bench_serving.process_cpu_seconds(p.pid) for k, p in procs.items()}
                 after = _stats(router_port)
+                n = max(result["requests"], 1)
+                cpu = {k: cpu_after[k] - cpu_before[k] for k in procs}
+                result["cpu_router_us"] = cpu["router"] / n * 1e6
+                result["cpu_primary_us"] = cpu["primary"] / n * 1e6
+                result["cpu_candidate_us"] = (cpu["idle"] + cpu["normal"]) / n * 1e6
+                result["idle_cores"] = (idle_after - idle_before) / args.duration
+                for key in ("sent", "dropped", "completed", "errors", "batches"):
+                    result[key] = after.get(key, 0) - before.get(key, 0)
                 results[name].append(result)
-                if fraction:
-                    counts = mirror_counts.setdefault(name, {"sent": 0, "dropped": 0, "errors": 0})
-                    for key in counts:
-                        counts[key] += after.get(key, 0) - before.get(key, 0)
                 _write(backends_file, [primary], None)
                 time.sleep(1.0)  # let the candidate's queue drain before the next run
+        copy_cost = {
+            burst: statistics.median(
+                copy_cost_us(f"127.0.0.1:{normal_port}", body, burst) for _ in range(3)
+            )
+            for burst in (1, 16)
+        }
     finally:
-        for proc in procs:
+        for proc in procs.values():
             bench_serving.stop(proc)
 
     micro = {fraction: offer_cost_us(fraction) for fraction in (0.0, 1.0)}
-    base = statistics.median(r["p50"] for r in results["no shadow"])
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    base = med("no shadow", "p50")
     print(
         f"\nShadow mirroring cost, c={args.concurrency}, {args.rounds} × {args.duration:g} s "
         f"per setup ({loadgen}), one-row JSON to /invocations through the router; "
         f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n"
     )
     print(
-        "| setup | p50 ms | p99 ms | Δp50 vs no shadow | req/s | errors | mirrors sent / dropped / failed |"
+        "| setup | p50 ms | p99 ms | Δp50 vs no shadow | req/s | errors "
+        "| mirrors sent / dropped (queue full) / completed / failed | copies per write |"
     )
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name in setups:
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for name, setup in setups.items():
         runs = results[name]
-        p50 = statistics.median(r["p50"] for r in runs)
-        p99 = statistics.median(r["p99"] for r in runs)
-        rps = statistics.median(r["rps"] for r in runs)
         errors = sum(r["errors"] for r in runs)
-        counts = mirror_counts.get(name)
-        mirrored = f"{counts['sent']} / {counts['dropped']} / {counts['errors']}" if counts else "—"
+        mirrored, per_write = "—", "—"
+        if setup is not None and setup[0]:
+            mirrored = " / ".join(
+                str(sum(r[k] for r in runs)) for k in ("sent", "dropped", "completed", "errors")
+            )
+            batches = sum(r["batches"] for r in runs)
+            per_write = f"{sum(r['sent'] for r in runs) / batches:.1f}" if batches else "—"
         print(
-            f"| {name} | {p50:.3f} | {p99:.3f} | {p50 - base:+.3f} | {rps:.0f} | {errors} | {mirrored} |"
+            f"| {name} | {med(name, 'p50'):.3f} | {med(name, 'p99'):.3f} "
+            f"| {med(name, 'p50') - base:+.3f} | {med(name, 'rps'):.0f} | {errors} | {mirrored} "
+            f"| {per_write} |"
+        )
+    print(
+        "\nCPU per proxied request (/proc/<pid>/stat, medians over the rounds); the router's "
+        "extra CPU per mirrored copy is (its µs/request − the no-shadow figure) × requests / "
+        "copies completed:\n"
+    )
+    print(
+        "| setup | router µs/req | primary µs/req | candidate µs/req | router µs per copy | idle cores |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    router_base = med("no shadow", "cpu_router_us")
+    for name, setup in setups.items():
+        per_copy = "—"
+        if setup is not None and setup[0]:
+            copies = [
+                (r["cpu_router_us"] - router_base) * r["requests"] / r["completed"]
+                for r in results[name]
+                if r["completed"]
+            ]
+            per_copy = f"{statistics.median(copies):.1f}" if copies else "—"
+        print(
+            f"| {name} | {med(name, 'cpu_router_us'):.1f} | {med(name, 'cpu_primary_us'):.1f} "
+            f"| {med(name, 'cpu_candidate_us'):.1f} | {per_copy} | {med(name, 'idle_cores'):.2f} |"
         )
     print(
         f"\nRouter CPU added per request by the mirror hook (in-process, 200,000 calls): "
         f"{micro[0.0]:.2f} µs at 0 %, {micro[1.0]:.2f} µs at 100 % with a full queue (copy dropped)"
+    )
+    print(
+        f"\nRouter CPU per mirrored copy (in-process against the candidate's server, 20,000 "
+        f"copies, median of 3): {copy_cost[1]:.1f} µs one at a time, {copy_cost[16]:.1f} µs "
+        "with a backlog (16 offered at once: one pipelined write per batch)"
     )
     rounds = []
     for name, runs in results.items():

@@ -62,9 +62,21 @@ def _to_baseline(d: Deployment, serving: Revision) -> tuple[bool, float]:
     return ok, (time.monotonic() - started) * 1000.0
 
 
+class StaleRollout(Exception):
+    """The rollout's row changed since this pass read it (another worker's pass, or a control
+    action): nothing of this write landed; the next pass reads the row again."""
+
+
 def _save(ro: Rollout, **fields) -> None:
+    """Compare-and-swap: the write lands only if the row is still as this pass read it (its
+    state, step and ``updated_at``, which every writer sets), else StaleRollout (inside a
+    transaction: the events and audit written with it roll back too)."""
     fields["updated_at"] = timezone.now()
-    Rollout.objects.filter(pk=ro.pk).update(**fields)
+    unchanged = Rollout.objects.filter(
+        pk=ro.pk, state=ro.state, step=ro.step, updated_at=ro.updated_at
+    )
+    if not unchanged.update(**fields):
+        raise StaleRollout(f"rollout {ro.pk} changed meanwhile")
     for k, v in fields.items():
         setattr(ro, k, v)
 
@@ -219,7 +231,16 @@ def abort(
 
 def drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, ready, replicas):
     """One reconciler pass of a canary. None: no canary (or it is promoted): the rolling path
-    goes on. True/False: what the pass returns (converged or not)."""
+    goes on. True/False: what the pass returns (converged or not). A rollout that changed
+    under this pass (StaleRollout) is left to the next one: not converged."""
+    try:
+        return _drive(d, desired, serving, wanted, ready, replicas)
+    except StaleRollout as exc:
+        logger.info("%s: %s; the next pass reads it again", d.name, exc)
+        return False
+
+
+def _drive(d: Deployment, desired: Revision, serving: Revision | None, wanted, ready, replicas):
     if serving is None or serving.pk == desired.pk:
         return None
     ro = (

@@ -504,6 +504,7 @@ def _spec(d: Deployment, revision: Revision, ordinal: int, port: int) -> Instanc
         predict_method=spec.get("predict_method"),
         gpu=spec.get("gpu"),
         placement=spec.get("placement") or {},
+        priority=spec.get("priority", "normal"),
     )
 
 

@@ -116,11 +116,26 @@ def rollouts_cancel(d: Deployment, why: str) -> None:
 
 
 def _finish(ro: Rollout, state: str, why: str, *, now=None) -> None:
+    """End an active rollout by compare-and-swap on the row as read (state, step,
+    ``updated_at``): a reconciler pass that wrote meanwhile is never overwritten (nor its
+    decision lost); the row is read again, and left alone once it is no longer active."""
     now = now or timezone.now()
-    entry = {"at": now.isoformat(), "decision": state, "reason": why, "step": ro.step}
-    Rollout.objects.filter(pk=ro.pk).update(
-        state=state, decision=state, reason=why, decisions=[*ro.decisions, entry], updated_at=now
-    )
+    for _ in range(5):
+        entry = {"at": now.isoformat(), "decision": state, "reason": why, "step": ro.step}
+        if Rollout.objects.filter(
+            pk=ro.pk, state=ro.state, step=ro.step, updated_at=ro.updated_at
+        ).update(
+            state=state,
+            decision=state,
+            reason=why,
+            decisions=[*ro.decisions, entry],
+            updated_at=now,
+        ):
+            return
+        ro.refresh_from_db()
+        if ro.state not in Rollout.ACTIVE:
+            return
+    raise Conflict("the rollout keeps changing; try again", code="rollout_busy")
 
 
 def active_rollout(d: Deployment) -> Rollout | None:

@@ -15,6 +15,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Max
@@ -116,7 +117,7 @@ def shadow_start(
             deployment=d,
             number=number,
             model_version=mv,
-            spec=_spec_snapshot(d),
+            spec=_shadow_spec(d),
             reason=f"shadow: {mv.model.name} v{mv.version} at {fraction:g}",
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
@@ -144,6 +145,16 @@ def shadow_start(
     )
     _kick(d)
     return run
+
+
+def _shadow_spec(d: Deployment) -> dict:
+    """The deployment's spec, at idle CPU priority unless CONTROLPLANE_SHADOW_IDLE_PRIORITY is
+    off. Such a revision differs from the deployment's spec, so promoting it rolls out a fresh
+    revision at normal priority (a running process cannot be raised back without privileges)."""
+    spec = _spec_snapshot(d)
+    if settings.CONTROLPLANE_SHADOW_IDLE_PRIORITY:
+        spec["priority"] = "idle"
+    return spec
 
 
 def _end(run: ShadowRun, state: str) -> None:
@@ -182,9 +193,11 @@ def shadow_stop(
 
 @transaction.atomic
 def shadow_promote(*, deployment: Deployment, actor: AbstractBaseUser) -> Deployment:
-    """Make the shadow's version the primary through the normal rollout: it becomes the
-    desired revision (its instances are running and ready, so the switch is quick) and the
-    reconciler moves traffic the usual way, once every instance passes its readiness probes."""
+    """Make the shadow's version the primary through the normal rollout. A shadow at idle CPU
+    priority (the default) becomes a fresh revision of its version, started at normal
+    priority; one at normal priority (CONTROLPLANE_SHADOW_IDLE_PRIORITY off) becomes the
+    desired revision itself (its instances are running and ready, so the switch is quick).
+    The reconciler moves traffic the usual way, once every instance passes its probes."""
     from .services import _deployment_snapshot
 
     d = _locked(deployment)
@@ -205,8 +218,9 @@ def shadow_promote(*, deployment: Deployment, actor: AbstractBaseUser) -> Deploy
     before = _deployment_snapshot(d)
     _end(run, ShadowRun.State.PROMOTED)
     if revision.spec != _spec_snapshot(d):
-        # The deployment's spec changed since the shadow started: roll out a fresh revision of
-        # the shadow's version with today's spec instead.
+        # The deployment's spec changed since the shadow started, or the shadow's servers run
+        # at idle CPU priority (_shadow_spec): roll out a fresh revision of the shadow's
+        # version with today's spec instead.
         from .services import _new_revision
 
         _new_revision(

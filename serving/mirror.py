@@ -1,8 +1,9 @@
 """Shadow traffic: copies of live prediction requests sent to a candidate's backends.
 
-The router calls ``Mirror.offer`` after the primary has answered (the caller's response is
-already decided); a sampled fraction of prediction requests is put on a bounded queue and a
-few worker tasks send them to the candidate. A full queue drops the copy and counts it; a
+The router calls ``Mirror.offer`` after it has written the primary's answer to the caller; a
+sampled fraction of prediction requests is put on a bounded queue (references, no copies) and
+a few worker tasks send them to the candidate, each a batch of what is queued in one write
+(pipelined on one keep-alive connection). A full queue drops the copy and counts it; a
 candidate that fails, hangs or refuses connections only shows up in the mirror's counters and
 pairs, never on the primary path (the router never awaits anything of the mirror's).
 
@@ -21,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+import httptools
 
 logger = logging.getLogger("serving.router")
 
@@ -84,16 +88,126 @@ def _cut(body: bytes, limit: int) -> tuple[str, bool]:
     return body[:limit].decode("utf-8", "replace"), len(body) > limit
 
 
+# Copies one worker writes to the candidate in one call (pipelined on one connection).
+BATCH = 32
+
+
+class _Unanswered(Exception):
+    """A copy of a batch got no answer: the connection closed, broke or timed out."""
+
+    def __init__(self, message: str, *, early: bool) -> None:
+        super().__init__(message)
+        self.early = early  # no byte of the batch's answers came: safe to send again
+
+
+class CandidateConnection(asyncio.Protocol):
+    """A keep-alive connection to one candidate backend carrying a batch of copies at a time:
+    written in one call (HTTP/1.1 pipelining), answered in order. One write per batch, not
+    per copy, is most of what a mirrored request costs the router's loop (the loopback
+    write also runs the receiver's side of TCP)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiting: deque[asyncio.Future] = deque()
+        self.closed = False
+        self.keep_alive = True
+        self.got_bytes = False
+        self._body: list[bytes] = []
+        self._last = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(f"{self.backend} closed the connection")
+
+    def _fail(self, message: str) -> None:
+        error = _Unanswered(message, early=not self.got_bytes)
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.waiting:
+            self.close()  # bytes nobody asked for: drop the connection
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"bad response from {self.backend}: {exc}")
+            self.close()
+
+    def on_message_begin(self) -> None:
+        self._body = []
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        now = time.perf_counter()
+        # The candidate's time for this copy: from when it could start on it (the batch was
+        # written and the previous answer on this connection was done) to its answer.
+        ms = (now - self._last) * 1000.0
+        self._last = now
+        if self.waiting:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result((self.parser.get_status_code(), ms, b"".join(self._body)))
+
+    async def exchange(self, requests: list[bytes], timeout: float) -> list[tuple]:
+        """(status, ms, body, error) of each request, in order; status None where it failed."""
+        loop = asyncio.get_running_loop()
+        waiters = [loop.create_future() for _ in requests]
+        self.waiting.extend(waiters)
+        self.got_bytes = False
+        self._last = time.perf_counter()
+        self.transport.write(b"".join(requests))
+        timer = loop.call_later(timeout, self._timed_out)
+        results = []
+        try:
+            for waiter in waiters:
+                try:
+                    status, ms, body = await waiter
+                    results.append((status, ms, body, ""))
+                except _Unanswered as exc:
+                    if exc.early and not results:
+                        raise  # nothing of the batch was answered: the caller may resend
+                    results.append((None, None, b"", str(exc)))
+        finally:
+            timer.cancel()
+        return results
+
+    def _timed_out(self) -> None:
+        self.got_bytes = True  # it may have processed them: never resent
+        self._fail(f"{self.backend} timed out")
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
 class Mirror:
     """The mirror of one candidate: sampling, the bounded queue, its workers and pool, the
     pairs buffer and the counters. Lives on the router's event loop; no locks needed."""
 
-    def __init__(self, config: dict, upstream_factory: Callable[[str], asyncio.Protocol]) -> None:
+    def __init__(self, config: dict) -> None:
         self.config = config
-        self._factory = upstream_factory
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=config["queue"])
-        self.pairs: deque[dict] = deque(maxlen=config["buffer"])
-        self.pool: dict[str, list] = {}
+        # (seq, copy, candidate result) per mirrored request; a pair's JSON is built when the
+        # control plane reads it, not on the router's hot path.
+        self.pairs: deque[tuple] = deque(maxlen=config["buffer"])
+        self.pool: dict[str, list[CandidateConnection]] = {}
         self.epoch = f"{os.getpid()}-{time.time_ns()}"
         self.seq = 0
         self._acc = 0.0
@@ -104,6 +218,7 @@ class Mirror:
             "dropped": 0,  # copies not queued: the queue was full
             "completed": 0,  # copies the candidate answered (any status)
             "errors": 0,  # copies that failed: no connection, timeout, or a 5xx answer
+            "batches": 0,  # writes to the candidate (copies / batches: the batching achieved)
         }
         self.workers = [asyncio.ensure_future(self._work()) for _ in range(config["workers"])]
 
@@ -137,8 +252,11 @@ class Mirror:
         url: bytes,
         raw: bytes,
         response: tuple[int, list, bytes],
-        started: float,
+        elapsed_s: float,
     ) -> None:
+        """Queue a copy (no copying: references to the request and the answer) or count it
+        dropped. The candidate is written to by a worker in a later loop iteration, after
+        the primary's answer."""
         if not is_prediction(method, url):
             return
         counts = self.counts
@@ -152,54 +270,51 @@ class Mirror:
         if queue.full():  # checked first: no exception raised per dropped copy
             counts["dropped"] += 1
             return
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        queue.put_nowait((url, raw, response[0], elapsed_ms, response[2], time.time(), response[1]))
+        queue.put_nowait((url, raw, response, elapsed_s, time.time()))
         counts["sent"] += 1
 
     # --- the candidate side ----------------------------------------------------------------
 
     async def _work(self) -> None:
+        queue = self.queue
         while True:
-            url, raw, p_status, p_ms, p_body, ts, p_headers = await self.queue.get()
+            batch = [await queue.get()]
+            while len(batch) < BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                c_status, c_ms, c_body, error = await self._send(_with_request_id(raw, p_headers))
+                requests = [_with_request_id(copy[1], copy[2][1]) for copy in batch]
+                results = await self._send(requests)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # never let one copy stop a worker
-                c_status, c_ms, c_body, error = None, None, b"", f"mirror failed: {exc}"
-            self._record(url, ts, p_status, p_ms, p_body, c_status, c_ms, c_body, error)
+            except Exception as exc:  # never let one batch stop a worker
+                results = [(None, None, b"", f"mirror failed: {exc}")] * len(batch)
+            for copy, result in zip(batch, results, strict=True):
+                self._record(copy, result)
 
-    async def _send(self, raw: bytes) -> tuple[int | None, float | None, bytes, str]:
+    async def _send(self, requests: list[bytes]) -> list[tuple]:
         backends = self.config["backends"]
         if not backends:
-            return None, None, b"", "the candidate has no backends"
+            return [(None, None, b"", "the candidate has no backends")] * len(requests)
         self._rr = (self._rr + 1) % len(backends)
         backend = backends[self._rr]
-        started = time.perf_counter()
         for attempt in range(2):
             conn = await self._connection(backend)
             if isinstance(conn, str):
-                return None, None, b"", conn
+                return [(None, None, b"", conn)] * len(requests)
+            self.counts["batches"] += 1
             try:
-                status, _headers, body = await asyncio.wait_for(
-                    conn.send(raw), self.config["timeout_s"]
-                )
-            except TimeoutError:
-                conn.close()
-                return None, None, b"", f"{backend} timed out"
-            except Exception as exc:
+                results = await conn.exchange(requests, self.config["timeout_s"])
+            except _Unanswered as exc:
                 conn.close()
                 # A pooled connection the candidate had closed: one fresh try.
-                if attempt == 0 and type(exc).__name__ == "UpstreamClosedEarly":
-                    started = time.perf_counter()
+                if attempt == 0:
                     continue
-                return None, None, b"", str(exc)
-            elapsed = (time.perf_counter() - started) * 1000.0
+                return [(None, None, b"", str(exc))] * len(requests)
             self._release(conn)
-            return status, elapsed, body, ""
-        return None, None, b"", f"{backend} closed the connection"
+            return results
+        return [(None, None, b"", f"{backend} closed the connection")] * len(requests)
 
-    async def _connection(self, backend: str):
+    async def _connection(self, backend: str) -> CandidateConnection | str:
         idle = self.pool.get(backend)
         while idle:
             conn = idle.pop()
@@ -209,19 +324,18 @@ class Mirror:
         try:
             if backend.startswith("unix:"):
                 _, conn = await loop.create_unix_connection(
-                    lambda: self._factory(backend), backend[5:]
+                    lambda: CandidateConnection(backend), backend[5:]
                 )
             else:
                 host, _, port = backend.rpartition(":")
                 _, conn = await loop.create_connection(
-                    lambda: self._factory(backend), host.strip("[]"), int(port)
+                    lambda: CandidateConnection(backend), host.strip("[]"), int(port)
                 )
         except OSError as exc:
             return f"cannot connect to {backend}: {exc}"
         return conn
 
-    def _release(self, conn) -> None:
-        conn.reset()
+    def _release(self, conn: CandidateConnection) -> None:
         if conn.closed or not conn.keep_alive or conn.backend not in self.config["backends"]:
             conn.close()
             return
@@ -231,36 +345,46 @@ class Mirror:
         else:
             idle.append(conn)
 
-    def _record(self, url, ts, p_status, p_ms, p_body, c_status, c_ms, c_body, error) -> None:
+    def _record(self, copy: tuple, result: tuple) -> None:
         counts = self.counts
-        if c_status is None or c_status >= 500:
+        status = result[0]
+        if status is None or status >= 500:
             counts["errors"] += 1
-        if c_status is not None:
+        if status is not None:
             counts["completed"] += 1
+        self.seq += 1
+        limit = self.config["body_bytes"]
+        url, _raw, (p_status, _headers, p_body), p_s, ts = copy
+        c_status, c_ms, c_body, error = result
+        # Only what the pair needs is kept: the bodies cut to the limit, not the request.
+        self.pairs.append(
+            (self.seq, ts, url, p_status, p_s, p_body[: limit + 1], c_status, c_ms,
+             c_body[: limit + 1], error)
+        )  # fmt: skip
+
+    def _pair(self, entry: tuple) -> dict:
+        seq, ts, url, p_status, p_s, p_body, c_status, c_ms, c_body, error = entry
         limit = self.config["body_bytes"]
         p_text, p_cut = _cut(p_body, limit)
         c_text, c_cut = _cut(c_body, limit)
-        self.seq += 1
-        self.pairs.append(
-            {
-                "seq": self.seq,
-                "ts": ts,
-                "path": url.split(b"?", 1)[0].decode("latin-1")[:200],
-                "primary": {
-                    "status": p_status,
-                    "ms": round(p_ms, 3),
-                    "body": p_text,
-                    "truncated": p_cut,
-                },
-                "candidate": {
-                    "status": c_status,
-                    "ms": None if c_ms is None else round(c_ms, 3),
-                    "body": c_text,
-                    "truncated": c_cut,
-                    "error": error[:500],
-                },
-            }
-        )
+        return {
+            "seq": seq,
+            "ts": ts,
+            "path": url.split(b"?", 1)[0].decode("latin-1")[:200],
+            "primary": {
+                "status": p_status,
+                "ms": round(p_s * 1000.0, 3),
+                "body": p_text,
+                "truncated": p_cut,
+            },
+            "candidate": {
+                "status": c_status,
+                "ms": None if c_ms is None else round(c_ms, 3),
+                "body": c_text,
+                "truncated": c_cut,
+                "error": error[:500],
+            },
+        }
 
     # --- what the control plane reads --------------------------------------------------------
 
@@ -281,10 +405,10 @@ class Mirror:
         """Pairs with ``seq > after`` (oldest first, at most ``limit``); ``lost`` counts those
         that fell out of the buffer before being read."""
         pairs = self.pairs
-        first = pairs[0]["seq"] if pairs else self.seq + 1
+        first = pairs[0][0] if pairs else self.seq + 1
         lost = max(0, first - after - 1) if after < first else 0
         skip = max(0, after - first + 1)
-        out = [pairs[i] for i in range(skip, min(len(pairs), skip + limit))]
+        out = [self._pair(pairs[i]) for i in range(skip, min(len(pairs), skip + limit))]
         return {**self.stats(), "lost": lost, "pairs": out}
 
 

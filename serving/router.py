@@ -237,7 +237,7 @@ class Router:
             if current is not None:
                 current.close()
             logger.info("mirroring %.0f%% to %s", config["fraction"] * 100, config["name"])
-            self.mirror = mirroring.Mirror(config, Upstream)
+            self.mirror = mirroring.Mirror(config)
 
     @staticmethod
     def _check(backend: object) -> str:
@@ -448,6 +448,7 @@ class ClientConnection(asyncio.Protocol):
             while self.queue and not self.closed:
                 method, url, headers, body, keep_alive = self.queue.popleft()
                 router.in_flight += 1
+                mirrored = None
                 try:
                     if body is None:
                         response = _error(413, "payload_too_large", "the body is too large")
@@ -469,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
                             else:
                                 response = await router.forward(raw)
                             if started and router.mirror is not None:
-                                router.mirror.offer(method, url, raw, response, started)
+                                mirrored = (router.mirror, raw, time.perf_counter() - started)
                         finally:
                             router.traffic.end()
                 except Exception:
@@ -480,6 +481,10 @@ class ClientConnection(asyncio.Protocol):
                 if router.closing and not self.queue:
                     keep_alive = False
                 self._write(*response, keep_alive=keep_alive)
+                if mirrored is not None:
+                    # After the caller's answer is written: the copy only queues here; the
+                    # candidate is written to by a mirror worker in a later loop iteration.
+                    mirrored[0].offer(method, url, mirrored[1], response, mirrored[2])
         finally:
             self.task = None
 

@@ -503,6 +503,10 @@ CONTROLPLANE_DOCKER_NETWORK = env_choice(
 # Refuse pickle/cloudpickle models on the local runtime where it cannot sandbox them (the
 # control plane is not root): loading a pickle runs its code as the control plane's user.
 CONTROLPLANE_LOCAL_REFUSE_PICKLE = env_bool("CONTROLPLANE_LOCAL_REFUSE_PICKLE", False)
+# Shadow candidates are best effort: their servers run at idle CPU priority (local: SCHED_IDLE,
+# docker: cpu_shares 2), so they never take CPU from the serving instances; the mirrors they
+# cannot take are dropped and counted. A promoted shadow rolls out as a fresh revision.
+CONTROLPLANE_SHADOW_IDLE_PRIORITY = env_bool("CONTROLPLANE_SHADOW_IDLE_PRIORITY", True)
 CONTROLPLANE_PORT_RANGE = env_str("CONTROLPLANE_PORT_RANGE", "31000-32999")
 CONTROLPLANE_RECONCILE_INTERVAL = env_int("CONTROLPLANE_RECONCILE_INTERVAL", 3, minimum=1)
 # Seconds the previous revision's instances stay running (without traffic) after a

@@ -50,6 +50,9 @@ class InstanceSpec:
     gpu: float | None = None  # GPUs (fractional), where the runtime schedules them (ray)
     # Node labels the instance must run on ({"zone": "a"}), where the runtime places (ray).
     placement: dict[str, str] = field(default_factory=dict)
+    # "normal", or "idle" for a best-effort instance (a shadow candidate): it gets only the CPU
+    # time the serving instances leave (local: SCHED_IDLE; docker: the lowest cpu_shares).
+    priority: str = "normal"
 
     @property
     def instance_name(self) -> str:

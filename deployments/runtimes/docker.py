@@ -106,6 +106,9 @@ def docker_available(base_url: str | None = None) -> tuple[bool, str]:
     return True, f"Docker Engine {version}"
 
 
+IDLE_CPU_SHARES = 2  # the kernel's minimum weight
+
+
 class DockerRuntime:
     """The Runtime protocol (deployments/runtimes/base.py) on a Docker engine."""
 
@@ -264,6 +267,9 @@ class DockerRuntime:
                 mem_limit=f"{memory_mb}m",
                 memswap_limit=f"{memory_mb}m",  # no swap beyond the limit
                 nano_cpus=int(cpu * _NS),
+                # A best-effort instance (a shadow): the lowest CPU weight (1024 is the default),
+                # so under contention it gets what the serving containers leave.
+                cpu_shares=IDLE_CPU_SHARES if spec.priority == "idle" else None,
                 pids_limit=self.pids_limit,
                 log_config=LogConfig(
                     type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "3"}

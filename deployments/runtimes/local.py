@@ -190,14 +190,23 @@ class LocalRuntime:
             str(spec.max_batch_delay_ms),
         ]
         rlimits, cpus = _memory_rlimits(spec.memory_mb), _cpu_set(spec.cpu, spec.port)
+        idle = spec.priority == "idle"
         log_path = self._log_path(spec.instance_name)
         if rlimits or cpus:
             env.update(_limit_labels(rlimits, cpus))
             _log_limits(log_path, rlimits, cpus)
+        if idle:
+            env["CONTROLPLANE_PRIORITY"] = "idle"
         argv, env = self._confine(spec, argv, env)
         try:
             runtime_id = process.spawn(
-                argv, env=env, log_path=log_path, cwd=self.code_root, rlimits=rlimits, cpus=cpus
+                argv,
+                env=env,
+                log_path=log_path,
+                cwd=self.code_root,
+                rlimits=rlimits,
+                cpus=cpus,
+                idle=idle,
             )
         except OSError as exc:
             raise RuntimeError_(f"cannot start the model server: {exc}") from exc

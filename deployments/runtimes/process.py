@@ -93,13 +93,16 @@ def spawn(
     cwd: Path,
     rlimits: dict[int, int] | None = None,
     cpus: frozenset[int] | None = None,
+    idle: bool = False,
 ) -> str:
     """Start a detached process (own session: it outlives its parent) and return its id.
     Raises OSError if it cannot be started.
 
     ``rlimits`` (``resource.RLIMIT_*`` -> limit, soft and hard) and ``cpus`` (the CPU
     affinity) are set in the child between fork and exec: the program never runs unconfined,
-    and cannot raise them again (the hard limit is the limit)."""
+    and cannot raise them again (the hard limit is the limit). ``idle`` starts it under
+    SCHED_IDLE (inherited by every thread and child it makes): it runs only on CPU time no
+    normal-priority process wants, and an unprivileged process cannot leave that policy."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
         try:
@@ -114,25 +117,34 @@ def spawn(
                 close_fds=True,
                 # Only when there is something to set: without preexec_fn, Popen keeps its
                 # fast path that runs no Python code in the child.
-                preexec_fn=_confine(rlimits or {}, cpus) if rlimits or cpus else None,
+                preexec_fn=(
+                    _confine(rlimits or {}, cpus, idle) if rlimits or cpus or idle else None
+                ),
             )
         except subprocess.SubprocessError as exc:  # raised by the child's confine()
-            raise OSError(f"cannot set its resource limits or CPU affinity: {exc}") from exc
+            raise OSError(
+                f"cannot set its resource limits, CPU affinity or priority: {exc}"
+            ) from exc
     # Popen objects are not kept: the process is tracked by identity, and a
     # finished child is reaped by inspect()/terminate().
     return identity(proc.pid)
 
 
-def _confine(rlimits: dict[int, int], cpus: frozenset[int] | None) -> Callable[[], None]:
+def _confine(
+    rlimits: dict[int, int], cpus: frozenset[int] | None, idle: bool = False
+) -> Callable[[], None]:
     """The child's side of spawn(). It runs between fork and exec, where another thread of
     the parent (the reconciler's lease heartbeat) may have held a lock at the fork: so only
-    two system calls on values computed in the parent; no imports, no logging."""
+    system calls on values computed in the parent; no imports, no logging."""
+    idle_param = os.sched_param(0) if idle else None
 
     def confine() -> None:
         for which, limit in rlimits.items():
             resource.setrlimit(which, (limit, limit))
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if idle_param is not None:
+            os.sched_setscheduler(0, os.SCHED_IDLE, idle_param)
 
     return confine
 

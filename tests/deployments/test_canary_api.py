@@ -215,3 +215,50 @@ def test_the_deployment_page_shows_the_rollout_panel_with_its_buttons(api, clien
     assert resp.status_code == 302
     assert Rollout.objects.get().state == "paused"
     assert "/deployments/svc/rollout/resume" in client.get("/deployments/svc/").content.decode()
+
+
+def test_two_concurrent_advances_of_one_step_land_once(api, serving):
+    """Two reconciler passes that read the rollout at the same step both try to start the next
+    one: compare-and-swap lets the first write land and refuses the second, which changes
+    nothing (its decision is not appended over the first's)."""
+    from deployments import canary
+
+    api.patch("/api/v1/deployments/svc", {"version": "2", "strategy": CANARY})
+    first, second = Rollout.objects.get(), Rollout.objects.get()  # what each pass read
+    assert first.step == second.step == -1
+    canary._save(first, step=0, step_started_at=timezone.now(), weights={"r1": 90, "r2": 10})
+    with pytest.raises(canary.StaleRollout):
+        canary._save(second, step=0, step_started_at=timezone.now(), weights={"r1": 90, "r2": 10})
+    with pytest.raises(canary.StaleRollout):  # nor can it record a decision on the stale copy
+        canary._decide(second, "wait", "too few samples", [])
+    row = Rollout.objects.get()
+    assert (row.step, row.decision, row.decisions) == (0, "", [])
+    assert row.updated_at == first.updated_at
+    canary._decide(first, "wait", "too few samples", [])  # the winner goes on
+    assert Rollout.objects.get().decision == "wait"
+
+
+def test_a_control_action_between_a_pass_reading_and_writing_wins(api, serving):
+    """An abort posted while a pass is deciding to promote: the pass's write is refused (it
+    read "running"), the abort stays for the next pass to carry out."""
+    from deployments import canary
+
+    api.patch("/api/v1/deployments/svc", {"version": "2", "strategy": CANARY})
+    seen = Rollout.objects.get()
+    resp = api.post("/api/v1/deployments/svc/rollout/abort", {"reason": "bad answers"})
+    assert resp.status_code == 202, resp.content
+    with pytest.raises(canary.StaleRollout):
+        canary._save(seen, state=Rollout.State.PROMOTED, weights={"r2": 100})
+    assert Rollout.objects.get().state == "aborting"
+
+
+def test_a_rollback_ends_a_rollout_a_pass_wrote_meanwhile_without_losing_its_decision(api, serving):
+    from deployments import canary, rollouts
+
+    api.patch("/api/v1/deployments/svc", {"version": "2", "strategy": CANARY})
+    stale = Rollout.objects.get()
+    canary._decide(Rollout.objects.get(), "wait", "too few samples", [])  # a pass meanwhile
+    rollouts._finish(stale, Rollout.State.ABORTED, "rollback to r1")
+    row = Rollout.objects.get()
+    assert row.state == "aborted"
+    assert [e["decision"] for e in row.decisions] == ["wait", "aborted"]

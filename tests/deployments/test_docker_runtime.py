@@ -166,6 +166,7 @@ def test_the_container_is_hardened(instance):
     assert set(host["Tmpfs"]) == {"/tmp"}
     assert host["Memory"] == 768 * 1024 * 1024
     assert host["NanoCpus"] == 1_000_000_000
+    assert host.get("CpuShares") in (0, None)  # normal priority: the engine's default weight
     assert 0 < host["PidsLimit"] <= 256
     assert host["RestartPolicy"]["Name"] == "on-failure"
     assert host["RestartPolicy"]["MaximumRetryCount"] > 0
@@ -291,6 +292,16 @@ def test_a_crash_is_restarted_but_a_docker_kill_is_final(docker_runtime, models)
         time.sleep(3)
         after = docker_runtime.inspect(status.runtime_id)
         assert not after.running and after.restarts == restarted.restarts
+    finally:
+        docker_runtime.stop(status.runtime_id, timeout=5)
+
+
+def test_an_idle_priority_container_gets_the_lowest_cpu_weight(docker_runtime, models):
+    model_dir, _ = models[1]
+    spec = spec_for(model_dir, revision=17, port=free_port(), priority="idle")
+    status = docker_runtime.start(spec)
+    try:
+        assert engine_attrs(status.runtime_id)["HostConfig"]["CpuShares"] == 2
     finally:
         docker_runtime.stop(status.runtime_id, timeout=5)
 

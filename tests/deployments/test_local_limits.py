@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from deployments import router
 from deployments.models import DeploymentEvent, Instance, Revision
 from deployments.runtimes import InstanceSpec, get_runtime
 from deployments.services import allocate_port
@@ -147,3 +149,37 @@ def test_cpu_is_rounded_up_to_whole_cores_at_most_the_hosts(sklearn_model_dir):
         finally:
             runtime.stop(status.runtime_id, timeout=1)
         assert len(cores) == want and cores <= host, (cpu, cores)
+
+
+def test_an_idle_priority_instance_runs_under_sched_idle_in_every_thread(sklearn_model_dir):
+    runtime = get_runtime("local")
+    policies = {}
+    for priority in ("idle", "normal"):
+        spec = InstanceSpec(
+            deployment="prio",
+            revision=1,
+            ordinal=0,
+            model_name="m",
+            model_version="1",
+            model_dir=str(sklearn_model_dir),
+            model_sha256="",
+            port=allocate_port(),
+            priority=priority,
+        )
+        status = runtime.start(spec)
+        try:
+            pid = int(status.runtime_id.split(":")[0])
+            deadline = time.monotonic() + 60
+            while runtime.inspect(status.runtime_id).running and time.monotonic() < deadline:
+                if router.ping(status.address, timeout=1):
+                    break  # serving: its threads (OpenBLAS, batching) exist now
+                time.sleep(0.2)
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            policies[priority] = {os.sched_getscheduler(t) for t in threads}
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert (b"CONTROLPLANE_PRIORITY=idle" in environ) == (priority == "idle")
+        finally:
+            runtime.stop(status.runtime_id, timeout=1)
+        assert len(threads) > 1
+    # Set before exec, so inherited by every thread the server makes.
+    assert policies == {"idle": {os.SCHED_IDLE}, "normal": {os.SCHED_OTHER}}

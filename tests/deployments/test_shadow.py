@@ -58,6 +58,12 @@ def rows(n: int) -> list[list[float]]:
     return [[((i * 7 + j) % 11 - 5) / 3.0 for j in range(20)] for i in range(n)]
 
 
+def sched_policies(inst: Instance) -> set[int]:
+    """The scheduling policies of every thread of an instance's server process."""
+    pid = int(inst.runtime_id.split(":")[0])
+    return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
 def mirroring(run_id: int):
     return lambda d: ShadowRun.objects.get(pk=run_id).mirroring_since is not None
 
@@ -84,6 +90,9 @@ def test_shadow_mirrors_reports_agreement_and_promotes_through_the_rollout(
     run = ShadowRun.objects.get(deployment=d, state="active")
     converge("shadowed", until=mirroring(run.pk))
     shadow_inst = Instance.objects.get(revision=run.revision)
+    # Best effort: the candidate's server runs at idle CPU priority, the primary's does not.
+    assert sched_policies(shadow_inst) == {os.SCHED_IDLE}
+    assert sched_policies(Instance.objects.get(revision=d.serving_revision)) == {os.SCHED_OTHER}
     mirror = json.loads(router.backends_file("shadowed").read_text())["mirror"]
     assert mirror["backends"] == [shadow_inst.address] and mirror["fraction"] == 1.0
     assert [predict(d.endpoint, row) for row in rows(30)] == ["1"] * 30  # the primary answers
@@ -130,15 +139,24 @@ def test_shadow_mirrors_reports_agreement_and_promotes_through_the_rollout(
     # 3. Promote: the shadow's revision rolls out the normal way and then serves.
     resp = api.post(f"{url}/shadow/promote")
     assert resp.status_code == 202, resp.content
+    # The shadow ran at idle priority: a fresh revision of v3 rolls out at normal priority.
     d = converge(
         "shadowed",
-        until=lambda x: x.serving_revision_id == run3.revision_id and x.status == "ready",
+        until=lambda x: (
+            x.serving_revision.model_version_id == run3.revision.model_version_id
+            and x.serving_revision_id != run3.revision_id
+            and x.status == "ready"
+        ),
     )
     assert predict(d.endpoint, rows(1)[0]) == "3"
-    assert Revision.objects.get(pk=run3.revision_id).state == Revision.State.LIVE
+    assert Revision.objects.get(pk=d.serving_revision_id).state == Revision.State.LIVE
+    serving = Instance.objects.get(revision=d.serving_revision)
+    assert sched_policies(serving) == {os.SCHED_OTHER}
     assert "mirror" not in json.loads(router.backends_file("shadowed").read_text())
     assert api.get(url).json()["shadow"] is None
-    assert d.events.filter(kind="traffic", message__contains=f"r{run3.revision.number}").exists()
+    assert d.events.filter(
+        kind="traffic", message__contains=f"r{d.serving_revision.number}"
+    ).exists()
     actions = set(AuditEvent.objects.filter(object_id="shadowed").values_list("action", flat=True))
     assert {"deployment.shadow_start", "deployment.shadow_promote"} <= actions
     assert Deployment.objects.get(pk=d.pk).target_version == 3

@@ -154,16 +154,35 @@ def test_the_mirror_key_names_only_ready_shadow_instances(deployment, deployer_a
     assert run.revision_id in shadow.shadow_revision_ids(deployment)
 
 
-def test_promoting_makes_the_shadow_the_desired_revision(deployment, deployer_api):
+def test_promoting_an_idle_priority_shadow_rolls_out_a_fresh_revision_at_normal_priority(
+    deployment, deployer_api
+):
     deployer_api.patch(URL, {"shadow": {"version": "2", "fraction": 0.5}})
     run = ShadowRun.objects.get(state="active")
+    assert run.revision.spec["priority"] == "idle"  # CONTROLPLANE_SHADOW_IDLE_PRIORITY's default
+    resp = deployer_api.post(f"{URL}/shadow/promote")
+    assert resp.status_code == 202, resp.content
+    d = Deployment.objects.get(pk=deployment.pk)
+    assert d.desired_revision_id != run.revision_id and d.serving_revision.number == 1
+    assert d.desired_revision.model_version_id == run.revision.model_version_id
+    assert "priority" not in d.desired_revision.spec
+    assert d.target_version == 2 and d.status == Deployment.Status.DEPLOYING
+    assert ShadowRun.objects.get(pk=run.pk).state == "promoted"
+    assert AuditEvent.objects.filter(action="deployment.shadow_promote").count() == 1
+
+
+def test_promoting_a_normal_priority_shadow_makes_it_the_desired_revision(
+    deployment, deployer_api, settings
+):
+    settings.CONTROLPLANE_SHADOW_IDLE_PRIORITY = False
+    deployer_api.patch(URL, {"shadow": {"version": "2", "fraction": 0.5}})
+    run = ShadowRun.objects.get(state="active")
+    assert "priority" not in run.revision.spec
     resp = deployer_api.post(f"{URL}/shadow/promote")
     assert resp.status_code == 202, resp.content
     d = Deployment.objects.get(pk=deployment.pk)
     assert d.desired_revision_id == run.revision_id and d.serving_revision.number == 1
     assert d.target_version == 2 and d.status == Deployment.Status.DEPLOYING
-    assert ShadowRun.objects.get(pk=run.pk).state == "promoted"
-    assert AuditEvent.objects.filter(action="deployment.shadow_promote").count() == 1
 
 
 # --- the report's statistics on synthetic pairs -------------------------------------------
@@ -299,7 +318,10 @@ def test_the_admin_promotes_and_stops_shadows_through_the_same_services(
     )
     assert resp.status_code == 302
     assert ShadowRun.objects.get(pk=run.pk).state == "promoted"
-    assert Deployment.objects.get(pk=deployment.pk).desired_revision_id == run.revision_id
+    desired = Deployment.objects.get(pk=deployment.pk).desired_revision
+    # A fresh revision of the shadow's version (the shadow ran at idle priority).
+    assert desired.model_version_id == run.revision.model_version_id
+    assert desired.number > run.revision.number
     resp = admin_client.post(
         changelist, {"action": "stop_shadow", "_selected_action": [deployment.pk]}
     )

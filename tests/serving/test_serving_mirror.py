@@ -214,3 +214,46 @@ def test_the_copy_carries_the_primary_request_id():
     sent = b"POST / HTTP/1.1\r\nX-Request-Id: mine\r\n\r\n"
     assert mirroring._with_request_id(sent, [(b"x-request-id", b"abc")]) == sent
     assert mirroring._with_request_id(raw, []) == raw
+
+
+def test_queued_copies_are_pipelined_and_each_answer_paired_with_its_own_request(backend, router):
+    # A candidate slower than the caller: copies queue up and go out in batches on one
+    # connection; each answer must still be paired with the request it answers.
+    primary, slow = backend("primary"), backend("slow", "--delay", "0.03")
+    base, _ = router([primary], {"name": "slow", "fraction": 1.0, "backends": [slow], "workers": 1})
+    with requests.Session() as session:
+        for i in range(40):
+            assert session.post(f"{base}/invocations", data=b"x" * (i + 1)).status_code == 200
+    stats = _settle(base)
+    assert (stats["sent"], stats["dropped"], stats["errors"], stats["completed"]) == (40, 0, 0, 40)
+    pairs = requests.get(f"{base}/__router/mirror", timeout=5).json()["pairs"]
+    assert [json.loads(p["candidate"]["body"])["predictions"] for p in pairs] == [
+        json.loads(p["primary"]["body"])["predictions"] for p in pairs
+    ]
+    assert sorted(json.loads(p["primary"]["body"])["predictions"][0] for p in pairs) == list(
+        range(1, 41)
+    )
+    # A copy's latency is the candidate's time for it, not its wait behind the batch's others.
+    assert all(0.02 < p["candidate"]["ms"] / 1000 < 0.5 for p in pairs)
+
+
+def test_a_stalled_candidate_times_out_per_batch_and_never_delays_the_primary(backend, router):
+    primary, stalled = backend("primary"), backend("stalled", "--delay", "30")
+    base, _ = router(
+        [primary],
+        {"name": "stalled", "fraction": 1.0, "backends": [stalled], "workers": 1,
+         "timeout_s": 0.5, "queue": 64},
+    )  # fmt: skip
+    latencies = []
+    with requests.Session() as session:
+        for _ in range(20):
+            started = time.perf_counter()
+            assert session.post(f"{base}/invocations", data=b"{}").json()["by"] == "primary"
+            latencies.append(time.perf_counter() - started)
+    assert max(latencies) < 0.25  # the copies wait on the candidate; the callers never do
+    stats = _settle(base, timeout=5)
+    assert (stats["sent"], stats["errors"], stats["completed"]) == (20, 20, 0)
+    pairs = requests.get(f"{base}/__router/mirror", timeout=5).json()["pairs"]
+    assert len(pairs) == 20
+    assert all("timed out" in p["candidate"]["error"] for p in pairs)
+    assert all(p["primary"]["status"] == 200 for p in pairs)
