@@ -119,9 +119,12 @@ def test_in_flight_is_counted_per_backend(start_router):
             target=lambda: requests.post(router.url("/invocations"), json=ROW, timeout=10)
         )
         client.start()
-        wait_for(lambda: stats(router)["in_flight"] == 1)
+        # The request counts as in flight when it arrives, on its backend once one is chosen:
+        # wait for the second (a snapshot between the two saw 1 and {address: 0} under load).
+        wait_for(lambda: stats(router)["backends"].get(address, {}).get("in_flight") == 1)
         now = stats(router)
         assert now["backends"] == {address: {"in_flight": 1}} and now["requests_total"] == 1
+        assert now["in_flight"] == 1
         conn, _ = stalled.accept()
         stalled.close()  # then closed before answering: the retries are refused (502)
         conn.close()
