@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from hpack.exceptions import HPACKError
 
 from serving import grpc_server
 from serving.grpc_server import CallError, InferenceService
+from serving.httpserver import no_delay
 
 if TYPE_CHECKING:
     from serving.app import App
@@ -220,12 +220,7 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
         self.app.connections.add(self)
         settings = b"".join(
             _SETTING.pack(k, v)

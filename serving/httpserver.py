@@ -26,6 +26,17 @@ REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _DISCARD_GRACE_S = 5.0
 
 
+def no_delay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a connection's socket (a Unix socket has none to set): each answer goes
+    out in one write and must not wait for the peer's ACK of the last."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class Request:
     """One parsed HTTP request."""
 
@@ -78,12 +89,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
         self.handler.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
