@@ -31,6 +31,8 @@ COLUMN_DTYPES: dict[str, Any] = {**NUMERIC_DTYPES, "boolean": np.bool_, "string"
 # The JSON values (as decoded by `json`) each column type takes.
 _NUMBERS = frozenset((int, float))
 _STRINGS = frozenset((str,))
+_LIST = {list}
+_FLOAT = {float}
 _JSON_TYPES: dict[str, frozenset[type]] = {
     "double": _NUMBERS,
     "float": _NUMBERS,
@@ -114,6 +116,20 @@ def _has_bool(values: list) -> bool:
         nested = chain.from_iterable(value for value in values if type(value) is list)
         return bool in set(map(type, nested))
     return False
+
+
+def _float_matrix(rows: list, k: int) -> np.ndarray | None:
+    """``np.array(rows)`` for the common body: every row a list of k JSON floats. Then that
+    matrix is float64 and holds no boolean (numpy would read `true` as 1.0), and one pass to
+    flatten plus one to convert costs half of numpy's own discovery of the nested lists' shape
+    and type. None for anything else (integers too: numpy keeps those beyond 64 bits as
+    objects), which then goes the general way."""
+    if set(map(type, rows)) != _LIST or set(map(len, rows)) != {k}:
+        return None
+    flat = list(chain.from_iterable(rows))
+    if set(map(type, flat)) != _FLOAT:
+        return None
+    return np.fromiter(flat, np.float64, len(flat)).reshape(len(rows), k)
 
 
 def _first_of_wrong_type(values: list, accepted: frozenset[type]) -> tuple[int, Any]:
@@ -312,6 +328,10 @@ class TabularSchema:
             raise bad_request("bad_shape", "expected a list of rows")
         if not rows:
             raise bad_request("empty_input", "the request holds no rows")
+        if self.matrix_dtype is not None:
+            arr = _float_matrix(rows, self.k)
+            if arr is not None:
+                return self.from_matrix(arr)
         try:
             arr = np.array(rows)
         except (ValueError, TypeError):
