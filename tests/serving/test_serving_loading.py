@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 import requests
 
 FEATURES = [f"f{i}" for i in range(20)]
@@ -100,3 +101,24 @@ def test_a_model_mlflow_would_refuse_to_deserialize_is_refused(start_server):
     assert proc.proc.wait(timeout=180) == 3
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" in proc.log()
     assert "ready:" not in proc.log()
+
+
+def test_sklearns_finiteness_check_is_skipped_only_for_finite_rows(models):
+    """The fast path tells scikit-learn the rows are finite only after checking it itself, and
+    restores the setting: a NaN still gets the estimator's own error, answers are the same."""
+    import sklearn
+
+    from serving.inputs import Rows
+    from serving.model import LoadedModel
+
+    model = LoadedModel(models["sklearn"])
+    assert model.loader.startswith("sklearn")
+    x = rows(50, seed=3)
+    got = model.predict(Rows(50, matrix=x.to_numpy(dtype=np.float64)))
+    assert got.value.tolist() == models["estimator"].predict(x).tolist()
+    assert sklearn.get_config()["assume_finite"] is False
+    bad = x.to_numpy(dtype=np.float64, copy=True)
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict(Rows(50, matrix=bad))
+    assert sklearn.get_config()["assume_finite"] is False
