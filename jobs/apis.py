@@ -3,7 +3,9 @@
 Contract (CI pipelines script against it): ``POST /api/v1/batch-jobs`` and
 ``POST /api/v1/models/{name}/versions/{version}/convert`` answer 202 with the job;
 ``GET /api/v1/jobs/{id}`` has ``id``, ``kind``, ``state``, ``progress`` (``done``,
-``total``), ``error`` and, once succeeded, ``result`` and ``output_url``.
+``total``), ``error`` and, once succeeded, ``result`` and ``output_url``. ``committed_at``
+is set once the job passed its commit point: ``POST /api/v1/jobs/{id}/cancel`` then answers
+409 ``job_committed``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.http import FileResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.response import Response
@@ -25,6 +27,7 @@ from accounts.permissions import Right
 from accounts.scopes import DEPLOY, REGISTRY_WRITE
 from controlplane.lib.apis import paginate, validated
 from controlplane.lib.errors import ApplicationError, NotFound
+from controlplane.lib.schema import Error
 
 from . import selectors, services
 from .models import Job
@@ -58,6 +61,7 @@ class JobOutput(serializers.ModelSerializer):
             "owner",
             "attempts",
             "cancel_requested",
+            "committed_at",
             "created_at",
             "started_at",
             "finished_at",
@@ -166,10 +170,23 @@ class JobDetailApi(APIView):
 
 
 class JobCancelApi(APIView):
+    """Cancel a queued job at once; ask a running one to stop (it ends ``cancelled``). A
+    running job past its commit point can no longer be cancelled (409 ``job_committed``)."""
+
     write_scope = SUBMITTERS
     write_right = SUBMIT_RIGHTS
 
-    @extend_schema(request=None, responses={202: JobDetailOutput})
+    @extend_schema(
+        request=None,
+        responses={
+            202: JobDetailOutput,
+            409: OpenApiResponse(
+                Error,
+                description="`job_finished`: the job has ended; `job_committed`: it passed "
+                "its commit point (it is registering its output and will finish)",
+            ),
+        },
+    )
     def post(self, request, job_id):
         job = selectors.job_get_for_user(user=request.user, job_id=job_id)
         job = services.job_cancel(job=job, actor=request.user)

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .errors import LeaseLost
+from .errors import JobCancelled, LeaseLost
 from .models import Job, JobLog
 
 # Seconds between two reads of the cancel flag (one query) by ``cancelled()``.
@@ -60,6 +60,8 @@ class JobContext:
         self._lost = lost  # a threading.Event the heartbeat sets when the lease is gone
         self._cancel_checked = 0.0
         self._cancelled = False
+        # Past the commit point (this attempt or an earlier one): no cancel any more.
+        self.committed: bool = job.committed_at is not None
         self._rate_mark: tuple[float, int] | None = None
         self._rate: float | None = job.rate
 
@@ -114,9 +116,26 @@ class JobContext:
         self._update(checkpoint=state)
         self.state = dict(state)
 
+    def commit(self) -> None:
+        """The commit point: call it right before the step that cannot be undone (registering
+        a version). It either wins, and from then on the job can no longer be cancelled (a
+        cancel answers 409; the job ends as the handler does), or finds a cancel asked first
+        and raises JobCancelled, so that nothing is done. Idempotent, and already won on the
+        attempt that resumes a job whose worker died after committing."""
+        from .services import job_commit
+
+        if self._lost is not None and self._lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: another worker holds it now")
+        if not job_commit(job_id=self.job_id, lease_owner=self._lease_owner):
+            self._cancelled = True
+            raise JobCancelled(f"job {self.job_id} was cancelled before its commit point")
+        self.committed = True
+
     def cancelled(self) -> bool:
         if self._lost is not None and self._lost.is_set():
             return True
+        if self.committed:
+            return False
         now = time.monotonic()
         if not self._cancelled and now - self._cancel_checked >= CANCEL_POLL_SECONDS:
             self._cancel_checked = now

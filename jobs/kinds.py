@@ -15,13 +15,17 @@ it in a Celery worker with the job's lease held; what it returns becomes the job
         def log(self, message: str) -> None
         def checkpoint(self, state: dict) -> None      # persisted atomically
         def cancelled(self) -> bool
+        def commit(self) -> None    # the point of no return; raises JobCancelled if too late
         def set_output(self, path: Path, *, filename: str, content_type: str) -> None
     handler(ctx) -> dict   # the job's `result`; raising JobFailed(reason) (jobs.errors) fails it with that reason
 
     KINDS = {"batch": jobs.batch.run, "convert": registry.conversion.run}
 
 A handler that sees ``ctx.cancelled()`` should stop soon and return (or raise
-``jobs.errors.JobCancelled``): the job ends ``cancelled`` either way. A worker killed
+``jobs.errors.JobCancelled``): the job ends ``cancelled`` either way. A handler with a step
+that cannot be undone (registering a version) calls ``ctx.commit()`` right before it: either
+a cancel was asked first (``JobCancelled`` is raised, the step is not done) or the job is
+committed, and cancelling it is refused (409 ``job_committed``) until it ends. A worker killed
 mid-job is replaced by another that calls the handler again with ``ctx.state`` = the last
 checkpoint and the same ``workdir``: a handler makes every step after a checkpoint
 repeatable. Any other exception fails the job with its type and message (a bug, logged).

@@ -11,6 +11,12 @@ class Job(models.Model):
     updates (jobs/services.py), each audited in its transaction. A running job holds a lease
     (``lease_owner`` until ``lease_until``) its worker renews while alive; once the lease runs
     out another worker resumes it from ``checkpoint``.
+
+    ``committed_at`` is set once the handler passed its commit point (``ctx.commit()``, right
+    before a step that cannot be undone, such as registering a version): from then on the job
+    cannot be cancelled. Commit and cancel are conditional updates of this row that exclude
+    each other (a commit needs ``cancel_requested`` unset, a cancel ``committed_at`` null), so
+    exactly one of two racing wins.
     """
 
     class State(models.TextChoices):
@@ -31,6 +37,9 @@ class Job(models.Model):
         max_length=16, choices=State.choices, default=State.QUEUED, db_index=True
     )
     cancel_requested = models.BooleanField(default=False)
+    committed_at = models.DateTimeField(
+        null=True, blank=True, help_text="when the job passed its commit point (no cancel after)"
+    )
     progress_done = models.BigIntegerField(default=0)
     progress_total = models.BigIntegerField(null=True, blank=True)
     rate = models.FloatField(null=True, blank=True, help_text="units (rows) per second")

@@ -281,7 +281,12 @@ def convert_job_submit(
 
 def job_cancel(*, job: Job, actor: Any) -> Job:
     """Cancel a queued job at once; ask a running one to stop (its worker ends it
-    ``cancelled`` within a chunk). A running job whose worker died is cancelled at once."""
+    ``cancelled`` within a chunk). A running job whose worker died is cancelled at once.
+
+    A running job past its commit point (``committed_at``: registering its output) cannot be
+    cancelled any more: 409 ``job_committed``, nothing changed. Every update here requires
+    ``committed_at`` null, as the commit requires ``cancel_requested`` unset: of a cancel and
+    a commit that race, exactly one wins."""
     if job.owner_id != getattr(actor, "pk", None) and not sees_every_job(actor):
         raise Forbidden("only the job's owner or an admin may cancel it")
     now = timezone.now()
@@ -295,22 +300,19 @@ def job_cancel(*, job: Job, actor: Any) -> Job:
             transaction.on_commit(lambda: _cleanup_work(job.pk))
             return job
         dead = Q(lease_until__isnull=True) | Q(lease_until__lt=now)
-        if (
-            Job.objects.filter(pk=job.pk, state=Job.State.RUNNING)
-            .filter(dead)
-            .update(
-                state=Job.State.CANCELLED,
-                cancel_requested=True,
-                finished_at=now,
-                lease_owner="",
-                lease_until=None,
-            )
+        running = Job.objects.filter(pk=job.pk, state=Job.State.RUNNING, committed_at__isnull=True)
+        if running.filter(dead).update(
+            state=Job.State.CANCELLED,
+            cancel_requested=True,
+            finished_at=now,
+            lease_owner="",
+            lease_until=None,
         ):
             job.refresh_from_db()
             _audit(job, "job.cancel", actor=actor, before=before, after=_snapshot(job))
             transaction.on_commit(lambda: _cleanup_work(job.pk))
             return job
-        if Job.objects.filter(pk=job.pk, state=Job.State.RUNNING).update(cancel_requested=True):
+        if running.update(cancel_requested=True):
             job.refresh_from_db()
             _audit(
                 job,
@@ -321,7 +323,40 @@ def job_cancel(*, job: Job, actor: Any) -> Job:
             )
             return job
     job.refresh_from_db()
+    if job.state == Job.State.RUNNING and job.committed_at is not None:
+        raise Conflict(
+            f"job {job.pk} can no longer be cancelled: it is registering its output and will "
+            "finish",
+            code="job_committed",
+        )
     raise Conflict(f"job {job.pk} is already {job.state}", code="job_finished")
+
+
+def job_commit(*, job_id: int, lease_owner: str) -> bool:
+    """The run holding the lease passes the job's commit point: True once the job is
+    committed (now, or by an earlier attempt), False if a cancel was asked first. Raises
+    LeaseLost if the run no longer holds the job. One conditional UPDATE decides, against
+    ``job_cancel``'s (which requires ``committed_at`` null)."""
+    with transaction.atomic():
+        won = Job.objects.filter(
+            pk=job_id,
+            lease_owner=lease_owner,
+            state=Job.State.RUNNING,
+            cancel_requested=False,
+            committed_at__isnull=True,
+        ).update(committed_at=timezone.now())
+        job = Job.objects.get(pk=job_id)
+        if job.lease_owner != lease_owner or job.state != Job.State.RUNNING:
+            raise LeaseLost(f"job {job_id}: another worker holds it now")
+        if won:
+            _audit(
+                job,
+                "job.commit",
+                before={**_snapshot(job), "committed_at": None},
+                after={**_snapshot(job), "committed_at": job.committed_at.isoformat()},
+            )
+            return True
+        return job.committed_at is not None  # committed by an earlier attempt, or cancelled
 
 
 def sees_every_job(user: Any) -> bool:
@@ -466,7 +501,7 @@ def job_run(*, job_id: int) -> str | None:
             result = handler(ctx)
             if beat.lost.is_set():
                 return None
-            if ctx.cancelled():
+            if ctx.cancelled():  # never once committed: the cancel was refused (409)
                 raise JobCancelled()
             if result is not None and not isinstance(result, dict):
                 raise JobFailed(f"the {job.kind} handler returned {type(result).__name__}")
@@ -475,7 +510,15 @@ def job_run(*, job_id: int) -> str | None:
             logger.warning("job %s: lease lost; another worker has it", job_id)
             return None
         except JobCancelled:
-            state, fields = Job.State.CANCELLED, {"error": ""}
+            if ctx is not None and ctx.committed:
+                # Nobody could cancel it (the cancel was refused): the handler stopped on its
+                # own after its point of no return, which is a failure, not a cancel.
+                state, fields = (
+                    Job.State.FAILED,
+                    {"error": "the handler stopped (JobCancelled) after its commit point"},
+                )
+            else:
+                state, fields = Job.State.CANCELLED, {"error": ""}
         except JobFailed as exc:
             state, fields = Job.State.FAILED, {"error": exc.reason}
         except KindUnavailable as exc:
@@ -505,7 +548,7 @@ def job_sweep() -> dict[str, int]:
         with transaction.atomic():
             if job.cancel_requested:
                 if Job.objects.filter(
-                    pk=job.pk, state=Job.State.RUNNING, lease_until__lt=now
+                    pk=job.pk, state=Job.State.RUNNING, lease_until__lt=now, committed_at=None
                 ).update(
                     state=Job.State.CANCELLED, finished_at=now, lease_owner="", lease_until=None
                 ):

@@ -73,6 +73,8 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
             "badges": BADGES,
             "can_cancel": not job.finished
             and (job.owner_id == request.user.pk or services.sees_every_job(request.user)),
+            # past its commit point: the button stays, disabled, saying why
+            "committed": job.committed_at is not None and not job.finished,
             "files": sorted((job.files or {}).items()) if job.state == Job.State.SUCCEEDED else [],
         },
     )

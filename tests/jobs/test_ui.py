@@ -45,6 +45,21 @@ def test_the_pages_show_only_your_jobs_and_cancel_asks_the_runner_to_stop(client
     assert f"/jobs/{job.pk}/" not in client.get("/jobs/").content.decode()
 
 
+@pytest.mark.django_db
+def test_past_its_commit_point_a_job_shows_no_working_cancel_button(client, user):
+    job, _, owner = running_job(user, done=3, total=4)
+    assert services.job_commit(job_id=job.pk, lease_owner=owner)
+    client.force_login(user)
+    detail = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "Cancel job" not in detail
+    assert "Finishing (cannot cancel)" in detail and 'data-field="cancel" disabled' in detail
+    assert "it can no longer be cancelled" in detail
+    resp = client.post(f"/jobs/{job.pk}/cancel/", follow=True)
+    assert "registering its output and will finish" in resp.content.decode()
+    row = Job.objects.get(pk=job.pk)
+    assert row.state == "running" and not row.cancel_requested
+
+
 @pytest.mark.django_db(transaction=True)
 def test_progress_bars_move_live_in_a_browser(
     live_server, django_user_model, artifacts, monkeypatch

@@ -27,6 +27,17 @@
     if (eta) eta.textContent = p.eta_seconds === null || p.eta_seconds === undefined ? "—" : Math.round(p.eta_seconds) + " s";
     var error = field(root, "error");
     if (error) { error.textContent = job.error || ""; error.hidden = !job.error; }
+    // Past its commit point a running job can no longer be cancelled (the API answers 409).
+    if (job.committed_at && FINISHED.indexOf(job.state) === -1) {
+      var cancel = document.querySelector('[data-field="cancel"]');
+      if (cancel && !cancel.disabled) {
+        cancel.disabled = true;
+        cancel.textContent = "Finishing (cannot cancel)";
+        cancel.title = "The job is registering its output and will finish";
+      }
+      var committed = field(root, "committed");
+      if (committed) committed.hidden = false;
+    }
   }
 
   function poll(root) {
