@@ -1,7 +1,7 @@
 """Verified ONNX conversion (and quantization) of a registered version, as a job kind.
 
 ``run(ctx)`` is the "convert" job's handler (the jobs framework gives it a JobContext: input,
-owner, workdir, state, progress/log/checkpoint/cancelled). It
+owner, workdir, state, progress/log/checkpoint/cancelled/commit). It
 
 1. builds (or reuses) the model's own environment plus the converter packages of its flavor
    (runner.conversion_environment: deployments/environments.py, the local runtime's builder);
@@ -11,7 +11,9 @@ owner, workdir, state, progress/log/checkpoint/cancelled). It
    input example, drift reference and signature (rows.py), and benchmarks both;
 3. on a passed verification, registers the ONNX model (MLflow onnx flavor) as a new version of
    the same registered model through registry.services (audited), tagged with its lineage
-   (LINEAGE_TAGS), and returns ``{"version", "verification", "benchmark"}``.
+   (LINEAGE_TAGS), and returns ``{"version", "verification", "benchmark"}``. Right before
+   registering it passes the job's commit point (``ctx.commit()``): a cancel asked before
+   leaves nothing registered; one asked after is refused (409), the version is registered.
 
 Failures raise errors.ConversionFailed (nothing registered). Resumable: a checkpoint after
 the conversion (its report) and after the registration; a version already registered by this
@@ -276,8 +278,10 @@ def run(ctx) -> dict:
 
     new = _already_registered(source, ctx.job_id)
     if new is None:
-        if ctx.cancelled():  # the last point where a cancel leaves nothing registered
-            raise ConversionCancelled("the conversion was cancelled before registering")
+        # The commit point: raises JobCancelled if a cancel came first (nothing registered);
+        # once it returns, a cancel is refused and the job ends with the version registered.
+        # (Already passed on an attempt resuming a job whose worker died after it.)
+        ctx.commit()
         tags = {
             f"{TAG}source_version": str(source.version),
             f"{TAG}flavor": flavor,

@@ -11,7 +11,7 @@ _ids = itertools.count(1)
 
 class FakeJobContext:
     """What registry.conversion.run sees of a job: input, owner, workdir, state; progress,
-    log, checkpoint, cancelled, set_output."""
+    log, checkpoint, cancelled, commit, set_output."""
 
     def __init__(self, *, input: dict, owner, workdir: Path, kind: str = "convert") -> None:
         self.job_id = 900_000 + next(_ids)
@@ -27,6 +27,7 @@ class FakeJobContext:
         self.checkpoints: list[dict] = []
         self.outputs: list[tuple[Path, str, str]] = []
         self.cancel_requested = False
+        self.committed = False
 
     def progress(self, done: int, total: int | None = None) -> None:
         self.progress_calls.append((done, total))
@@ -39,7 +40,14 @@ class FakeJobContext:
         self.checkpoints.append(dict(state))
 
     def cancelled(self) -> bool:
-        return self.cancel_requested
+        return self.cancel_requested and not self.committed
+
+    def commit(self) -> None:
+        from registry.conversion.errors import ConversionCancelled
+
+        if self.cancel_requested and not self.committed:
+            raise ConversionCancelled("cancelled before the commit point")
+        self.committed = True
 
     def process_labels(self) -> dict[str, str]:
         return {"CONTROLPLANE_TEST_JOB": str(self.job_id)}

@@ -1,7 +1,8 @@
 """Conversion jobs through the jobs framework, with real processes: a Keras model converted
 through the API; a running conversion cancelled (its subprocess stopped, nothing registered);
-a worker SIGKILLed mid-conversion (the conversion process it orphaned is stopped, the next
-worker resumes the job and registers one version)."""
+a cancel at the commit point (before it: nothing registered; after it: refused, the version
+registered); a worker SIGKILLed mid-conversion (the conversion process it orphaned is
+stopped, the next worker resumes the job and registers one version)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,139 @@ def test_cancelling_a_running_conversion_stops_its_process_and_registers_nothing
         )
     )
     assert {"job.submit", "job.start", "job.cancel_requested", "job.cancelled"} <= actions
+
+
+def _in_thread(job_id: int) -> tuple[threading.Thread, list]:
+    ended: list = []
+
+    def run() -> None:
+        try:
+            ended.append(services.job_run(job_id=job_id))
+        finally:
+            connection.close()  # the thread's own connection
+
+    worker = threading.Thread(target=run)
+    worker.start()  # as a Celery worker runs it, on its own database connection
+    return worker, ended
+
+
+def test_a_cancel_just_before_the_commit_point_registers_nothing(sklearn_models, api, monkeypatch):
+    """Converted and verified, the job is about to register when the cancel lands: the cancel
+    wins, whether or not the handler's poll of the cancel flag has seen it yet (here: never,
+    polled at most once an hour), because the commit point decides on the row itself."""
+    from jobs import context
+
+    monkeypatch.setattr(context, "CANCEL_POLL_SECONDS", 3600.0)
+    about_to_commit, release = threading.Event(), threading.Event()
+    lookup = conversion._already_registered
+
+    def held(mv, job_id):  # the conversion's last step before its commit point
+        found = lookup(mv, job_id)
+        about_to_commit.set()
+        assert release.wait(120)
+        return found
+
+    monkeypatch.setattr(conversion, "_already_registered", held)
+    name = upload(api, sklearn_models["forest"][0])
+    job_id = convert(api, name)
+    worker, ended = _in_thread(job_id)
+    try:
+        assert about_to_commit.wait(600), Job.objects.get(pk=job_id).error
+        resp = api.post(f"/api/v1/jobs/{job_id}/cancel")
+        assert resp.status_code == 202, resp.content
+    finally:
+        release.set()
+        worker.join(120)
+    assert ended == ["cancelled"]
+    job = Job.objects.get(pk=job_id)
+    assert job.state == "cancelled" and job.committed_at is None
+    assert versions(name) == 1  # nothing registered
+    actions = AuditEvent.objects.filter(object_type="job", object_id=str(job_id))
+    assert not actions.filter(action="job.commit").exists()
+
+
+def test_a_cancel_during_the_registration_is_refused_and_the_version_is_registered(
+    sklearn_models, api, monkeypatch
+):
+    """Past the commit point the registration is under way: the cancel is 409
+    ``job_committed``, changes nothing, and the job succeeds with the version registered
+    (before the commit point: it ended ``cancelled`` with the version registered anyway)."""
+    from registry import services as registry_services
+
+    registering, release = threading.Event(), threading.Event()
+    register = registry_services.model_version_register_converted
+
+    def held(**kwargs):
+        registering.set()
+        assert release.wait(120)
+        return register(**kwargs)
+
+    monkeypatch.setattr(registry_services, "model_version_register_converted", held)
+    name = upload(api, sklearn_models["forest"][0])
+    job_id = convert(api, name)
+    worker, ended = _in_thread(job_id)
+    try:
+        assert registering.wait(600), Job.objects.get(pk=job_id).error
+        resp = api.post(f"/api/v1/jobs/{job_id}/cancel")
+        assert resp.status_code == 409, resp.content
+        assert resp.json()["error"]["code"] == "job_committed"
+        assert not Job.objects.get(pk=job_id).cancel_requested
+    finally:
+        release.set()
+        worker.join(120)
+    assert ended == ["succeeded"], Job.objects.get(pk=job_id).error
+    job = api.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded" and job["result"]["version"] == "2"
+    assert job["committed_at"] is not None
+    assert versions(name) == 2
+    actions = list(
+        AuditEvent.objects.filter(object_type="job", object_id=str(job_id))
+        .order_by("id")
+        .values_list("action", flat=True)
+    )
+    assert actions == ["job.submit", "job.start", "job.commit", "job.succeeded"]
+
+
+class WorkerDied(BaseException):
+    """Raised in the worker's thread to stand for its death: job_run ends without finishing
+    the job (no handler of it catches a BaseException), which keeps its lease until it runs
+    out, as a SIGKILLed worker's job does."""
+
+
+def test_a_job_whose_worker_died_while_registering_cannot_be_cancelled_and_registers_once(
+    sklearn_models, api, monkeypatch
+):
+    from registry import services as registry_services
+
+    register = registry_services.model_version_register_converted
+    calls: list[int] = []
+
+    def dies_first_time(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise WorkerDied()
+        return register(**kwargs)
+
+    monkeypatch.setattr(registry_services, "model_version_register_converted", dies_first_time)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected
+    name = upload(api, sklearn_models["forest"][0])
+    job_id = convert(api, name)
+    worker, ended = _in_thread(job_id)
+    worker.join(600)
+    assert ended == [] and calls == [1]
+    died = Job.objects.get(pk=job_id)
+    assert died.state == "running" and died.committed_at is not None and versions(name) == 1
+    Job.objects.filter(pk=job_id).update(lease_until=timezone.now())  # it ran out
+
+    resp = api.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "job_committed"
+    assert services.job_sweep() == {"resumed": 1, "requeued": 0, "cancelled": 0, "failed": 0}
+    assert services.job_run(job_id=job_id) == "succeeded", Job.objects.get(pk=job_id).error
+    job = Job.objects.get(pk=job_id)
+    assert job.attempts == 2 and job.result["version"] == "2" and versions(name) == 2
+    assert conversion.lineage(ModelVersion.objects.get(model__name=name, version=2))["job"] == (
+        str(job_id)
+    )
 
 
 def test_a_cancel_while_the_environment_is_compiled_stops_the_compile(
