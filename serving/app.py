@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving import fastjson, v2codec
+from serving import fastjson, ids, v2codec
 from serving.batching import Batcher, Pending
 from serving.config import Settings
 from serving.errors import ServingError, bad_request
@@ -143,7 +143,7 @@ class App:
         rid = req.headers.get(b"x-request-id")
         if rid is not None and _REQUEST_ID.fullmatch(rid):
             return rid
-        return uuid.uuid4().hex.encode()
+        return ids.request_id().encode()
 
     def _route(self, req: Request) -> tuple[str, str, Callable, dict[str, str]]:
         path = req.path
