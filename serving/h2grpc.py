@@ -638,14 +638,15 @@ class H2Connection(asyncio.Protocol):
             self._reply(stream, CallError(grpc_server.INTERNAL, "internal error", "internal_error"))
 
     def _reply(self, stream: Stream, result: Any) -> None:
-        """A call's answer: its response message, or a CallError."""
+        """A call's answer: its response message (or the message serialized), or a
+        CallError."""
         if not self._answerable(stream):
             return  # reset, timed out or lost with its connection: dropped
         if isinstance(result, CallError):
             self._fail_call(stream, result.status, result.message, result.error_code)
         else:
             try:
-                body = result.SerializeToString()
+                body = result if isinstance(result, bytes) else result.SerializeToString()
             except Exception:  # ours; raised here it would stop a whole batch's answers
                 logger.exception("gRPC answer failed")
                 self._fail_call(stream, grpc_server.INTERNAL, "internal error", "internal_error")
@@ -695,6 +696,23 @@ class H2Connection(asyncio.Protocol):
 
     def _answer(self, stream: Stream, message: bytes) -> None:
         stream.answered = True
+        n = len(message)
+        if n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
+            # the whole answer fits the windows and one DATA frame (the common case): its
+            # three frames as one piece, as _pump would write them
+            sid = stream.id
+            self._out.append(
+                _FRAME.pack(0, len(_RESPONSE_HEADERS), HEADERS, END_HEADERS, sid)
+                + _RESPONSE_HEADERS
+                + _FRAME.pack(n >> 8, n & 0xFF, DATA, 0, sid)
+                + message
+                + _FRAME.pack(0, len(_OK_TRAILERS), HEADERS, END_STREAM | END_HEADERS, sid)
+                + _OK_TRAILERS
+            )
+            self.send_window -= n
+            stream.send_window -= n
+            self._close_stream(stream)
+            return
         self._headers(stream.id, _RESPONSE_HEADERS, 0)
         stream.out = memoryview(message)
         stream.out_pos = 0
