@@ -2,7 +2,7 @@
 with C streams in flight against HTTP /invocations on C connections, on the same App and model.
 
     MLFLOW_DISABLE_TELEMETRY=true .venv/bin/python bench/serving_cpu.py [--concurrency 16]
-        [--rounds 3000] [--profile grpc|http]
+        [--rounds 3000] [--repeat 3] [--only grpc|http] [--profile]
 
 No sockets: each protocol gets a fake transport that collects what it writes. A round feeds C
 requests in one loop iteration (what one read of C streams, or C readable connections, gives
