@@ -222,9 +222,14 @@ def main() -> int:
         for name, fn in runs.items():
             if profile:
                 profile.enable()
+            batches = app.metrics.batch_size
+            before = (batches.sum, batches.count)
             us, extra = fn(app, loop, row, args.concurrency, args.rounds)
             if profile:
                 profile.disable()
+            extra["rows_per_batch"] = round(
+                (batches.sum - before[0]) / max(1, batches.count - before[1]), 2
+            )
             results[name].append(us)
             print(f"{name} c={args.concurrency}: {us:.1f} CPU us/request {extra}", flush=True)
     for name, values in results.items():

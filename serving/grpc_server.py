@@ -96,16 +96,17 @@ class InferenceService:
         self.infer_in_flight = 0
         self._peak = 0
         self._peak_at = 0.0
-        self._ended = 0  # answered this loop turn, not yet taken off infer_in_flight
+        self._just_ended = 0  # ModelInfer calls answered in this loop turn
         self._encoder = ResponseEncoder()
         app.grpc_expected = self.expected
 
     def expected(self) -> int:
-        """How many ModelInfer calls are likely on their way (recent peak minus in progress)."""
+        """How many ModelInfer calls are likely on their way (recent peak minus in progress,
+        and minus those answered in this loop turn)."""
         if time.perf_counter() - self._peak_at > _PEAK_WINDOW_S:
             self._peak = self.infer_in_flight  # the load went down: forget the old peak
             self._peak_at = time.perf_counter()
-        return self._peak - self.infer_in_flight
+        return max(0, self._peak - self.infer_in_flight - self._just_ended)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -224,16 +225,18 @@ class InferenceService:
             finish(*self._call_error("ModelInfer", exc))
 
     def _infer_ended(self) -> None:
-        """One ModelInfer call fewer in progress, counted once this loop turn's callbacks ran
-        (as an awaiting task would have been): a batch the batcher already scheduled still
-        sees the calls just answered as in progress, not as on their way."""
-        self._ended += 1
-        if self._ended == 1:
-            self.app.loop.call_soon(self._count_ended)
+        """One ModelInfer call fewer in progress (before its answer is written: a caller's
+        next call is never counted with its last). Until this loop turn's callbacks ran, the
+        calls just answered are not counted as on their way either (`expected`): a batch the
+        batcher already scheduled does not wait for them, as it did not when each call was an
+        awaiting task answered in a later turn."""
+        self.infer_in_flight -= 1
+        self._just_ended += 1
+        if self._just_ended == 1:
+            self.app.loop.call_soon(self._turn_ended)
 
-    def _count_ended(self) -> None:
-        self.infer_in_flight -= self._ended
-        self._ended = 0
+    def _turn_ended(self) -> None:
+        self._just_ended = 0
 
     def _infer_rows(self, request: pb.ModelInferRequest) -> tuple[Any, str | None, Any]:
         """(raw_input_contents, the prediction method, the request's rows)."""
