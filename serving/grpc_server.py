@@ -287,16 +287,20 @@ class InferenceService:
         wanted = {o.name for o in request.outputs} or None
         response_id = request.id or ids.request_id()
         tensors = v2codec.output_tensors(outputs, wanted)
-        if raw:
+        if raw and all(type(name) is str for name, _, _, _ in tensors):
             return response_id, self._encoder.raw_response(
                 settings.name, settings.version, response_id, tensors
             )
+        # typed contents, or outputs not named by strings (which protobuf refuses)
         response = pb.ModelInferResponse(
             model_name=settings.name, model_version=settings.version, id=response_id
         )
         for name, datatype, shape, arr in tensors:
             out = response.outputs.add(name=name, datatype=datatype, shape=shape)
-            _to_contents(out.contents, datatype, arr)
+            if raw:
+                response.raw_output_contents.append(v2codec.raw_from_array(datatype, arr))
+            else:
+                _to_contents(out.contents, datatype, arr)
         return response_id, response
 
 
