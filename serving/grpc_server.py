@@ -284,7 +284,8 @@ class InferenceService:
     ) -> tuple[str, pb.ModelInferResponse | bytes]:
         """(the answer's id, the answer): raw outputs for a raw request, serialized here."""
         settings = self.app.settings
-        wanted = {o.name for o in request.outputs} or None
+        asked = request.outputs
+        wanted = {o.name for o in asked} if asked else None  # None: every output
         response_id = request.id or ids.request_id()
         tensors = v2codec.output_tensors(outputs, wanted)
         if raw and all(type(name) is str for name, _, _, _ in tensors):
