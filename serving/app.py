@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving import fastjson, v2codec
+from serving import fastjson, ids, v2codec
 from serving.batching import Batcher, Pending
 from serving.config import Settings
 from serving.errors import ServingError, bad_request
@@ -75,8 +75,6 @@ class App:
     """One server process: its model, metrics, prediction log and open connections."""
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
-        self._request_prefix = uuid.uuid4().hex[:16].encode()
-        self._request_count = 0
         self.settings = settings
         self.loop = loop
         self.max_body_bytes = settings.max_body_bytes
@@ -145,10 +143,7 @@ class App:
         rid = req.headers.get(b"x-request-id")
         if rid is not None and _REQUEST_ID.fullmatch(rid):
             return rid
-        # 32 hex digits like a uuid4's: this process's random half and a count, unique across
-        # instances and restarts without a random draw (a getrandom call) per request.
-        self._request_count += 1
-        return b"%s%016x" % (self._request_prefix, self._request_count)
+        return ids.request_id().encode()
 
     def _route(self, req: Request) -> tuple[str, str, Callable, dict[str, str]]:
         path = req.path

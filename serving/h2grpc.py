@@ -198,6 +198,7 @@ class H2Connection(asyncio.Protocol):
         self._first_frame = True  # its first frame must be SETTINGS
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._reading = False  # in data_received, which writes what it answered once done
         self.streams: dict[int, Stream] = {}
         self.last_stream_id = 0
         self.goaway_sent = False
@@ -252,6 +253,7 @@ class H2Connection(asyncio.Protocol):
         if self._buf:
             data = self._buf + data
             self._buf = b""
+        self._reading = True
         try:
             pos = 0
             if self._preface:
@@ -291,6 +293,8 @@ class H2Connection(asyncio.Protocol):
             logger.exception("gRPC connection failed")
             self._connection_error(INTERNAL_ERROR, "internal error")
             return
+        finally:
+            self._reading = False
         self._flush()
 
     # --- frames ----------------------------------------------------------------------------------
@@ -627,26 +631,29 @@ class H2Connection(asyncio.Protocol):
         except Exception:
             self._fail_call(stream, grpc_server.INTERNAL, "the request message does not parse")
             return
-        task = self.loop.create_task(self._run(stream, fn, request))
-        tasks = self.server.tasks  # held: the loop keeps only weak references to tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    async def _run(self, stream: Stream, fn: Callable, request: Any) -> None:
-        """The call, then its answer (from the task itself: no done-callback turn)."""
         try:
-            response = await fn(request)
-        except CallError as exc:
-            if self._answerable(stream):
-                self._fail_call(stream, exc.status, exc.message, exc.error_code)
-        except Exception:  # the call's own handler catches the model's failures: this is ours
+            fn(request, lambda result: self._reply(stream, result))
+        except Exception:  # the calls catch the model's failures: this is ours
             logger.exception("gRPC call failed")
-            if self._answerable(stream):
-                self._fail_call(stream, grpc_server.INTERNAL, "internal error", "internal_error")
+            self._reply(stream, CallError(grpc_server.INTERNAL, "internal error", "internal_error"))
+
+    def _reply(self, stream: Stream, result: Any) -> None:
+        """A call's answer: its response message (or the message serialized), or a
+        CallError."""
+        if not self._answerable(stream):
+            return  # reset, timed out or lost with its connection: dropped
+        if isinstance(result, CallError):
+            self._fail_call(stream, result.status, result.message, result.error_code)
         else:
-            if self._answerable(stream):
-                body = response.SerializeToString()
+            try:
+                body = result if isinstance(result, bytes) else result.SerializeToString()
+            except Exception:  # ours; raised here it would stop a whole batch's answers
+                logger.exception("gRPC answer failed")
+                self._fail_call(stream, grpc_server.INTERNAL, "internal error", "internal_error")
+            else:
                 self._answer(stream, b"\x00" + len(body).to_bytes(4, "big") + body)
+        if self._reading:
+            return  # answered while its request was read: data_received writes it
         if self.streams:
             self._schedule_flush()  # other answers may follow in this loop turn: one write
         else:
@@ -689,6 +696,23 @@ class H2Connection(asyncio.Protocol):
 
     def _answer(self, stream: Stream, message: bytes) -> None:
         stream.answered = True
+        n = len(message)
+        if n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
+            # the whole answer fits the windows and one DATA frame (the common case): its
+            # three frames as one piece, as _pump would write them
+            sid = stream.id
+            self._out.append(
+                _FRAME.pack(0, len(_RESPONSE_HEADERS), HEADERS, END_HEADERS, sid)
+                + _RESPONSE_HEADERS
+                + _FRAME.pack(n >> 8, n & 0xFF, DATA, 0, sid)
+                + message
+                + _FRAME.pack(0, len(_OK_TRAILERS), HEADERS, END_STREAM | END_HEADERS, sid)
+                + _OK_TRAILERS
+            )
+            self.send_window -= n
+            stream.send_window -= n
+            self._close_stream(stream)
+            return
         self._headers(stream.id, _RESPONSE_HEADERS, 0)
         stream.out = memoryview(message)
         stream.out_pos = 0
@@ -858,7 +882,6 @@ class GrpcServer:
         self.app = app
         self.max_message_bytes = max_message_bytes
         self.calls = grpc_server.calls(InferenceService(app))
-        self.tasks: set[asyncio.Task] = set()
 
     def protocol(self) -> H2Connection:
         return H2Connection(self)

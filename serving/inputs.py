@@ -42,6 +42,7 @@ _JSON_TYPES: dict[str, frozenset[type]] = {
     "string": _STRINGS,
 }
 
+_RAW_FLOATS = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}  # as serving.v2codec reads them
 _V2_KINDS = {
     "BOOL": "b",
     "UINT8": "u",
@@ -517,6 +518,21 @@ class TabularSchema:
                 "wrong_type", f"input {name!r}: data does not match datatype {datatype}"
             )
         return arr.reshape(shape)
+
+    def v2_raw_matrix(self, name: str, datatype: str, shape: Any, raw: bytes) -> np.ndarray | None:
+        """gRPC's common request, one FP32/FP64 [n, k] tensor in raw bytes (n > 0), as the
+        array `from_v2` would make of it (`from_matrix` gives its rows), without building the
+        tensor's dict first; None when the request is not that case or is wrong (the general
+        path then decides, with its errors)."""
+        dtype = _RAW_FLOATS.get(datatype)
+        if dtype is None or len(shape) != 2:
+            return None
+        n, k = shape[0], shape[1]
+        if k != self.k or n <= 0 or len(raw) != n * k * dtype.itemsize:
+            return None
+        if k == 1 and name in self._index:
+            return None  # one column's tensor, not the matrix
+        return np.frombuffer(raw, dtype=dtype).reshape(n, k)
 
     def from_v2(self, inputs: Any) -> Rows:
         """OIP v2 `inputs`: one tensor per column, or one [n, k] tensor."""

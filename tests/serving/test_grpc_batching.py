@@ -52,3 +52,17 @@ def test_the_batcher_waits_for_expected_calls_and_takes_them_in_one_predict():
         assert calls == [4] and len(answered) == 4
     finally:
         loop.close()
+
+
+def test_a_call_answered_is_off_the_count_before_its_answer_and_not_expected_this_turn():
+    scheduled = []
+    app = SimpleNamespace(grpc_expected=None, loop=SimpleNamespace(call_soon=scheduled.append))
+    service = grpc_server.InferenceService(app)
+    service.infer_in_flight, service._peak, service._peak_at = 16, 16, time.perf_counter()
+    for _ in range(16):
+        service._infer_ended()  # each just before its answer is written
+    # the callers' next calls may arrive before this turn ends: they are not counted with the
+    # answered ones (no inflated peak), and a batch scheduled already does not wait for them
+    assert service.infer_in_flight == 0 and service.expected() == 0 and len(scheduled) == 1
+    scheduled[0]()  # the turn ended: the 16 callers are now on their way
+    assert service.expected() == 16
