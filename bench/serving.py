@@ -384,26 +384,22 @@ def in_process_floor(
         n += 1
     predict_s = (time.perf_counter() - started) / n
     predict_cpu_s = (time.process_time() - cpu) / n
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port)], stdout=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-    try:
-        proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/invocations"
-        generate(url, body, 1, 1.0)
-        echo = with_cpu(proc.pid, lambda: generate(url, body, 1, duration))
-    finally:
-        stop(proc)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), str(model_dir),
-                             json.dumps(row)], stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    try:
-        proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/invocations"
-        generate(url, body, 1, 1.0)
-        measured = with_cpu(proc.pid, lambda: generate(url, body, 1, duration))
-    finally:
-        stop(proc)
+
+    def echo_server(*args: str) -> dict:
+        """c=1 against the echo server (args: none, or the model's directory and the row)."""
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), *args],
+                                stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        try:
+            proc.stdout.readline()
+            url = f"http://127.0.0.1:{port}/invocations"
+            generate(url, body, 1, 1.0)
+            return with_cpu(proc.pid, lambda: generate(url, body, 1, duration))
+        finally:
+            stop(proc)
+
+    echo = echo_server()
+    measured = echo_server(str(model_dir), json.dumps(row))
     transport_s = 1 / echo["rps"]
     return {
         "predict_us": predict_s * 1e6,

@@ -90,3 +90,25 @@ class Load:
                     conn.close()
                 conn = None
                 time.sleep(0.01)
+
+
+def run_job_in_thread(job_id: int):
+    """Run a job as a Celery worker would, on its own thread and database connection; returns
+    (the thread, a list that gets job_run's answer)."""
+    import threading
+
+    from django.db import connection
+
+    from jobs import services
+
+    ended: list = []
+
+    def run() -> None:
+        try:
+            ended.append(services.job_run(job_id=job_id))
+        finally:
+            connection.close()  # the thread's own connection
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, ended

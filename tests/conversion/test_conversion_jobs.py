@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -30,6 +29,7 @@ from registry.conversion import runner
 from registry.models import ModelVersion
 from tests.conftest import zip_dir
 from tests.faults.conftest import ROOT, process_env, wait_for
+from tests.support import run_job_in_thread
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -152,16 +152,7 @@ def test_cancelling_a_running_conversion_stops_its_process_and_registers_nothing
 ):
     name = upload(api, sklearn_models["forest"][0])
     job_id = convert(api, name)
-    ended: list = []
-
-    def run() -> None:
-        try:
-            ended.append(services.job_run(job_id=job_id))
-        finally:
-            connection.close()  # the thread's own connection
-
-    worker = threading.Thread(target=run)
-    worker.start()  # as a Celery worker runs it, on its own database connection
+    worker, ended = run_job_in_thread(job_id)
     try:
         (proc,) = wait_for(
             lambda: conversion_processes(job_id),
@@ -189,20 +180,6 @@ def test_cancelling_a_running_conversion_stops_its_process_and_registers_nothing
     assert {"job.submit", "job.start", "job.cancel_requested", "job.cancelled"} <= actions
 
 
-def _in_thread(job_id: int) -> tuple[threading.Thread, list]:
-    ended: list = []
-
-    def run() -> None:
-        try:
-            ended.append(services.job_run(job_id=job_id))
-        finally:
-            connection.close()  # the thread's own connection
-
-    worker = threading.Thread(target=run)
-    worker.start()  # as a Celery worker runs it, on its own database connection
-    return worker, ended
-
-
 def test_a_cancel_just_before_the_commit_point_registers_nothing(sklearn_models, api, monkeypatch):
     """Converted and verified, the job is about to register when the cancel lands: the cancel
     wins, whether or not the handler's poll of the cancel flag has seen it yet (here: never,
@@ -222,7 +199,7 @@ def test_a_cancel_just_before_the_commit_point_registers_nothing(sklearn_models,
     monkeypatch.setattr(conversion, "_already_registered", held)
     name = upload(api, sklearn_models["forest"][0])
     job_id = convert(api, name)
-    worker, ended = _in_thread(job_id)
+    worker, ended = run_job_in_thread(job_id)
     try:
         assert about_to_commit.wait(600), Job.objects.get(pk=job_id).error
         resp = api.post(f"/api/v1/jobs/{job_id}/cancel")
@@ -257,7 +234,7 @@ def test_a_cancel_during_the_registration_is_refused_and_the_version_is_register
     monkeypatch.setattr(registry_services, "model_version_register_converted", held)
     name = upload(api, sklearn_models["forest"][0])
     job_id = convert(api, name)
-    worker, ended = _in_thread(job_id)
+    worker, ended = run_job_in_thread(job_id)
     try:
         assert registering.wait(600), Job.objects.get(pk=job_id).error
         resp = api.post(f"/api/v1/jobs/{job_id}/cancel")
@@ -304,7 +281,7 @@ def test_a_job_whose_worker_died_while_registering_cannot_be_cancelled_and_regis
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected
     name = upload(api, sklearn_models["forest"][0])
     job_id = convert(api, name)
-    worker, ended = _in_thread(job_id)
+    worker, ended = run_job_in_thread(job_id)
     worker.join(600)
     assert ended == [] and calls == [1]
     died = Job.objects.get(pk=job_id)
@@ -328,16 +305,7 @@ def test_a_cancel_while_the_environment_is_compiled_stops_the_compile(
     monkeypatch.setattr(runner, "ENVIRONMENT_ROOT", tmp_path / "envs")  # built anew (uv's cache)
     name = upload(api, sklearn_models["forest"][0])
     job_id = convert(api, name)
-    ended: list = []
-
-    def run() -> None:
-        try:
-            ended.append(services.job_run(job_id=job_id))
-        finally:
-            connection.close()
-
-    worker = threading.Thread(target=run)
-    worker.start()
+    worker, ended = run_job_in_thread(job_id)
     try:
         wait_for(
             lambda: JobLog.objects.filter(job_id=job_id, message__contains=" built in "),

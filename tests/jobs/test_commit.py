@@ -19,6 +19,7 @@ from controlplane.lib.errors import Conflict
 from jobs import kinds, services
 from jobs.errors import JobCancelled
 from jobs.models import Job
+from tests.support import run_job_in_thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -65,20 +66,6 @@ def probe_job(user, **fields) -> Job:
     return Job.objects.create(kind="probe", input={}, owner=user, **fields)
 
 
-def run_in_thread(job_id: int) -> tuple[threading.Thread, list]:
-    ended: list = []
-
-    def run() -> None:
-        try:
-            ended.append(services.job_run(job_id=job_id))
-        finally:
-            connection.close()  # the thread's own connection
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, ended
-
-
 def actions(job_id: int) -> list[str]:
     return list(
         AuditEvent.objects.filter(object_type="job", object_id=str(job_id))
@@ -89,7 +76,7 @@ def actions(job_id: int) -> list[str]:
 
 def test_a_cancel_after_the_commit_point_is_409_and_the_job_succeeds(api, user, probe):
     job = probe_job(user)
-    thread, ended = run_in_thread(job.pk)
+    thread, ended = run_job_in_thread(job.pk)
     try:
         assert probe.committed.wait(30), Job.objects.get(pk=job.pk).error
         resp = api.post(f"/api/v1/jobs/{job.pk}/cancel")
@@ -114,7 +101,7 @@ def test_a_cancel_after_the_commit_point_is_409_and_the_job_succeeds(api, user, 
 def test_a_cancel_before_the_commit_point_wins_and_the_step_is_not_done(api, user, probe):
     probe.hold_before_commit = True
     job = probe_job(user)
-    thread, ended = run_in_thread(job.pk)
+    thread, ended = run_job_in_thread(job.pk)
     try:
         assert probe.reached.wait(30), Job.objects.get(pk=job.pk).error
         resp = api.post(f"/api/v1/jobs/{job.pk}/cancel")
