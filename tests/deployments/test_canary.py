@@ -125,7 +125,11 @@ def test_a_good_candidate_is_promoted_step_by_step_and_a_failing_one_aborted_at_
     assert failed, "the failing candidate got no traffic at all"
     # Failures only from the candidate's share of its first step, none after the abort
     # (the decision is stamped once the router confirmed 100 % baseline).
-    assert all(step_start <= t <= decided + 0.05 for t, _, _ in failed), (step_start, decided)
+    assert all(step_start <= t <= decided + 0.05 for t, _, _ in failed), (
+        step_start,
+        decided,
+        failed,
+    )
     assert len(failed) <= 0.30 * 0.30 * len(in_step) * 1.6 + 5, (len(failed), len(in_step))
     got = api.get("/api/v1/deployments/cnry").json()
     assert got["rollout"]["revision"] == 3 and got["rollout"]["decision"] == "abort"

@@ -234,10 +234,11 @@ def test_queued_copies_are_pipelined_and_each_answer_paired_with_its_own_request
         range(1, 41)
     )
     # A copy's latency is the candidate's time for it, not its wait behind the batch's others.
-    # 40 copies at 20 ms each, answered one after the other: with the wait counted the median
-    # would be ~0.4 s; a median (not every copy, which a loaded machine can delay) well below.
+    # 40 copies at 30 ms each, answered one after the other: with the wait counted the median
+    # would be ~0.6 s. Judged by the median: on a loaded machine the router can read two
+    # answers in one go (the second then looks instant) or late (the first looks slow).
     seconds = sorted(p["candidate"]["ms"] / 1000 for p in pairs)
-    assert seconds[0] > 0.02 and seconds[len(seconds) // 2] < 0.2, seconds
+    assert 0.02 < seconds[len(seconds) // 2] < 0.2, seconds
 
 
 def test_a_stalled_candidate_times_out_per_batch_and_never_delays_the_primary(backend, router):
