@@ -119,18 +119,20 @@ def _has_bool(values: list) -> bool:
     return False
 
 
-def _float_matrix(rows: list, k: int) -> np.ndarray | None:
+def _float_matrix(rows: list, k: int) -> tuple[np.ndarray | None, set[type] | None]:
     """``np.array(rows)`` for the common body: every row a list of k JSON floats. Then that
     matrix is float64 and holds no boolean (numpy would read `true` as 1.0), and one pass to
     flatten plus one to convert costs half of numpy's own discovery of the nested lists' shape
-    and type. None for anything else (integers too: numpy keeps those beyond 64 bits as
-    objects), which then goes the general way."""
+    and type. (None, the values' types) for rows of k values that are not all floats (integers
+    too: numpy keeps those beyond 64 bits as objects), which then go the general way without
+    looking for booleans again; (None, None) for anything else."""
     if set(map(type, rows)) != _LIST or set(map(len, rows)) != {k}:
-        return None
+        return None, None
     flat = list(chain.from_iterable(rows))
-    if set(map(type, flat)) != _FLOAT:
-        return None
-    return np.fromiter(flat, np.float64, len(flat)).reshape(len(rows), k)
+    types = set(map(type, flat))
+    if types != _FLOAT:
+        return None, types
+    return np.fromiter(flat, np.float64, len(flat)).reshape(len(rows), k), types
 
 
 def _first_of_wrong_type(values: list, accepted: frozenset[type]) -> tuple[int, Any]:
@@ -329,8 +331,9 @@ class TabularSchema:
             raise bad_request("bad_shape", "expected a list of rows")
         if not rows:
             raise bad_request("empty_input", "the request holds no rows")
+        types = None  # of every value, when every row is a list of k values
         if self.matrix_dtype is not None:
-            arr = _float_matrix(rows, self.k)
+            arr, types = _float_matrix(rows, self.k)
             if arr is not None:
                 return self.from_matrix(arr)
         try:
@@ -350,7 +353,8 @@ class TabularSchema:
                         f"({', '.join(self.names[:5])}{', ...' if self.k > 5 else ''}), got {got}",
                     )
             raise bad_request("wrong_type", "rows must hold scalar values")
-        if arr.dtype.kind in "fiu" and self.matrix_dtype is not None and not _has_bool(rows):
+        has_bool = bool in types if types is not None else _has_bool(rows)
+        if arr.dtype.kind in "fiu" and self.matrix_dtype is not None and not has_bool:
             return self.from_matrix(arr)
         # Mixed or non-numeric values: check column by column on the original values, so the
         # error names the right column.

@@ -49,11 +49,15 @@ def test_rows_of_floats_parse_as_the_general_path_parses_them(schema_name, body_
     schema = TabularSchema(SCHEMAS[schema_name])
     rows = BODIES[body_name]
     fast = parse(schema, rows)
-    monkeypatch.setattr(inputs, "_float_matrix", lambda rows, k: None)
+    monkeypatch.setattr(inputs, "_float_matrix", lambda rows, k: (None, None))
     assert parse(schema, rows) == fast
 
 
 def test_the_fast_path_takes_only_rows_of_k_floats():
-    assert inputs._float_matrix([[0.5, 1.5], [2.5, -3.5]], 2).tolist() == [[0.5, 1.5], [2.5, -3.5]]
+    matrix, _ = inputs._float_matrix([[0.5, 1.5], [2.5, -3.5]], 2)
+    assert matrix.tolist() == [[0.5, 1.5], [2.5, -3.5]]
     for rows in ([[1, 1.5]], [[True, 1.5]], [[0.5, 1.5], [0.5]], [0.5, 1.5], [[0.5, "x"]]):
-        assert inputs._float_matrix(rows, 2) is None, rows
+        assert inputs._float_matrix(rows, 2)[0] is None, rows
+    # rows of k values that are not all floats: their types, so booleans are not looked for twice
+    assert inputs._float_matrix([[1, True]], 2) == (None, {int, bool})
+    assert inputs._float_matrix([[0.5], [0.5, 1.5]], 2) == (None, None)
