@@ -103,22 +103,36 @@ def test_a_model_mlflow_would_refuse_to_deserialize_is_refused(start_server):
     assert "ready:" not in proc.log()
 
 
-def test_sklearns_finiteness_check_is_skipped_only_for_finite_rows(models):
+def test_sklearns_finiteness_check_is_skipped_only_for_finite_rows(models, monkeypatch):
     """The fast path tells scikit-learn the rows are finite only after checking it itself, and
     restores the setting: a NaN still gets the estimator's own error, answers are the same."""
     import sklearn
+    from sklearn.utils import validation
 
     from serving.inputs import Rows
     from serving.model import LoadedModel
 
+    checks = []
+    check = validation._assert_all_finite
+
+    def counted(*args, **kwargs):  # what scikit-learn's check is told: rows known finite?
+        checks.append(sklearn.get_config()["assume_finite"])
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "_assert_all_finite", counted)
     model = LoadedModel(models["sklearn"])
     assert model.loader.startswith("sklearn")
     x = rows(50, seed=3)
+    expected = models["estimator"].predict(x).tolist()
+    checks.clear()
     got = model.predict(Rows(50, matrix=x.to_numpy(dtype=np.float64)))
-    assert got.value.tolist() == models["estimator"].predict(x).tolist()
+    assert checks and all(checks)  # scikit-learn was told not to check the rows again
+    assert got.value.tolist() == expected
     assert sklearn.get_config()["assume_finite"] is False
     bad = x.to_numpy(dtype=np.float64, copy=True)
     bad[7, 2] = np.nan
+    checks.clear()
     with pytest.raises(ValueError, match="NaN"):
         model.predict(Rows(50, matrix=bad))
+    assert checks[-1] is False  # the estimator's own check ran, and refused the NaN
     assert sklearn.get_config()["assume_finite"] is False
