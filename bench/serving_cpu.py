@@ -2,7 +2,7 @@
 with C streams in flight against HTTP /invocations on C connections, on the same App and model.
 
     MLFLOW_DISABLE_TELEMETRY=true .venv/bin/python bench/serving_cpu.py [--concurrency 16]
-        [--rounds 3000] [--repeat 3] [--only grpc|http] [--profile]
+        [--rounds 3000] [--repeat 3] [--only grpc|http] [--profile] [--rows 100]
 
 No sockets: each protocol gets a fake transport that collects what it writes. A round feeds C
 requests in one loop iteration (what one read of C streams, or C readable connections, gives
@@ -155,11 +155,13 @@ def grpc_bench(app, loop, row: list[float], concurrency: int, rounds: int) -> tu
     }
 
 
-def http_bench(app, loop, row: list[float], concurrency: int, rounds: int) -> tuple[float, dict]:
+def http_bench(app, loop, row, concurrency: int, rounds: int) -> tuple[float, dict]:
+    """row: one row, or a list of rows (one request of them all)."""
     from serving.httpserver import HttpConnection
 
-    features = [f"f{i}" for i in range(len(row))]
-    body = json.dumps({"dataframe_split": {"columns": features, "data": [row]}}).encode()
+    rows = row if isinstance(row[0], list) else [row]
+    features = [f"f{i}" for i in range(len(rows[0]))]
+    body = json.dumps({"dataframe_split": {"columns": features, "data": rows}}).encode()
     request = (
         b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1:1\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -210,13 +212,20 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each")
     parser.add_argument("--only", choices=["grpc", "http"], default=None)
     parser.add_argument("--profile", action="store_true", help="cProfile the runs (slower)")
+    parser.add_argument(
+        "--rows", type=int, default=1, help="rows per request (HTTP only above 1; at most 100)"
+    )
     args = parser.parse_args()
+    if args.rows > 1:
+        args.only = "http"
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     warnings.simplefilter("ignore", UserWarning)
     import uvloop
 
     model_dir = Path(tempfile.mkdtemp(prefix="bench-serving-cpu-")) / "model"
-    row, _ = _bench().build_model(model_dir)
+    row, hundred = _bench().build_model(model_dir)
+    if args.rows > 1:
+        row = hundred[: args.rows]
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     app = make_app(model_dir, loop)
@@ -238,7 +247,10 @@ def main() -> int:
                 (batches.sum - before[0]) / max(1, batches.count - before[1]), 2
             )
             results[name].append(us)
-            print(f"{name} c={args.concurrency}: {us:.1f} CPU us/request {extra}", flush=True)
+            print(
+                f"{name} c={args.concurrency} rows={args.rows}: {us:.1f} CPU us/request {extra}",
+                flush=True,
+            )
     for name, values in results.items():
         print(f"{name}: median {sorted(values)[len(values) // 2]:.1f} CPU us/request")
     if "grpc" in results and "http" in results:

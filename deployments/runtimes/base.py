@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from serving.config import DEFAULT_MAX_BATCH_SIZE
+
 # Called by a runtime's prepare with one human-readable line per step of a slow preparation
 # (what is being installed, how long it took): the reconciler records them as events.
 Progress = Callable[[str], None]
@@ -39,7 +41,7 @@ class InstanceSpec:
     memory_mb: int | None = None  # memory limit
     env: dict[str, str] = field(default_factory=dict)
     prediction_log_dir: str | None = None  # host dir where the server writes its prediction log
-    max_batch_size: int = 64
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # the model server's own default
     max_batch_delay_ms: float = 2.0
     # "auto" (the control plane's interpreter when it has every requirement, else a built
     # environment), "isolated" (always a built one) or "shared" (the control plane's); see
