@@ -109,17 +109,21 @@ def _audit(d: Deployment, action: str, after: dict) -> None:
 
 def _start_step(d, ro, serving, desired, index, candidates) -> None:
     weight = ro.strategy["steps"][index]["weight"]
-    groups = _route(d, serving, desired, weight, candidates)
+    # The step's clock and counters are read before the router takes the new weights, so
+    # every request the step routes falls inside its window (the router keeps a group's
+    # counters by name across reconfigurations, so the deltas stay exact).
+    started = timezone.now()
     snapshot = router.stats(d.port, host=d.router_host) or {}
     start = {
         name: {k: g.get(k) for k in ("requests", "errors", "latency_buckets")}
         for name, g in (snapshot.get("groups") or {}).items()
     }
+    groups = _route(d, serving, desired, weight, candidates)
     with transaction.atomic():
         _save(
             ro,
             step=index,
-            step_started_at=timezone.now(),
+            step_started_at=started,
             weights={g["name"]: g["weight"] for g in groups},
             window_start=start,
         )
@@ -400,6 +404,7 @@ def _split(d: Deployment, ro: Rollout, serving: Revision, desired: Revision, wan
         _group(desired, variants.get(desired.number, 0), cand),
     ]
     sticky = {"header": ro.strategy["sticky"]} if ro.strategy.get("sticky") else None
+    started = timezone.now()  # before the router takes the split (see _start_step)
     if router.write_deployment(d, base + cand, groups=groups, sticky=sticky):
         router.routes_groups(d.port, groups, host=d.router_host)
     if ro.step < 0:
@@ -407,7 +412,7 @@ def _split(d: Deployment, ro: Rollout, serving: Revision, desired: Revision, wan
             _save(
                 ro,
                 step=0,
-                step_started_at=timezone.now(),
+                step_started_at=started,
                 weights={g["name"]: g["weight"] for g in groups},
                 decision="split",
                 reason="fixed weights",
