@@ -10,6 +10,10 @@ is also driven over gRPC (OIP v2 ModelInfer, one [1, 20] FP64 tensor in raw_inpu
 one channel shared by the concurrent callers; `--no-grpc` skips it). The load generator is wrk
 with a Lua script when installed (apt-get install wrk), else a small asyncio one in this file
 (grpc.aio for gRPC); either shares the machine's cores with the server.
+
+At c=1 it also compares ours with two floors: the summed one, and the transport calling
+`predict` per request. `--paired-rounds N` (default 6) alternates short c=1 runs of ours, that
+floor and the transport while all three are up, and prints the median of each round's ratios.
 """
 
 from __future__ import annotations
@@ -414,6 +418,71 @@ def in_process_floor(
     }
 
 
+def paired_c1(
+    ours_url: str,
+    ours_pid: int | None,
+    model_dir: Path,
+    row: list[float],
+    generate,
+    body: str,
+    rounds: int,
+    seconds: float,
+) -> dict:
+    """c=1 of ours, the measured floor and the bare transport in alternating short runs, while
+    all three servers are up. The same server on this machine measured 1,400 and 3,100 req/s
+    minutes apart; a ratio of runs taken minutes apart carries such drift whole. Each round's ratios
+    use that round's runs; the medians over rounds are reported."""
+    import statistics
+
+    import mlflow.sklearn
+    import numpy as np
+
+    model = mlflow.sklearn.load_model(str(model_dir))
+    x = np.asarray([row], dtype=np.float64)
+    warnings.simplefilter("ignore", UserWarning)
+    for _ in range(200):
+        model.predict(x)
+    procs, urls = [], {}
+    try:
+        for label, args in (("transport", []), ("measured", [str(model_dir), json.dumps(row)])):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), *args],
+                                    stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+            procs.append(proc)
+            proc.stdout.readline()
+            urls[label] = f"http://127.0.0.1:{port}/invocations"
+            generate(urls[label], body, 1, 1.0)  # warm-up
+        urls["ours"] = ours_url
+        pids = {"ours": ours_pid, "transport": procs[0].pid, "measured": procs[1].pid}
+        per_round = []
+        for _ in range(rounds):
+            got = {k: with_cpu(pids[k], lambda u=u: generate(u, body, 1, seconds))
+                   for k, u in urls.items()}  # fmt: skip
+            n, started = 0, time.perf_counter()  # one predict, timed in a loop, this round
+            while time.perf_counter() - started < 0.3:
+                model.predict(x)
+                n += 1
+            predict_s = (time.perf_counter() - started) / n
+            summed_rps = 1 / (1 / got["transport"]["rps"] + predict_s)
+            per_round.append({
+                "ours_rps": got["ours"]["rps"],
+                "measured_rps": got["measured"]["rps"],
+                "summed_rps": summed_rps,
+                "ours_of_measured": got["ours"]["rps"] / got["measured"]["rps"],
+                "ours_of_summed": got["ours"]["rps"] / summed_rps,
+                "measured_of_summed": got["measured"]["rps"] / summed_rps,
+                "cpu_ours_of_measured": (got["measured"]["cpu_us"] or 0)
+                / max(1e-9, got["ours"]["cpu_us"] or 0),
+            })  # fmt: skip
+    finally:
+        for proc in procs:
+            stop(proc)
+    return {
+        "rounds": per_round,
+        **{k: statistics.median(r[k] for r in per_round) for k in per_round[0]},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
@@ -432,6 +501,11 @@ def main() -> int:
         default=4,
         help="concurrency of the 100-row runs (default 4)",
     )
+    parser.add_argument(
+        "--paired-rounds", type=int, default=6,
+        help="alternating c=1 rounds of ours, the measured floor and the transport (default 6; "
+        "0 skips them)",
+    )  # fmt: skip
     parser.add_argument("--no-grpc", action="store_true", help="skip the gRPC runs")
     parser.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
     parser.add_argument("--no-peers", action="store_true", help="skip MLServer and KServe")
@@ -504,7 +578,7 @@ def main() -> int:
     if args.no_peers:
         servers.pop("MLServer 1.7.1", None)
         servers.pop("KServe 0.21 ModelServer", None)
-    floor = None
+    floor = paired = None
     peer_names = [n for n in servers if n not in (ours, "mlflow models serve")]
     try:
         for name, (command, ready, path, make_body) in servers.items():
@@ -548,6 +622,9 @@ def main() -> int:
                         after = batch_stats(f"http://127.0.0.1:{port}/metrics")
                         rows_per_call = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                     time.sleep(0.5)
+                if name == ours and 1 in levels and args.paired_rounds > 0:
+                    paired = paired_c1(url, pid, model_dir, row, generate, body,
+                                       args.paired_rounds, 2.0)  # fmt: skip
                 results[(f"{name}, 100 rows", args.rows_concurrency)] = with_cpu(
                     pid,
                     lambda u=url, b=body_100: generate(u, b, args.rows_concurrency, args.duration),
@@ -618,6 +695,16 @@ def main() -> int:
               f"{results[(ours, 1)]['rps'] / floor['measured_rps']:.0%} of it "
               f"({floor['measured_cpu_us'] / max(1e-9, results[(ours, 1)]['cpu_us'] or 0):.0%} "
               "in CPU).")  # fmt: skip
+    if paired:
+        print(f"\nPaired c=1 ({len(paired['rounds'])} rounds of 2 s runs, alternating ours, the "
+              "measured floor and the transport; medians of each round's ratios): ours = "
+              f"{paired['ours_of_measured']:.0%} of the measured floor "
+              f"({paired['cpu_ours_of_measured']:.0%} in CPU) and "
+              f"{paired['ours_of_summed']:.0%} of the summed floor; the measured floor itself = "
+              f"{paired['measured_of_summed']:.0%} of the summed floor.")  # fmt: skip
+        print("  per round, ours / measured / summed req/s: " + "; ".join(
+            f"{r['ours_rps']:.0f} / {r['measured_rps']:.0f} / {r['summed_rps']:.0f}"
+            for r in paired["rounds"]))  # fmt: skip
     return 0
 
 
