@@ -587,6 +587,8 @@ class EnvironmentBuilder:
         return resolved.python
 
     def _run(self, argv: list[str], *, what: str, env: dict[str, str] | None = None) -> str:
+        """Run an installer step; it dies with the thread that runs it (PR_SET_PDEATHSIG), so a
+        builder killed mid-way leaves no installer writing into its temporary directory."""
         full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
         # uv must not read a project's or the user's configuration instead of ours.
         full_env.pop("VIRTUAL_ENV", None)
@@ -602,6 +604,7 @@ class EnvironmentBuilder:
                 # Model servers may run as another user (the sandbox's): what the installer
                 # creates is world-readable from the start, so nothing walks the tree after.
                 umask=0o022,
+                preexec_fn=_die_with_parent(),
             )
         except subprocess.TimeoutExpired:
             raise EnvironmentFailure(f"{what} took longer than {self.timeout:.0f} s") from None
@@ -853,6 +856,24 @@ class EnvironmentBuilder:
                     return True
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the child killed when the thread that started it ends (Linux),
+    or exit at once if the parent already died before the request took effect."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def _python_label(python: str) -> str:

@@ -292,6 +292,22 @@ def _build_in_child(root: str, model_dir: str) -> None:
     builder.ensure(resolve(model_dir))
 
 
+def _processes_naming(path: Path) -> list[str]:
+    """Command lines of this host's live processes that mention ``path``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
 def test_a_killed_build_is_rebuilt_not_used(tmp_path, index, tabulate_model_dir):
     root = tmp_path / "envs"
     resolved = resolve(tabulate_model_dir)
@@ -306,6 +322,12 @@ def test_a_killed_build_is_rebuilt_not_used(tmp_path, index, tabulate_model_dir)
         time.sleep(0.02)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
+    # Its installer (uv venv or uv pip) dies with it: nothing keeps writing into the
+    # directory that cleanup will remove (an orphaned `uv pip install` runs for seconds).
+    deadline = time.monotonic() + 0.5
+    while _processes_naming(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_naming(root) == []
     assert builder.complete(resolved.key) is None
     # And a directory at the final place without the marker (a copy, a crash after a rename).
     (root / resolved.key / "bin").mkdir(parents=True)
