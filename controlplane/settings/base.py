@@ -490,6 +490,9 @@ CONTROLPLANE_RAY_NODE_IP = env_str("CONTROLPLANE_RAY_NODE_IP")
 # on a node with an "ingress" custom resource when the cluster has one (the endpoint then
 # outlives the control plane's host), else on the control plane's host; "off": always there.
 CONTROLPLANE_RAY_INGRESS = env_choice("CONTROLPLANE_RAY_INGRESS", "auto", ("auto", "off"))
+# Seconds after which what the actors leave on a node (model files and code, environments,
+# logs, router directories) is removed once no live actor uses it (swept when an actor starts).
+CONTROLPLANE_RAY_GC_AFTER_S = env_int("CONTROLPLANE_RAY_GC_AFTER_S", 86400, minimum=0)
 CONTROLPLANE_ADMIN_PASSWORD = env_str("CONTROLPLANE_ADMIN_PASSWORD")
 CONTROLPLANE_TOKEN_DEFAULT_DAYS = env_int("CONTROLPLANE_TOKEN_DEFAULT_DAYS", 90, minimum=1)
 CONTROLPLANE_INSTALL_ID = env_str("CONTROLPLANE_INSTALL_ID")

@@ -104,6 +104,7 @@ def _build(name: str, owner: str, data_dir: str) -> Runtime:
             admin_token=serving_admin_token,
             index=functools.cache(index_options),
             node_ip=settings.CONTROLPLANE_RAY_NODE_IP or None,
+            gc_after_s=settings.CONTROLPLANE_RAY_GC_AFTER_S,
         )
     raise RuntimeError_(f"unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 

@@ -137,10 +137,13 @@ class RayRuntime:
         admin_token: Callable[[str], str],
         index: Callable[[], environments.IndexOptions] | None = None,
         node_ip: str | None = None,
+        gc_after_s: float = 86400.0,
     ) -> None:
         """``address``: the cluster's GCS address (RAY_ADDRESS, ``host:6379``), or "" when no
         cluster is configured (every call then raises RuntimeError_). ``node_ip``: the address
-        this control plane's Ray driver listens on (127.0.0.1 for a cluster on loopback)."""
+        this control plane's Ray driver listens on (127.0.0.1 for a cluster on loopback).
+        ``gc_after_s``: what the actors leave on a node (model files, environments, logs,
+        router directories) is removed once no actor uses it and none did for that long."""
         self.cluster_address = address
         self.owner = owner
         self.namespace = f"controlplane-{owner}"
@@ -148,6 +151,7 @@ class RayRuntime:
         self.admin_token = admin_token
         self.index = index
         self.node_ip = node_ip or ("127.0.0.1" if address and _is_loopback(address) else None)
+        self.gc_after_s = float(gc_after_s)
         self._bundles: dict[str, object] = {}
 
     # --- connection -------------------------------------------------------------------------
@@ -287,6 +291,7 @@ class RayRuntime:
             "max_batch_delay_ms": spec.max_batch_delay_ms,
             "env": dict(spec.env),
             "server_env": server_env,
+            "gc_after_s": self.gc_after_s,
         }
         plan = self._environment_plan(spec)
         wanted = _resources(spec)
@@ -478,7 +483,7 @@ class RayRuntime:
                     resources={INGRESS_RESOURCE: 0.001},
                     scheduling_strategy="SPREAD",
                 )
-                .remote(labels, self._code(ray), document)
+                .remote(labels, self._code(ray), document, self.gc_after_s)
             )
             info = ray.get(actor.status.remote(), timeout=START_TIMEOUT)
         except (GetTimeoutError, RayActorError) as exc:

@@ -53,6 +53,177 @@ def _unpack(data: bytes, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # another replica on this node won
 
 
+# --- what the actors leave on their node ---------------------------------------------------
+# Under <TMPDIR>/controlplane-ray/<owner>/: bundles/<digest> (model files and the server's
+# code), environments/<key>, logs/<instance>.log and routers/<deployment>. Each actor process
+# holds a lease (leases/<host>-<pid>-<start>.json naming the paths it uses) and touches those
+# paths when it starts and when it stops. The sweep an actor runs when it starts removes what
+# no live lease names and no one touched for ``gc_after_s``. Leases and sweeps take a lock on
+# the node (flock), so a path is never removed between a lease naming it and its use.
+
+GC_AFTER_S = 86400.0  # when the control plane does not say
+_GC_KINDS = ("bundles", "environments", "logs", "routers")
+_STAGING_MIN_AGE_S = 7200.0  # a build or unpack in progress is never that old (1800 s a step)
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (with the pid: which process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: str, start: str) -> bool:
+    if not pid.isdigit():
+        return False
+    if start != "unknown":
+        return _process_start(int(pid)) == start
+    try:  # no /proc: the pid alone
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class _NodeLock:
+    """flock on ``<root>/leases/.lock``: shared for leases, exclusive (never waiting) for a
+    sweep."""
+
+    def __init__(self, root: Path, *, exclusive: bool) -> None:
+        self.path = root / "leases" / ".lock"
+        self.exclusive = exclusive
+        self.fd: int | None = None
+
+    def __enter__(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB if self.exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            return False  # another sweep runs
+        return True
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+class Lease:
+    """The paths this actor process uses on its node."""
+
+    def __init__(self, root: Path, paths: list[Path]) -> None:
+        pid = os.getpid()
+        self.root = root
+        self.paths = [str(p) for p in paths]
+        start = _process_start(pid) or "unknown"
+        self.path = root / "leases" / f"{os.uname().nodename}-{pid}-{start}.json"
+        import json
+
+        with _NodeLock(root, exclusive=False):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"paths": self.paths}))
+            os.replace(tmp, self.path)
+        self.touch()
+
+    def touch(self) -> None:
+        for path in self.paths:
+            try:
+                os.utime(path)
+            except OSError:
+                pass  # not there yet (built next), or gone
+
+    def release(self) -> None:
+        self.touch()  # unused from now: gc_after_s counts from here
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _live_leases(leases: Path) -> tuple[set[str], list[Path]]:
+    """The paths live leases name, and the stale lease files (their process is gone). A
+    lease of another host (a shared TMPDIR) cannot be checked: it counts as live."""
+    import json
+
+    host = os.uname().nodename
+    in_use: set[str] = set()
+    stale: list[Path] = []
+    for lease in leases.glob("*.json"):
+        owner, _, rest = lease.stem.rpartition("-")  # <host>-<pid>, <start>
+        node, _, pid = owner.rpartition("-")
+        if node == host and not _alive(pid, rest):
+            stale.append(lease)
+            continue
+        try:
+            in_use.update(json.loads(lease.read_text())["paths"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if node == host:
+                stale.append(lease)
+    return in_use, stale
+
+
+def sweep(root: Path, gc_after_s: float, now: float | None = None) -> list[str] | None:
+    """Remove what no live lease names and was not touched for ``gc_after_s`` under root; the
+    removed paths (None: another sweep holds the lock)."""
+    now = time.time() if now is None else now
+    trash: list[Path] = []
+    removed: list[str] = []
+    with _NodeLock(root, exclusive=True) as locked:
+        if not locked:
+            return None
+        in_use, stale = _live_leases(root / "leases")
+        for lease in stale:
+            lease.unlink(missing_ok=True)
+        for kind in _GC_KINDS:
+            folder = root / kind
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if str(entry) in in_use:
+                    continue
+                try:
+                    age = now - entry.lstat().st_mtime
+                except FileNotFoundError:
+                    continue
+                # staging dirs and requirement files of builds: never one in progress
+                limit = (
+                    max(gc_after_s, _STAGING_MIN_AGE_S)
+                    if entry.name.startswith(".")
+                    else gc_after_s
+                )
+                if age < limit:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    # out of sight at once (atomic); deleted after the lock is released
+                    target = folder / f".trash-{entry.name}-{os.getpid()}-{len(trash)}"
+                    try:
+                        os.rename(entry, target)
+                    except OSError:
+                        continue
+                    trash.append(target)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(str(entry))
+    for target in trash:
+        shutil.rmtree(target, ignore_errors=True)
+    return removed
+
+
+def _sweep_in_background(root: Path, gc_after_s: float) -> None:
+    def run() -> None:
+        try:
+            sweep(root, gc_after_s)
+        except Exception:
+            pass  # a sweep that fails leaves files behind, never an instance down
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def _satisfied(requirements: list[str]) -> bool:
     """Whether this node's interpreter has every requirement (``packaging`` comes with Ray)."""
     import importlib.metadata
@@ -148,6 +319,12 @@ class ModelServerActor:
         self.root = Path(tempfile.gettempdir()) / "controlplane-ray" / labels["owner"]
         self.log_path = self.root / "logs" / f"{labels['instance']}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.bundle_dir = self.root / "bundles" / hashlib.sha256(bundle).hexdigest()[:24]
+        used = [self.bundle_dir, self.log_path]
+        if environment and environment.get("key"):
+            used.append(self.root / "environments" / environment["key"])
+        self.lease = Lease(self.root, used)  # before anything it names is used
+        _sweep_in_background(self.root, float(spec.get("gc_after_s", GC_AFTER_S)))
         self.proc: subprocess.Popen | None = None
         self.exit_code: int | None = None
         self.error = ""
@@ -181,8 +358,7 @@ class ModelServerActor:
                 self.exit_code = -1
 
     def _prepare(self, log) -> tuple[list[str], dict]:
-        digest = hashlib.sha256(self._bundle).hexdigest()[:24]
-        bundle_dir = self.root / "bundles" / digest
+        bundle_dir = self.bundle_dir
         _unpack(self._bundle, bundle_dir)
         self._bundle = b""
         python = sys.executable
@@ -192,6 +368,7 @@ class ModelServerActor:
                 log.write(b"[controlplane] environment auto: the node's Python serves it\n")
             else:
                 python = _build_environment(self.root, plan, log)
+        self.lease.touch()
         spec = self.spec
         env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
         env.update(spec.get("env") or {})
@@ -238,17 +415,20 @@ class ModelServerActor:
         return _tail(self.log_path, tail)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (in-flight requests finish), SIGKILL after ``timeout``."""
+        """SIGTERM (in-flight requests finish), SIGKILL after ``timeout``; the lease ends."""
         self.stopping = True
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return self.exit_code
-        proc.terminate()
         try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(5)
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return self.exit_code
+            proc.terminate()
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait(5)
+        finally:
+            self.lease.release()
 
 
 class RouterActor:
@@ -263,7 +443,7 @@ class RouterActor:
     GIVE_UP_EXITS = 5  # exits within GIVE_UP_WINDOW_S: reported failed, the reconciler acts
     GIVE_UP_WINDOW_S = 30.0
 
-    def __init__(self, labels: dict, code: bytes, document: str):
+    def __init__(self, labels: dict, code: bytes, document: str, gc_after_s: float = GC_AFTER_S):
         import ray
 
         self.labels = labels
@@ -273,11 +453,14 @@ class RouterActor:
         self.node_ip = ray.util.get_node_ip_address()
         self.root = Path(tempfile.gettempdir()) / "controlplane-ray" / labels["owner"]
         self.dir = self.root / "routers" / labels["deployment"]
+        self.code_dir = self.root / "bundles" / hashlib.sha256(code).hexdigest()[:24]
+        self.lease = Lease(self.root, [self.code_dir, self.dir])  # before they are used
         self.dir.mkdir(parents=True, exist_ok=True)
         self.backends = self.dir / "backends.json"
         self.log_path = self.dir / "router.log"
-        self.code_dir = self.root / "bundles" / hashlib.sha256(code).hexdigest()[:24]
         _unpack(code, self.code_dir)
+        self.lease.touch()
+        _sweep_in_background(self.root, float(gc_after_s))
         self._lock = threading.Lock()
         self.push(document)
         self.proc: subprocess.Popen | None = None
@@ -377,13 +560,17 @@ class RouterActor:
         return _tail(self.log_path, tail)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: the router stops accepting and finishes its in-flight requests."""
+        """SIGTERM: the router stops accepting and finishes its in-flight requests; the
+        lease ends."""
         self.stopping = True
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        finally:
+            self.lease.release()

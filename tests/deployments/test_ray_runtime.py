@@ -1,7 +1,8 @@
 """The ray runtime against a real multi-node Ray cluster on loopback (ray.cluster_utils):
 placement by label, spread over nodes, node loss and rescheduling, adoption after a control
 plane restart, the stray sweep, the router on an ingress node outliving the control plane,
-the model's environment built on the node, and no Ray process bound outside 127.0.0.1.
+the model's environment built on the node, what actors leave on a node swept, and no Ray
+process bound outside 127.0.0.1.
 
 One cluster for the whole module: three nodes, the head (zone a) and a worker (zone b) for
 model servers, and a node without CPUs with an ``ingress`` resource, where the deployments'
@@ -295,6 +296,52 @@ def test_without_ingress_the_router_stays_on_the_control_plane_host(
     assert d.endpoint == f"http://127.0.0.1:{d.port}" and predict(d.endpoint)[1] == "1"
     page = client_logged_in.get("/deployments/homebound/").content.decode()
     assert "router on the control plane's host" in page
+
+
+def _leased_with(root: Path, path: Path) -> list[str]:
+    """The paths of the live lease (an actor process on this host) that names ``path``."""
+    from deployments.runtimes.ray_actor import _live_leases
+
+    for lease in (root / "leases").glob("*.json"):
+        paths = json.loads(lease.read_text())["paths"]
+        if str(path) in paths and str(path) in _live_leases(root / "leases")[0]:
+            return paths
+    return []
+
+
+def test_what_a_deleted_deployment_left_on_the_nodes_is_swept(api, create, ray_cluster):
+    """With CONTROLPLANE_RAY_GC_AFTER_S=0, the next actor's start removes the instance log
+    and router directory of a deleted deployment. What live actors hold stays: the new
+    deployment's files and the router code they share."""
+    before = settings.CONTROLPLANE_RAY_GC_AFTER_S
+    settings.CONTROLPLANE_RAY_GC_AFTER_S = 0
+    runtimes._build.cache_clear()
+    try:
+        root = Path(tempfile.gettempdir()) / "controlplane-ray" / install_id()
+        create("gc-old")
+        converge("gc-old", timeout=90)
+        log, routes = root / "logs" / "gc-old-r1-0.log", root / "routers" / "gc-old"
+        held = _leased_with(root, log)
+        assert any("/bundles/" in p for p in held), held  # the model files, by digest
+        assert log.exists() and _leased_with(root, routes)  # the router on the ingress node
+        assert api.delete("/api/v1/deployments/gc-old").status_code in (200, 202, 204)
+        converge("gc-old", until=lambda x: False)  # returns once the deployment is gone
+        assert not _leased_with(root, log) and not _leased_with(root, routes)  # released
+        assert log.exists() and routes.exists()  # left behind until a sweep
+
+        create("gc-new")
+        d = converge("gc-new", timeout=90)
+        deadline = time.monotonic() + 30
+        while (log.exists() or routes.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the sweep runs beside the new actors' start
+        assert not log.exists() and not routes.exists()
+        new_log = root / "logs" / "gc-new-r1-0.log"
+        held = _leased_with(root, new_log) + _leased_with(root, root / "routers" / "gc-new")
+        assert held and all(Path(p).exists() for p in held)
+        assert predict(d.endpoint)[1] == "1"
+    finally:
+        settings.CONTROLPLANE_RAY_GC_AFTER_S = before
+        runtimes._build.cache_clear()
 
 
 def test_the_models_environment_is_built_on_its_node(api, registered, ray_cluster, tmp_path):
