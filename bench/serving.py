@@ -364,6 +364,44 @@ uvloop.run(main())
 """
 
 
+def warm_model(model_dir: Path, row: list[float]):
+    """The bench model loaded in this process, warmed up, and the row as its input matrix."""
+    import mlflow.sklearn
+    import numpy as np
+
+    model = mlflow.sklearn.load_model(str(model_dir))
+    x = np.asarray([row], dtype=np.float64)
+    warnings.simplefilter("ignore", UserWarning)  # "X does not have valid feature names"
+    for _ in range(200):
+        model.predict(x)
+    return model, x
+
+
+def time_predict(model, x, seconds: float) -> tuple[float, float]:
+    """Seconds of wall time and of CPU per predict, timed in a loop for ``seconds``."""
+    n, started, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - started < seconds:
+        model.predict(x)
+        n += 1
+    return (time.perf_counter() - started) / n, (time.process_time() - cpu) / n
+
+
+def start_echo(generate, body: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """The echo server (args: none, or the model's directory and the row), warmed up; its
+    process and URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), *args],
+                            stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/invocations"
+        generate(url, body, 1, 1.0)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
 def in_process_floor(
     model_dir: Path, row: list[float], generate, body: str, duration: float
 ) -> dict:
@@ -374,30 +412,13 @@ def in_process_floor(
     measured (the same transport calling that predict on a prepared row for each request, no
     parsing: what any server that calls predict once per request cannot beat here). They
     differ because a predict between requests runs on colder caches than in a loop."""
-    import mlflow.sklearn
-    import numpy as np
-
-    model = mlflow.sklearn.load_model(str(model_dir))
-    x = np.asarray([row], dtype=np.float64)
-    warnings.simplefilter("ignore", UserWarning)  # "X does not have valid feature names"
-    for _ in range(200):
-        model.predict(x)
-    n, started, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < 1.0:
-        model.predict(x)
-        n += 1
-    predict_s = (time.perf_counter() - started) / n
-    predict_cpu_s = (time.process_time() - cpu) / n
+    model, x = warm_model(model_dir, row)
+    predict_s, predict_cpu_s = time_predict(model, x, 1.0)
 
     def echo_server(*args: str) -> dict:
         """c=1 against the echo server (args: none, or the model's directory and the row)."""
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), *args],
-                                stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        proc, url = start_echo(generate, body, *args)
         try:
-            proc.stdout.readline()
-            url = f"http://127.0.0.1:{port}/invocations"
-            generate(url, body, 1, 1.0)
             return with_cpu(proc.pid, lambda: generate(url, body, 1, duration))
         finally:
             stop(proc)
@@ -434,35 +455,19 @@ def paired_c1(
     use that round's runs; the medians over rounds are reported."""
     import statistics
 
-    import mlflow.sklearn
-    import numpy as np
-
-    model = mlflow.sklearn.load_model(str(model_dir))
-    x = np.asarray([row], dtype=np.float64)
-    warnings.simplefilter("ignore", UserWarning)
-    for _ in range(200):
-        model.predict(x)
+    model, x = warm_model(model_dir, row)
     procs, urls = [], {}
     try:
         for label, args in (("transport", []), ("measured", [str(model_dir), json.dumps(row)])):
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(port), *args],
-                                    stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+            proc, urls[label] = start_echo(generate, body, *args)
             procs.append(proc)
-            proc.stdout.readline()
-            urls[label] = f"http://127.0.0.1:{port}/invocations"
-            generate(urls[label], body, 1, 1.0)  # warm-up
         urls["ours"] = ours_url
         pids = {"ours": ours_pid, "transport": procs[0].pid, "measured": procs[1].pid}
         per_round = []
         for _ in range(rounds):
             got = {k: with_cpu(pids[k], lambda u=u: generate(u, body, 1, seconds))
                    for k, u in urls.items()}  # fmt: skip
-            n, started = 0, time.perf_counter()  # one predict, timed in a loop, this round
-            while time.perf_counter() - started < 0.3:
-                model.predict(x)
-                n += 1
-            predict_s = (time.perf_counter() - started) / n
+            predict_s = time_predict(model, x, 0.3)[0]  # one predict in a loop, this round
             summed_rps = 1 / (1 / got["transport"]["rps"] + predict_s)
             per_round.append({
                 "ours_rps": got["ours"]["rps"],
