@@ -117,6 +117,7 @@ def test_a_sweep_does_not_run_beside_another(tmp_path):
     root = tmp_path / "owner"
     old = _make(root, "bundles/old")["bundles/old"]
     _age(old, 2 * HOUR)
+    (root / "leases").mkdir()  # where the lock file goes, before the holder opens it
     holder = subprocess.Popen(
         [sys.executable, "-c", (
             "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
@@ -125,7 +126,6 @@ def test_a_sweep_does_not_run_beside_another(tmp_path):
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        (root / "leases").mkdir(exist_ok=True)
         assert holder.stdout.readline().strip() == "locked"
         assert sweep(root, gc_after_s=HOUR) is None
         assert old.exists()
